@@ -1,0 +1,129 @@
+"""The NVFP4 weight-only GEMM (W4A16): ``y[M, N] = x[M, K] @ dequant(W)[N, K]^T * alpha[N] (+ bias)``.
+
+Public API:
+- :func:`prepare_weight` takes a checkpoint linear (ModelOpt ``weight``, ``weight_scale``,
+  ``weight_scale_2``), or a fused one whose contiguous row segments carry their own global scales, and
+  returns a :class:`PreparedWeight` (no bf16 copy of the weight is kept).
+- :func:`nvfp4_linear` runs ``torch.ops.nvfp4lib.gemm_w4a16``: an exact torch reference on CPU, the
+  CuTeDSL kernels on a GPU.
+
+The global scale is never folded into the E4M3 block scales: each output column n gets its own fp32
+``alpha[n]`` (the global scale of the segment that row n of W belongs to), applied in the epilogue.
+That keeps a fused weight whose parts were quantized separately exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..formats import BLOCK_SIZE, check_global_scale, check_nvfp4_tensors, e2m1_decode, unpack_nibbles
+
+LAYOUT_MODELOPT = "modelopt"  # weight uint8 [N, K/2], block scales e4m3 [N, K/16], row-major
+
+
+@dataclass
+class PreparedWeight:
+    """An NVFP4 weight ready for :func:`nvfp4_linear`.
+
+    weight: uint8, [N, K/2] in the ModelOpt layout (kernels may repack; ``layout`` names the layout).
+    block_scale: float8_e4m3fn, [N, K/16] for the ModelOpt layout.
+    alpha: fp32 [N], the global scale (decode multiplier) of each output column's segment.
+    segment_sizes: the row counts of the fused parts, in order (one entry for an unfused weight).
+    """
+
+    weight: torch.Tensor
+    block_scale: torch.Tensor
+    alpha: torch.Tensor
+    n: int
+    k: int
+    segment_sizes: tuple
+    layout: str = LAYOUT_MODELOPT
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.block_scale, self.alpha))
+
+
+def alpha_per_column(global_scales: Sequence, segment_sizes: Sequence[int], device=None) -> torch.Tensor:
+    """fp32 [N]: global_scales[i] repeated segment_sizes[i] times (each scale validated)."""
+    if len(global_scales) != len(segment_sizes):
+        raise ValueError(f"{len(global_scales)} global scales for {len(segment_sizes)} segments")
+    scales = [check_global_scale(g, f"weight_scale_2[{i}]") for i, g in enumerate(global_scales)]
+    counts = torch.tensor([int(s) for s in segment_sizes])
+    return torch.repeat_interleave(torch.stack(scales), counts).to(device=device, dtype=torch.float32)
+
+
+def prepare_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None) -> PreparedWeight:
+    """Prepare a ModelOpt NVFP4 linear for :func:`nvfp4_linear`.
+
+    weight: uint8 [N, K/2]; weight_scale: float8_e4m3fn [N, K/16] (row-major, not swizzled);
+    weight_scale_2: one fp32 scalar, or a sequence / 1-D tensor with one scalar per segment;
+    segment_sizes: row counts of the fused parts (sum N), required when several scales are given.
+    """
+    check_nvfp4_tensors(weight, weight_scale, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K/2], got shape {tuple(weight.shape)}")
+    n, k = weight.shape[0], weight.shape[1] * 2
+    if isinstance(weight_scale_2, torch.Tensor) and weight_scale_2.numel() > 1:
+        weight_scale_2 = list(weight_scale_2.reshape(-1))
+    scales = list(weight_scale_2) if isinstance(weight_scale_2, (list, tuple)) else [weight_scale_2]
+    if segment_sizes is None:
+        if len(scales) != 1:
+            raise ValueError(f"{len(scales)} weight_scale_2 values need segment_sizes (row counts summing to N={n})")
+        segment_sizes = (n,)
+    segment_sizes = tuple(int(s) for s in segment_sizes)
+    if sum(segment_sizes) != n or any(s <= 0 for s in segment_sizes):
+        raise ValueError(f"segment_sizes {segment_sizes} must be positive and sum to N={n}")
+    alpha = alpha_per_column(scales, segment_sizes, device=weight.device)
+    return PreparedWeight(weight.contiguous(), weight_scale.contiguous(), alpha, n, k, segment_sizes)
+
+
+def dequantize_rows(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] = e2m1 * block_scale (exact in fp32; the global scale is *not* applied)."""
+    values = e2m1_decode(unpack_nibbles(weight)).reshape(weight.shape[0], -1, BLOCK_SIZE)
+    return (values * weight_scale.float().unsqueeze(-1)).reshape(weight.shape[0], -1)
+
+
+def reference_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The exact reference: fp32 ``(x @ (e2m1*block)^T) * alpha + bias``, rounded once to bf16."""
+    acc = x.float() @ dequantize_rows(weight, weight_scale).t()
+    acc = acc * alpha.float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(torch.bfloat16)
+
+
+def _check_gemm_args(x, weight, weight_scale, alpha, bias):
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be bf16 (weight-only NVFP4 keeps activations in bf16), got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    n, k = weight.shape[0], weight.shape[1] * 2
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but the weight has K={k}")
+    if alpha.shape != (n,) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [{n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+
+
+@torch.library.custom_op("nvfp4lib::gemm_w4a16", mutates_args=())
+def gemm_w4a16(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x bf16 [M, K]; weight uint8 [N, K/2]; weight_scale e4m3 [N, K/16]; alpha fp32 [N]; bias [N] or None
+    -> bf16 [M, N]."""
+    _check_gemm_args(x, weight, weight_scale, alpha, bias)
+    return reference_gemm(x, weight, weight_scale, alpha, bias)
+
+
+@gemm_w4a16.register_fake
+def _(x, weight, weight_scale, alpha, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
+def nvfp4_linear(x: torch.Tensor, prepared: PreparedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x[..., K]`` bf16 @ the prepared NVFP4 weight -> bf16 ``[..., N]`` (leading dims flattened for the op)."""
+    lead = x.shape[:-1]
+    y = torch.ops.nvfp4lib.gemm_w4a16(x.reshape(-1, x.shape[-1]), prepared.weight, prepared.block_scale, prepared.alpha, bias)
+    return y.reshape(*lead, prepared.n)
