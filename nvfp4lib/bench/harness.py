@@ -1,0 +1,128 @@
+"""The shared measuring method (GPU only; everything here needs CUDA).
+
+- :func:`copy_bandwidth`: device-to-device copy of 1 GiB, bytes read + written per second.
+- :func:`time_graph`: capture callables (one per rotating weight set, so the 50 MB L2 cannot hold the
+  weights) into one CUDA graph, replay it many times, return the median time per call.
+- :func:`hbm_floor_us`: bytes over the measured bandwidth.
+- :func:`run_metadata` / :func:`write_result`: device, date, commit and method of a recorded result.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+from typing import Callable, Sequence
+
+import torch
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read plus written (median of 20)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def time_graph(fns: Sequence[Callable[[], object]], reps_in_graph: int = 3, replays: int = 50, warmup: int = 5) -> float:
+    """Median microseconds per call of ``fns`` (rotating weight sets) under CUDA-graph replay.
+
+    Every callable is run once eagerly on a side stream (compilation, workspace allocation), then the
+    sequence ``fns * reps_in_graph`` is captured into one graph; each replay is timed with CUDA events.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps_in_graph):
+            for fn in fns:
+                fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times) / (reps_in_graph * len(fns))
+
+
+def hbm_floor_us(nbytes: float, bandwidth: float) -> float:
+    """The time to move ``nbytes`` at ``bandwidth`` bytes/s, in microseconds."""
+    return nbytes / bandwidth * 1e6
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error ||out - ref|| / ||ref|| in fp32 (NaN anywhere gives NaN)."""
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm())
+
+
+def cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().flatten(), ref.float().flatten()
+    return float(torch.dot(out, ref) / (out.norm() * ref.norm()))
+
+
+def git_commit() -> str:
+    """The commit of the working tree (``+dirty`` when it has changes); "unknown" outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("NVFP4LIB_COMMIT", "unknown")
+
+
+def run_metadata(method: str) -> dict:
+    """Device, date, commit, software and method of a measurement."""
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "method": method,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        meta.update(device=props.name, sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}")
+    else:
+        meta["device"] = "cpu"
+    return meta
+
+
+def write_result(path: str, payload: dict) -> str:
+    """Write ``payload`` (which must hold run_metadata's keys) as indented JSON; returns the path."""
+    missing = {"device", "date", "commit", "method"} - payload.keys()
+    if missing:
+        raise ValueError(f"a recorded result needs {sorted(missing)}")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+def load_recorded(path: str) -> dict:
+    """Read a recorded result and return it with a ``label`` saying where and when it was measured."""
+    with open(path) as f:
+        data = json.load(f)
+    data["label"] = f"recorded on {data.get('device', '?')}, {data.get('date', '?')[:10]}, commit {data.get('commit', '?')}"
+    return data
