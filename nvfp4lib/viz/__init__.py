@@ -1,0 +1,1 @@
+"""Matplotlib helpers the notebooks share, one module per topic (layout, scales, roofline, ...)."""
