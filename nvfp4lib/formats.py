@@ -33,7 +33,7 @@ _E2M1_MIDPOINTS_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)  # upper neighbour has an odd 
 _E2M1_MIDPOINTS_TIE_UP = (0.75, 1.75, 3.5)  # upper neighbour has an even code
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_CHUNK_ELEMENTS = 1 << 16  # elements per chunk in quantize: 256 KB of fp32, cache-resident
+_CHUNK_ELEMENTS = 1 << 18  # elements per chunk in quantize: 1 MB of fp32, cache-resident
 
 
 class NVFP4Tensor(NamedTuple):
