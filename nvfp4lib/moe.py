@@ -1,0 +1,523 @@
+"""The routed-expert (MoE) block on NVFP4 experts: routing, grouped GEMMs, clamped SwiGLU, combine.
+
+Data flow for T tokens, hidden H, E local experts, top-k routing, expert intermediate I:
+
+1. :func:`route` (on the device, no host synchronisation, static shapes): the T*k (token, expert)
+   pairs are sorted by expert (stable, so rows of one expert stay in token order). It returns
+   ``token_of_row`` [T*k] (the token each sorted row reads), ``weight_of_row`` [T*k] fp32,
+   ``expert_of_row`` [T*k], ``offsets`` [E+1] (rows of expert e are ``offsets[e]:offsets[e+1]``), and
+   ``padded_offsets`` [E+1] (each group's rows rounded up to 128, the grouped scale layout; its end is
+   bounded by :func:`padded_rows_capacity`).
+2. ``x_sorted = x[token_of_row]`` [T*k, H]; gate_up GEMM per expert group -> [T*k, 2I];
+   :func:`clamped_swiglu` (limit 10: gate clamped above at 10, up to [-10, 10]) -> [T*k, I];
+   down GEMM per group -> [T*k, H]; the weighted combine sums each token's k rows in fp32 -> bf16 [T, H].
+
+The per-expert GEMMs go through one function, :func:`grouped_gemm_w4a16` (torch op
+``nvfp4lib::grouped_gemm_w4a16``), whose dispatch is:
+
+- CPU: the exact reference (:func:`reference_grouped_gemm_w4a16`): fp32 ``x @ (e2m1*block)^T * alpha``
+  per group, rounded once to bf16.
+- CUDA, compute capability 10.x (Blackwell) with CuTeDSL: W4A4 on the tcgen05 block-scaled MMA
+  (:mod:`nvfp4lib.kernels.sm100`). The activations are quantized per expert group exactly as
+  :func:`nvfp4lib.quantize` would (one global scale per group). **This path is compile-verified only:
+  it has never run on hardware here (no Blackwell GPU exists in this workbook's environment).**
+- Other CUDA GPUs (Hopper): a loop over experts calling :func:`nvfp4lib.ops.gemm.nvfp4_linear`. It reads
+  the offsets on the host (one synchronisation), so it is *not* CUDA-graph safe; a one-launch Hopper
+  grouped kernel is not written yet.
+
+Weights are held by :class:`GroupedWeight` (E experts of one projection, ModelOpt layout, a per-column
+fp32 ``alpha`` [E, N] so gate and up may carry different ``weight_scale_2``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from .formats import (
+    BLOCK_SIZE,
+    E2M1_MAX,
+    check_global_scale,
+    check_nvfp4_tensors,
+    block_scales_for,
+    e2m1_encode,
+    pack_nibbles,
+)
+from .layout import ATOM_ROWS, swizzle_scales
+from .ops.gemm import PreparedWeight, alpha_per_column, dequantize_rows, nvfp4_linear
+
+SWIGLU_LIMIT = 10.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GroupedWeight:
+    """The NVFP4 weights of E experts for one projection (gate_up or down), ModelOpt layout.
+
+    weight: uint8 [E, N, K/2] (element 2i in the low nibble); block_scale: float8_e4m3fn [E, N, K/16]
+    row-major (the kernels swizzle them with :func:`swizzled_block_scale`); alpha: fp32 [E, N], the
+    ``weight_scale_2`` of the segment (gate or up) each output column belongs to.
+    """
+
+    weight: torch.Tensor
+    block_scale: torch.Tensor
+    alpha: torch.Tensor
+    segment_sizes: tuple
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.weight.shape[2] * 2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.block_scale, self.alpha))
+
+    def expert(self, e: int) -> PreparedWeight:
+        """Expert e as a :class:`PreparedWeight` for :func:`nvfp4_linear` (views, no copy)."""
+        return PreparedWeight(self.weight[e], self.block_scale[e], self.alpha[e], self.n, self.k, self.segment_sizes)
+
+    def dequantized(self, e: int) -> torch.Tensor:
+        """fp32 [N, K]: expert e's weight fully decoded (e2m1 * block * alpha)."""
+        return dequantize_rows(self.weight[e], self.block_scale[e]) * self.alpha[e].unsqueeze(1)
+
+    def swizzled_block_scale(self) -> torch.Tensor:
+        """The block scales in the 128x4 layout the sm100 kernels read: [E, Np * K16p] bytes."""
+        return swizzle_scales(self.block_scale)
+
+
+def prepare_grouped_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None) -> GroupedWeight:
+    """Stack of E ModelOpt NVFP4 linears -> :class:`GroupedWeight`.
+
+    weight: uint8 [E, N, K/2]; weight_scale: float8_e4m3fn [E, N, K/16]; weight_scale_2: fp32 [E]
+    (one per expert) or [E, S] (one per fused segment, e.g. S=2 for gate and up);
+    segment_sizes: the S row counts (sum N), required when S > 1.
+    """
+    check_nvfp4_tensors(weight, weight_scale, "expert weight")
+    if weight.dim() != 3:
+        raise ValueError(f"expert weight must be 3-D [E, N, K/2], got shape {tuple(weight.shape)}")
+    num_experts, n = weight.shape[0], weight.shape[1]
+    scales = torch.as_tensor(weight_scale_2, dtype=torch.float32)
+    if scales.dim() == 1:
+        scales = scales.unsqueeze(1)
+    if scales.dim() != 2 or scales.shape[0] != num_experts:
+        raise ValueError(f"weight_scale_2 must be [E={num_experts}] or [E, S], got shape {tuple(scales.shape)}")
+    if segment_sizes is None:
+        if scales.shape[1] != 1:
+            raise ValueError(f"{scales.shape[1]} weight_scale_2 per expert need segment_sizes (row counts summing to N={n})")
+        segment_sizes = (n,)
+    segment_sizes = tuple(int(s) for s in segment_sizes)
+    if len(segment_sizes) != scales.shape[1] or sum(segment_sizes) != n or any(s <= 0 for s in segment_sizes):
+        raise ValueError(f"segment_sizes {segment_sizes} must be {scales.shape[1]} positive counts summing to N={n}")
+    alpha = torch.stack([
+        alpha_per_column([check_global_scale(g, f"weight_scale_2[{e}][{i}]") for i, g in enumerate(scales[e])], segment_sizes)
+        for e in range(num_experts)
+    ]).to(weight.device)
+    return GroupedWeight(weight.contiguous(), weight_scale.contiguous(), alpha, segment_sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------
+class Routing(NamedTuple):
+    """Token -> expert-contiguous order (all on the routing ids' device; shapes static).
+
+    token_of_row: int64 [T*k], the token each sorted row reads; weight_of_row: fp32 [T*k];
+    expert_of_row: int64 [T*k] (non-decreasing); offsets: int64 [E+1], rows of expert e are
+    offsets[e]:offsets[e+1]; padded_offsets: int64 [E+1], each group rounded up to a multiple of 128
+    rows (the grouped block-scale layout); counts: int64 [E].
+    """
+
+    token_of_row: torch.Tensor
+    weight_of_row: torch.Tensor
+    expert_of_row: torch.Tensor
+    offsets: torch.Tensor
+    padded_offsets: torch.Tensor
+    counts: torch.Tensor
+
+
+def padded_rows_capacity(num_rows: int, num_experts: int) -> int:
+    """Static bound on ``padded_offsets[-1]``: each group rounds up by at most 127 rows, so
+    ``sum_e ceil(c_e/128)*128 <= (ceil(num_rows/128) + E) * 128``. Sizes the padded scale buffer."""
+    return (-(-num_rows // ATOM_ROWS) + num_experts) * ATOM_ROWS
+
+
+def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, check: bool = True) -> Routing:
+    """Sort the (token, expert) pairs of top-k routing by expert, on the device, without host sync.
+
+    topk_ids: int [T, k], values in [0, num_experts); topk_weights: float [T, k] (combine weights).
+    check: validate ids on the host (one synchronisation); pass False under CUDA-graph capture or
+    torch.compile. Out-of-range ids with check=False are clamped into range (never an out-of-bounds
+    access), which silently misroutes: validate eagerly first.
+    """
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids and topk_weights must both be [T, k], got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    if topk_ids.dtype.is_floating_point:
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if num_experts <= 0:
+        raise ValueError(f"num_experts must be positive, got {num_experts}")
+    ids = topk_ids.reshape(-1).long()
+    if check and ids.numel() and bool(((ids < 0) | (ids >= num_experts)).any()):
+        bad = ids[(ids < 0) | (ids >= num_experts)][0].item()
+        raise ValueError(f"topk_ids holds expert {bad}, outside [0, {num_experts}): route only to local experts")
+    ids = ids.clamp(0, num_experts - 1)
+    top_k = topk_ids.shape[1]
+    expert_of_row, pair_of_row = torch.sort(ids, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    padded_offsets = grouped_scale_rows(offsets)
+    token_of_row = pair_of_row // top_k
+    weight_of_row = topk_weights.reshape(-1).float()[pair_of_row]
+    return Routing(token_of_row, weight_of_row, expert_of_row, offsets, padded_offsets, counts)
+
+
+def check_offsets(offsets: torch.Tensor, num_rows: int, num_experts: int) -> None:
+    """Eager-mode check (host sync): offsets [E+1] non-decreasing from 0 to num_rows."""
+    if offsets.shape != (num_experts + 1,):
+        raise ValueError(f"offsets must be [E+1] = [{num_experts + 1}], got {tuple(offsets.shape)}")
+    o = offsets.tolist()
+    if o[0] != 0 or o[-1] != num_rows or any(b < a for a, b in zip(o, o[1:])):
+        raise ValueError(f"offsets must be non-decreasing from 0 to {num_rows} rows, got {o}")
+
+
+def group_of_row(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """int64 [num_rows]: the group each row belongs to, from offsets [E+1] (on the device)."""
+    rows = torch.arange(num_rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp(max=offsets.shape[0] - 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation
+# ----------------------------------------------------------------------------------------------
+def clamped_swiglu(gate_up: torch.Tensor, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """[..., 2I] (gate first, then up) -> [..., I]: silu(min(gate, limit)) * clamp(up, -limit, limit).
+
+    Computed in fp32, returned in the input dtype (DeepSeek-V4's swiglu_limit is 10).
+    """
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dimension must be even (gate then up), got {gate_up.shape[-1]}")
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped GEMM
+# ----------------------------------------------------------------------------------------------
+def _check_grouped_args(x_sorted, offsets, weight, block_scale, alpha):
+    if x_sorted.dim() != 2:
+        raise ValueError(f"x_sorted must be 2-D [M, K], got shape {tuple(x_sorted.shape)}")
+    if x_sorted.dtype != torch.bfloat16:
+        raise ValueError(f"x_sorted must be bf16, got {x_sorted.dtype}")
+    check_nvfp4_tensors(weight, block_scale, "expert weight")
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be [E, N, K/2], got shape {tuple(weight.shape)}")
+    num_experts, n, k = weight.shape[0], weight.shape[1], weight.shape[2] * 2
+    if x_sorted.shape[1] != k:
+        raise ValueError(f"x_sorted has K={x_sorted.shape[1]} but the expert weights have K={k}")
+    if alpha.shape != (num_experts, n) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [E, N] = [{num_experts}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    if offsets.shape != (num_experts + 1,) or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be an integer tensor [E+1] = [{num_experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+
+
+def reference_grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Exact reference: rows offsets[e]:offsets[e+1] of x_sorted (bf16 [M, K]) times expert e's weight
+    -> bf16 [M, N], computed as fp32 ``(x @ (e2m1*block)^T) * alpha[e]`` and rounded once.
+    Rows outside every group (none when offsets end at M) are zero."""
+    m, n = x_sorted.shape[0], weight.shape[1]
+    out = torch.zeros(m, n, dtype=torch.bfloat16, device=x_sorted.device)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            acc = x_sorted[start:end].float() @ dequantize_rows(weight[e], block_scale[e]).t()
+            out[start:end] = (acc * alpha[e]).to(torch.bfloat16)
+    return out
+
+
+def _loop_grouped_gemm_w4a16(x_sorted, offsets, weight, block_scale, alpha):
+    """CUDA fallback (Hopper): one nvfp4_linear per non-empty expert (reads offsets on the host)."""
+    m, n, k = x_sorted.shape[0], weight.shape[1], x_sorted.shape[1]
+    out = torch.zeros(m, n, dtype=torch.bfloat16, device=x_sorted.device)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            prepared = PreparedWeight(weight[e], block_scale[e], alpha[e], n, k, (n,))
+            out[start:end] = nvfp4_linear(x_sorted[start:end], prepared)
+    return out
+
+
+def grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeight) -> torch.Tensor:
+    """Weight-only grouped GEMM: bf16 [M, K] rows in expert-contiguous order, offsets [E+1] on the
+    device -> bf16 [M, N] (rows of group e times expert e). CPU: the exact reference; CUDA: a loop of
+    :func:`nvfp4_linear` over experts (host reads offsets: not graph safe; the one-launch Hopper grouped
+    kernel is not written yet)."""
+    from .ops import moe as _moe_ops  # registers torch.ops.nvfp4lib.grouped_gemm_w4a16
+
+    del _moe_ops
+    return torch.ops.nvfp4lib.grouped_gemm_w4a16(x_sorted, offsets, weights.weight, weights.block_scale, weights.alpha)
+
+
+def is_blackwell(device: torch.device) -> bool:
+    """True for a CUDA device of compute capability 10.x (the sm100 block-scaled kernels' target)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# W4A4: grouped activation quantization (Blackwell path)
+# ----------------------------------------------------------------------------------------------
+class GroupedActivations(NamedTuple):
+    """Activations of expert-contiguous rows quantized per group (one global scale per group).
+
+    packed: uint8 [M, K/2] (same row order as the input); block_scale: float8_e4m3fn [M, K/16]
+    row-major; swizzled_scale: float8_e4m3fn [capacity * K16p], each group's rows starting at
+    padded_offsets[e] (a multiple of 128), 128x4 layout, padding zero; global_scale: fp32 [E].
+    """
+
+    packed: torch.Tensor
+    block_scale: torch.Tensor
+    swizzled_scale: torch.Tensor
+    global_scale: torch.Tensor
+
+
+def group_global_scales(x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-group global scales fp32 [E] = amax(group) / (6*448) (1.0 for an empty or zero group),
+    on the device (``torch.segment_reduce``-free: a scatter_reduce over rows)."""
+    num_experts = offsets.shape[0] - 1
+    row_amax = x_sorted.abs().amax(dim=1).float() if x_sorted.shape[0] else x_sorted.new_zeros(0, dtype=torch.float32)
+    groups = group_of_row(offsets, x_sorted.shape[0])
+    amax = torch.zeros(num_experts, dtype=torch.float32, device=x_sorted.device).scatter_reduce_(0, groups, row_amax, "amax")
+    return torch.where(amax > 0, amax / (E2M1_MAX * 448.0), torch.ones_like(amax))
+
+
+def quantize_groups(x_sorted: torch.Tensor, offsets: torch.Tensor, padded_offsets: torch.Tensor, capacity_rows: int, global_scale: Optional[torch.Tensor] = None) -> GroupedActivations:
+    """Quantize bf16 [M, K] rows group by group with exactly :func:`nvfp4lib.quantize`'s semantics
+    (``quantize(x[offsets[e]:offsets[e+1]], global_scale[e])`` for every e), all on the device.
+
+    global_scale: fp32 [E] decode multipliers (checkpoint ``input_scale`` per expert); None computes
+    them dynamically (:func:`group_global_scales`). capacity_rows: static size of the padded scale
+    buffer (:func:`padded_rows_capacity`), a multiple of 128.
+    """
+    m, k = x_sorted.shape
+    if k % BLOCK_SIZE:
+        raise ValueError(f"K must be a multiple of {BLOCK_SIZE}, got {k}")
+    if capacity_rows % ATOM_ROWS:
+        raise ValueError(f"capacity_rows must be a multiple of {ATOM_ROWS}, got {capacity_rows}")
+    if global_scale is None:
+        global_scale = group_global_scales(x_sorted, offsets)
+    global_scale = global_scale.float().to(x_sorted.device)
+    groups = group_of_row(offsets, m)
+    row_global = global_scale[groups].unsqueeze(1)  # [M, 1]
+    blocks = x_sorted.reshape(m, k // BLOCK_SIZE, BLOCK_SIZE)
+    block_amax = blocks.abs().amax(dim=-1).float()
+    block_scale = block_scales_for(block_amax, row_global)
+    reciprocal = (1.0 / row_global) / block_scale.float()  # quantize's rounding: a reciprocal, then a multiply
+    scaled = blocks.float() * reciprocal.unsqueeze(-1)
+    packed = pack_nibbles(e2m1_encode(torch.clamp(scaled, -E2M1_MAX, E2M1_MAX)).reshape(m, k))
+    # Scale rows at their padded positions; padding stays zero. Groups start at multiples of 128, so
+    # swizzling the whole padded matrix equals swizzling each group on its own.
+    padded_row = padded_offsets[groups] + (torch.arange(m, device=x_sorted.device) - offsets[groups])
+    padded = torch.zeros(capacity_rows, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=x_sorted.device)
+    padded.view(torch.uint8).index_copy_(0, padded_row.clamp(max=capacity_rows - 1), block_scale.view(torch.uint8))
+    return GroupedActivations(packed, block_scale, swizzle_scales(padded), global_scale)
+
+
+def reference_grouped_gemm_w4a4(activations: GroupedActivations, offsets: torch.Tensor, weights: GroupedWeight) -> torch.Tensor:
+    """What the sm100 grouped kernel computes, exactly, on any device: for rows of group e,
+    fp32 ``(e2m1_a*sfa) @ (e2m1_w*sfw)^T * (global_a[e] * alpha[e])`` rounded once to bf16 [M, N]."""
+    m = activations.packed.shape[0]
+    x_dequant = dequantize_rows(activations.packed, activations.block_scale)
+    groups = group_of_row(offsets, m)
+    x_dequant = x_dequant * activations.global_scale[groups].unsqueeze(1)
+    return reference_grouped_gemm_w4a16_fp32(x_dequant, offsets, weights).to(torch.bfloat16)
+
+
+def reference_grouped_gemm_w4a16_fp32(x_sorted: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeight) -> torch.Tensor:
+    """fp32 [M, N]: each group's rows (any float dtype, used as fp32) times its fully decoded expert."""
+    out = torch.zeros(x_sorted.shape[0], weights.n, dtype=torch.float32, device=x_sorted.device)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            out[start:end] = x_sorted[start:end].float() @ weights.dequantized(e).t()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The MoE block
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class MoEWeights:
+    """Routed experts of one layer: gate_up [E, 2I, H/2] (gate rows first) and down [E, H, I/2]."""
+
+    gate_up: GroupedWeight
+    down: GroupedWeight
+    swiglu_limit: float = SWIGLU_LIMIT
+    # fp32 [E] checkpoint input_scale per expert for the W4A4 (Blackwell) path; None = dynamic per group
+    gate_up_input_scale: Optional[torch.Tensor] = None
+    down_input_scale: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.gate_up.num_experts != self.down.num_experts:
+            raise ValueError(f"gate_up has {self.gate_up.num_experts} experts, down {self.down.num_experts}")
+        if self.gate_up.n != 2 * self.down.k:
+            raise ValueError(f"gate_up N={self.gate_up.n} must be twice down's K={self.down.k} (gate and up)")
+        if self.down.n != self.gate_up.k:
+            raise ValueError(f"down N={self.down.n} must equal gate_up's K={self.gate_up.k} (the hidden size)")
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.num_experts
+
+
+def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+    """Weighted combine: out[t] = sum over t's rows of weight * y, in fp32, rounded once -> bf16 [T, H]."""
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
+    out.index_add_(0, routing.token_of_row, y_sorted.float() * routing.weight_of_row.unsqueeze(1))
+    return out.to(torch.bfloat16)
+
+
+def _check_block_inputs(x, topk_ids, weights):
+    if x.dim() != 2 or x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be bf16 [T, H], got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] != weights.gate_up.k:
+        raise ValueError(f"x has hidden size {x.shape[1]}, the experts expect {weights.gate_up.k}")
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens, x has {x.shape[0]}")
+
+
+def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One projection of every expert over the sorted rows: bf16 [M, K] -> bf16 [M, N]. The dispatch
+    point of the MoE block.
+
+    - Compute capability 10.x with CuTeDSL: W4A4. Rows are quantized per group
+      (:func:`quantize_groups`: ``nvfp4lib.quantize`` semantics, global scale ``input_scale[e]`` or
+      dynamic when None) and multiplied on the tcgen05 block-scaled MMA by the sm100 grouped kernel
+      (``torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100``). COMPILE-VERIFIED ONLY: this path has never run
+      on a Blackwell GPU here; :func:`reference_grouped_gemm_w4a4` is what it must equal.
+    - Everything else: :func:`grouped_gemm_w4a16` (weight-only; ``input_scale`` unused).
+    """
+    if is_blackwell(x_sorted.device):
+        from .kernels.cute_compile import cute_available
+
+        if cute_available():
+            from .ops import moe as _moe_ops
+
+            del _moe_ops
+            capacity = padded_rows_capacity(x_sorted.shape[0], weights.num_experts)
+            acts = quantize_groups(x_sorted, routing.offsets, routing.padded_offsets, capacity, input_scale)
+            return torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100(
+                acts.packed, acts.swizzled_scale, acts.global_scale, routing.offsets, routing.padded_offsets,
+                weights.weight, weights.swizzled_block_scale(), weights.alpha,
+            )
+    return grouped_gemm_w4a16(x_sorted, routing.offsets, weights)
+
+
+def moe_block(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights, check: bool = True) -> torch.Tensor:
+    """The routed-expert block: bf16 x [T, H], top-k ids/weights [T, k] -> bf16 [T, H].
+
+    gate_up -> clamped SwiGLU -> down per expert through :func:`expert_gemm` (bf16 between the
+    steps), weighted combine in fp32. check=False skips the host-side routing check (graph capture).
+    """
+    _check_block_inputs(x, topk_ids, weights)
+    routing = route(topk_ids, topk_weights, weights.num_experts, check=check)
+    x_sorted = x[routing.token_of_row]
+    hidden = expert_gemm(x_sorted, routing, weights.gate_up, weights.gate_up_input_scale)
+    activated = clamped_swiglu(hidden, weights.swiglu_limit)
+    y_sorted = expert_gemm(activated, routing, weights.down, weights.down_input_scale)
+    return combine(y_sorted, routing, x.shape[0])
+
+
+def moe_block_fp32(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """The accuracy oracle: the same block over the same dequantized weights, fp32 throughout (no
+    intermediate rounding), computed token by token from the routing ids without the sorted layout.
+    Returns fp32 [T, H]."""
+    _check_block_inputs(x, topk_ids, weights)
+    out = torch.zeros(x.shape[0], weights.down.n, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in range(weights.num_experts):
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        hidden = xf[token] @ weights.gate_up.dequantized(e).t()
+        gate, up = hidden.chunk(2, dim=-1)
+        activated = torch.nn.functional.silu(gate.clamp(max=weights.swiglu_limit)) * up.clamp(-weights.swiglu_limit, weights.swiglu_limit)
+        y = activated @ weights.down.dequantized(e).t()
+        out.index_add_(0, token, y * topk_weights[token, slot].float().unsqueeze(1))
+    return out
+
+
+def moe_block_dense_weights(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, swiglu_limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """The block over dense (e.g. the original bf16) weights, fp32 math: gate_up [E, 2I, H], down
+    [E, H, I] -> fp32 [T, H]. Compares quantized experts with the unquantized model."""
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in range(gate_up.shape[0]):
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        gate, up = (xf[token] @ gate_up[e].float().t()).chunk(2, dim=-1)
+        activated = torch.nn.functional.silu(gate.clamp(max=swiglu_limit)) * up.clamp(-swiglu_limit, swiglu_limit)
+        out.index_add_(0, token, (activated @ down[e].float().t()) * topk_weights[token, slot].float().unsqueeze(1))
+    return out
+
+
+def quantize_experts(dense: torch.Tensor, segment_sizes: Optional[Sequence[int]] = None) -> GroupedWeight:
+    """Quantize dense expert weights [E, N, K] (bf16/fp32) ModelOpt-style: each segment (gate, up) of
+    each expert gets its own global scale (amax / 2688). Returns a :class:`GroupedWeight`."""
+    from .formats import quantize
+
+    num_experts, n, k = dense.shape
+    segment_sizes = tuple(segment_sizes) if segment_sizes is not None else (n,)
+    packed = torch.empty(num_experts, n, k // 2, dtype=torch.uint8, device=dense.device)
+    block = torch.empty(num_experts, n, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=dense.device)
+    scales = torch.empty(num_experts, len(segment_sizes), dtype=torch.float32)
+    for e in range(num_experts):
+        start = 0
+        for s, size in enumerate(segment_sizes):
+            q = quantize(dense[e, start:start + size])
+            packed[e, start:start + size], block[e, start:start + size] = q.packed, q.block_scale
+            scales[e, s] = q.global_scale
+            start += size
+    return prepare_grouped_weight(packed, block, scales, segment_sizes if len(segment_sizes) > 1 else None)
+
+
+def grouped_scale_rows(offsets: torch.Tensor) -> torch.Tensor:
+    """int64 [E+1]: padded row offsets (each group rounded up to 128 rows) from offsets [E+1]."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.cat([offsets.new_zeros(1), torch.cumsum((counts + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS, 0)])
+
+
+__all__ = [
+    "GroupedActivations",
+    "GroupedWeight",
+    "MoEWeights",
+    "Routing",
+    "SWIGLU_LIMIT",
+    "clamped_swiglu",
+    "combine",
+    "expert_gemm",
+    "group_global_scales",
+    "grouped_gemm_w4a16",
+    "grouped_scale_rows",
+    "moe_block",
+    "moe_block_dense_weights",
+    "moe_block_fp32",
+    "padded_rows_capacity",
+    "prepare_grouped_weight",
+    "quantize_experts",
+    "quantize_groups",
+    "reference_grouped_gemm_w4a16",
+    "reference_grouped_gemm_w4a4",
+    "route",
+]
