@@ -1,0 +1,1 @@
+"""nn.Modules over the nvfp4lib ops: attention projections, the shared expert."""

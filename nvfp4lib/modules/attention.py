@@ -1,0 +1,282 @@
+"""DeepSeek-V4 attention projections as nn.Modules over the NVFP4 W4A16 GEMM (:func:`nvfp4_linear`).
+
+Shapes (DeepSeek-V4-Pro; T tokens; activations bf16, row-major):
+
+- ``fused_wqa_wkv``  x [T, 7168] -> q_latent [T, 1536], kv [T, 512]; one GEMM over [wq_a; wkv] [2048, 7168]
+  whose two parts keep their own ``weight_scale_2`` as a per-column alpha (:mod:`nvfp4lib.dual_scale`).
+- ``wq_b``           q_latent [T, 1536] -> q [T, 65536] (128 heads x 512).
+- ``wo_a``           o [T, 16, 4096] -> [T, 16, 1024]: 16 groups, group g multiplies its own [1024, 4096]
+  slice of the [16384, 4096] checkpoint weight (a batched GEMM, not one big one).
+- ``wo_b``           [T, 16384] -> [T, 7168].
+
+Only the projections live here: the q / kv RMSNorms, RoPE and its inverse and the attention core sit
+between them in the model and are not part of this module.
+
+wo_a dispatch, honestly: on a CPU the NVFP4 grouped projection is one batched exact reference (fp32
+einsum, rounded once to bf16). On a GPU it is, for now, a loop of 16 :func:`nvfp4_linear` launches (one
+per group) until a grouped NVFP4 kernel exists; ``GroupedNVFP4Projection.grouped_kernel`` names what
+runs. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
+carry for wo_a instead) quantizes activations with the static ``input_scale`` (W8A8) and runs
+``torch._scaled_mm`` per group on a GPU, an exact fp32 emulation on a CPU.
+
+Modules hold prepared weights built on the device of the tensors they are given (the GEMM's prepared
+layout may be device-specific): build them on the device you run on, ``.to()`` is refused.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint, FP8Linear, NVFP4Linear
+from ..dual_scale import DEFAULT_STRATEGY, fuse
+from ..formats import E4M3_MAX
+from ..ops.gemm import PreparedWeight, dequantize_rows, nvfp4_linear, prepare_weight
+from ..synthetic import WKV, WO_A, WO_B, WQ_A, WQ_B, DSV4Dims
+
+
+class _PreparedModule(nn.Module):
+    """Refuses ``.to()`` / ``.cuda()``: prepared weights are built for one device (see module docstring)."""
+
+    def _apply(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} holds prepared NVFP4 weights for one device: build it from tensors on the target device instead of moving it")
+
+
+def _to_device(linear, device):
+    if device is None:
+        return linear
+    moved = {name: getattr(linear, name) for name in ("weight", "weight_scale", "weight_scale_2", "input_scale") if hasattr(linear, name)}
+    moved = {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in moved.items()}
+    return type(linear)(linear.prefix, **moved)
+
+
+def _check_bf16(x: torch.Tensor, k: int, name: str) -> None:
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"{name}: x must be bf16, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features in its last dimension, the weight expects K={k}")
+
+
+class NVFP4Projection(_PreparedModule):
+    """y [..., N] = x [..., K] @ W^T * weight_scale_2 through :func:`nvfp4_linear` (W4A16; x bf16)."""
+
+    def __init__(self, linear: NVFP4Linear, device=None):
+        super().__init__()
+        linear = _to_device(linear, device)
+        self.name = linear.prefix
+        self.prepared: PreparedWeight = prepare_weight(linear.weight, linear.weight_scale, linear.weight_scale_2)
+
+    @property
+    def n(self) -> int:
+        return self.prepared.n
+
+    @property
+    def k(self) -> int:
+        return self.prepared.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_bf16(x, self.k, self.name)
+        return nvfp4_linear(x, self.prepared)
+
+
+class FusedWqaWkv(_PreparedModule):
+    """fused_wqa_wkv: x [..., hidden] -> (q_latent [..., q_lora_rank], kv [..., head_dim]) in one GEMM.
+
+    strategy: how the two ``weight_scale_2`` are reconciled ("segment_alpha", exact, the default;
+    "max" and "fold" only to compare, see :mod:`nvfp4lib.dual_scale`).
+    """
+
+    def __init__(self, wq_a: NVFP4Linear, wkv: NVFP4Linear, strategy: str = DEFAULT_STRATEGY, device=None):
+        super().__init__()
+        wq_a, wkv = _to_device(wq_a, device), _to_device(wkv, device)
+        if wq_a.k != wkv.k:
+            raise ValueError(f"{wq_a.prefix} has K={wq_a.k} but {wkv.prefix} has K={wkv.k}: they read the same input")
+        self.strategy = strategy
+        self.split = (wq_a.n, wkv.n)
+        self.weight_scales_2 = (float(wq_a.weight_scale_2), float(wkv.weight_scale_2))
+        self.prepared: PreparedWeight = fuse([wq_a, wkv], strategy)
+
+    @property
+    def k(self) -> int:
+        return self.prepared.k
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        _check_bf16(x, self.k, "fused_wqa_wkv")
+        y = nvfp4_linear(x, self.prepared)
+        return y.split(self.split, dim=-1)
+
+
+def reference_grouped_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The exact grouped reference: x bf16 [T, G, K]; weight uint8 [G, N, K/2]; weight_scale e4m3
+    [G, N, K/16]; alpha fp32 [G, N] -> bf16 [T, G, N] = (x_g @ (e2m1*block)_g^T) * alpha_g in fp32,
+    rounded once to bf16. One batched einsum over the groups."""
+    groups, n = weight.shape[0], weight.shape[1]
+    decoded = dequantize_rows(weight.reshape(groups * n, -1), weight_scale.reshape(groups * n, -1)).reshape(groups, n, -1)
+    acc = torch.einsum("tgk,gnk->tgn", x.float(), decoded)
+    return (acc * alpha.float()).to(torch.bfloat16)
+
+
+class GroupedNVFP4Projection(_PreparedModule):
+    """wo_a in NVFP4: o [T, G, K_g] bf16 -> [T, G, N_g] bf16, group g through rows g*N_g..(g+1)*N_g of the
+    checkpoint weight [G*N_g, K_g] (one ``weight_scale_2`` for all groups, as ModelOpt writes it).
+
+    CPU: :func:`reference_grouped_gemm`, one batched launch. GPU: a loop over the groups through
+    :func:`nvfp4_linear` (16 launches) until a grouped kernel exists: ``grouped_kernel`` is False.
+    """
+
+    grouped_kernel = False  # no single-launch grouped NVFP4 GEMM yet: the GPU path loops over groups
+
+    def __init__(self, linear: NVFP4Linear, groups: int, device=None):
+        super().__init__()
+        linear = _to_device(linear, device)
+        if linear.n % groups:
+            raise ValueError(f"{linear.prefix}: N={linear.n} rows do not split into {groups} groups")
+        self.name, self.groups = linear.prefix, groups
+        self.n_group, self.k = linear.n // groups, linear.k
+        # The ModelOpt tensors, viewed per group (views: no copy); the reference path reads these.
+        self.weight = linear.weight.view(groups, self.n_group, -1)
+        self.weight_scale = linear.weight_scale.view(groups, self.n_group, -1)
+        self.alpha = linear.weight_scale_2.float().reshape(1, 1).expand(groups, self.n_group).contiguous()
+        # One prepared weight per group for the GPU loop (shares storage with the above while the GEMM
+        # keeps the ModelOpt layout).
+        self.prepared = [prepare_weight(self.weight[g], self.weight_scale[g], linear.weight_scale_2) for g in range(groups)]
+
+    def _check(self, x: torch.Tensor) -> None:
+        _check_bf16(x, self.k, self.name)
+        if x.dim() != 3 or x.shape[1] != self.groups:
+            raise ValueError(f"{self.name}: x must be [T, {self.groups}, {self.k}], got {tuple(x.shape)}")
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return reference_grouped_gemm(x, self.weight, self.weight_scale, self.alpha)
+
+    def forward_loop(self, x: torch.Tensor) -> torch.Tensor:
+        """One :func:`nvfp4_linear` per group (x is regrouped to [G, T, K] once so each slice is contiguous)."""
+        self._check(x)
+        by_group = x.transpose(0, 1).contiguous()
+        return torch.stack([nvfp4_linear(by_group[g], self.prepared[g]) for g in range(self.groups)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_loop(x) if x.is_cuda else self.forward_reference(x)
+
+
+def quantize_fp8_activations(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor FP8: E4M3(clamp(x / input_scale, +-448)), x any float dtype, same shape."""
+    return torch.clamp(x.float() / input_scale.float(), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+class GroupedFP8Projection(_PreparedModule):
+    """wo_a in the ModelOpt FP8 per-tensor format: o [T, G, K_g] bf16 -> [T, G, N_g] bf16.
+
+    activations="fp8" (default, W8A8 with the checkpoint's static ``input_scale``):
+    y = (E4M3(x / input_scale) @ W_fp8^T) * (input_scale * weight_scale); ``torch._scaled_mm`` per group
+    on a GPU, the same products in fp32 on a CPU. activations="bf16": weight-only, y = x @ (W * scale)^T.
+    """
+
+    def __init__(self, linear: FP8Linear, groups: int, activations: str = "fp8", device=None):
+        super().__init__()
+        linear = _to_device(linear, device)
+        if activations not in ("fp8", "bf16"):
+            raise ValueError(f"activations must be 'fp8' or 'bf16', got {activations!r}")
+        if activations == "fp8" and linear.input_scale is None:
+            raise ValueError(f"{linear.prefix}.input_scale: missing, W8A8 needs the static activation scale")
+        if linear.n % groups:
+            raise ValueError(f"{linear.prefix}: N={linear.n} rows do not split into {groups} groups")
+        self.name, self.groups, self.activations = linear.prefix, groups, activations
+        self.n_group, self.k = linear.n // groups, linear.k
+        self.weight = linear.weight.view(groups, self.n_group, self.k)
+        self.weight_scale = linear.weight_scale.float().reshape(())
+        self.input_scale = None if linear.input_scale is None else linear.input_scale.float().reshape(())
+
+    def _check(self, x: torch.Tensor) -> None:
+        _check_bf16(x, self.k, self.name)
+        if x.dim() != 3 or x.shape[1] != self.groups:
+            raise ValueError(f"{self.name}: x must be [T, {self.groups}, {self.k}], got {tuple(x.shape)}")
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        if self.activations == "bf16":
+            acc = torch.einsum("tgk,gnk->tgn", x.float(), self.weight.float()) * self.weight_scale
+        else:
+            x_fp8 = quantize_fp8_activations(x, self.input_scale)
+            acc = torch.einsum("tgk,gnk->tgn", x_fp8.float(), self.weight.float()) * (self.input_scale * self.weight_scale)
+        return acc.to(torch.bfloat16)
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        if self.activations == "bf16":
+            decoded = (self.weight.float() * self.weight_scale).to(torch.bfloat16)
+            return torch.bmm(x.transpose(0, 1), decoded.transpose(1, 2)).transpose(0, 1)
+        x_fp8 = quantize_fp8_activations(x, self.input_scale).transpose(0, 1).contiguous()
+        outs = [torch._scaled_mm(x_fp8[g], self.weight[g].t(), scale_a=self.input_scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16) for g in range(self.groups)]
+        return torch.stack(outs, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_cuda(x) if x.is_cuda else self.forward_reference(x)
+
+
+class AttentionProjections(_PreparedModule):
+    """The four projections of one DeepSeek-V4 attention layer, built from a checkpoint.
+
+    ``project_in(x [T, hidden]) -> (q [T, n_heads*head_dim], kv [T, head_dim])`` runs fused_wqa_wkv then
+    wq_b on the q latent (the model's q RMSNorm in between is not applied here);
+    ``project_out(o [T, n_heads*head_dim]) -> [T, hidden]`` runs wo_a (grouped) then wo_b.
+    """
+
+    def __init__(self, fused_wqa_wkv: FusedWqaWkv, wq_b: NVFP4Projection, wo_a: nn.Module, wo_b: NVFP4Projection):
+        super().__init__()
+        self.fused_wqa_wkv, self.wq_b, self.wo_a, self.wo_b = fused_wqa_wkv, wq_b, wo_a, wo_b
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, layer: int, dims: Optional[DSV4Dims] = None, strategy: str = DEFAULT_STRATEGY, device=None) -> "AttentionProjections":
+        """Read and validate layer ``layer``'s attention linears (shapes from ``dims`` or config.json)."""
+        if dims is None:
+            if checkpoint.model_config is None:
+                raise ValueError(f"{checkpoint.directory}: no config.json, pass dims")
+            dims = DSV4Dims.from_model_config(checkpoint.model_config)
+        shapes = dims.shapes()
+        name = lambda linear: f"layers.{layer}.{linear}"  # noqa: E731
+        fused = FusedWqaWkv(checkpoint.nvfp4_linear(name(WQ_A), shapes[WQ_A]), checkpoint.nvfp4_linear(name(WKV), shapes[WKV]), strategy, device)
+        wq_b = NVFP4Projection(checkpoint.nvfp4_linear(name(WQ_B), shapes[WQ_B]), device)
+        if checkpoint.linear_format(name(WO_A)) == "fp8":
+            wo_a = GroupedFP8Projection(checkpoint.fp8_linear(name(WO_A), shapes[WO_A]), dims.o_groups, device=device)
+        else:
+            wo_a = GroupedNVFP4Projection(checkpoint.nvfp4_linear(name(WO_A), shapes[WO_A]), dims.o_groups, device)
+        wo_b = NVFP4Projection(checkpoint.nvfp4_linear(name(WO_B), shapes[WO_B]), device)
+        return cls(fused, wq_b, wo_a, wo_b)
+
+    def project_in(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        q_latent, kv = self.fused_wqa_wkv(x)
+        return self.wq_b(q_latent.contiguous()), kv
+
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        groups = self.wo_a.groups
+        z = self.wo_a(o.reshape(o.shape[0], groups, -1))
+        return self.wo_b(z.reshape(o.shape[0], -1))
+
+
+def wo_a_format_errors(weight: torch.Tensor, x: torch.Tensor, groups: int, names: Sequence[str] = ("nvfp4", "fp8 W8A8", "fp8 weight-only")) -> list:
+    """Accuracy of wo_a's two checkpoint formats against the bf16 original.
+
+    weight: bf16 [G*N_g, K_g] original; x: bf16 [T, G, K_g]. Quantizes the weight both ways
+    (ModelOpt recipes, :mod:`nvfp4lib.synthetic`), runs each module's forward on x's device and returns
+    rows {format, rel_err, cosine} against the fp32 product with the original weight.
+    """
+    from ..synthetic import quantize_fp8_linear, quantize_nvfp4_linear
+
+    device = x.device
+    reference = torch.einsum("tgk,gnk->tgn", x.float(), weight.float().view(groups, -1, x.shape[-1]))
+    input_amax = float(x.float().abs().amax())
+    modules = (
+        GroupedNVFP4Projection(quantize_nvfp4_linear("wo_a", weight, input_amax), groups, device),
+        GroupedFP8Projection(quantize_fp8_linear("wo_a", weight, input_amax), groups, "fp8", device),
+        GroupedFP8Projection(quantize_fp8_linear("wo_a", weight, input_amax), groups, "bf16", device),
+    )
+    rows = []
+    for label, module in zip(names, modules):
+        out = module(x).float()
+        rel = float((out - reference).norm() / reference.norm())
+        cos = float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0))
+        rows.append({"format": label, "rel_err": rel, "cosine": cos})
+    return rows
