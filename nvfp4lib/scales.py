@@ -38,8 +38,8 @@ Bad input
     starting at 0 and ending at M, every group within ``capacity``, input_scale positive and finite)
     and raise ``ValueError`` naming the problem. Under CUDA-graph capture or ``torch.compile`` those
     value checks are skipped (they would need a host sync); the ops then *sanitise* on the device and
-    never write out of bounds: offsets are clamped to ``[0, M]`` and made non-decreasing (running
-    max); a group larger than ``capacity`` keeps its first ``capacity`` rows' scales and drops the
+    never write out of bounds: offsets are clamped to ``[0, M]``, the first is taken as 0, and they are made
+    non-decreasing (running max); a group larger than ``capacity`` keeps its first ``capacity`` rows' scales and drops the
     rest; rows outside every group have their scales dropped. The reference zero-fills the packed rows
     of such dropped tokens; the kernel leaves them unwritten (their content is unspecified). Valid
     inputs never drop anything.
@@ -170,9 +170,10 @@ def reference_assemble(x: torch.Tensor, input_scale: Optional[torch.Tensor]) -> 
 
 
 def sanitized_offsets(offsets: torch.Tensor, m: int) -> torch.Tensor:
-    """int64 [E+1]: offsets clamped to [0, m] and made non-decreasing (running max). Valid offsets
-    come back unchanged. On the device, no host read."""
+    """int64 [E+1]: offsets clamped to [0, m], the first taken as 0, made non-decreasing (running max).
+    Valid offsets come back unchanged. On the device, no host read."""
     clamped = offsets.long().clamp(0, m)
+    clamped = torch.cat((clamped.new_zeros(1), clamped[1:]))
     return torch.cummax(clamped, dim=0).values
 
 

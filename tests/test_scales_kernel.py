@@ -1,0 +1,138 @@
+"""The CuTeDSL scale-assembly kernel: compiles for sm_90a and sm_100a on a CPU machine (PTX checked);
+on a Hopper GPU it equals the exact reference bit for bit and survives CUDA-graph capture."""
+import re
+
+import pytest
+import torch
+
+from conftest import requires_cute, requires_hopper
+
+VARIANTS = [(grouped, dynamic) for grouped in (False, True) for dynamic in (False, True)]
+
+
+@requires_cute
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+@pytest.mark.parametrize("grouped,dynamic", VARIANTS)
+def test_kernel_compiles_to_the_expected_ptx(arch, grouped, dynamic):
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90.quantize import compile_scale_assembly
+
+    ptx = ptx_of(compile_scale_assembly(7168, grouped, dynamic, arch=arch, keep_ptx=True))
+    assert re.search(rf"^\.target {arch}\b", ptx, re.M), f"PTX does not target {arch}"
+    entries = re.findall(r"\.entry (\S+)\(", ptx)
+    assert any("quantize_kernel" in e for e in entries)
+    assert any("amax_kernel" in e for e in entries) == dynamic
+    # exactness: IEEE divisions only, never the approximate ones
+    assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx
+    assert "rcp.approx" not in ptx and "ex2.approx" not in ptx
+    # 16-byte vector loads of the bf16 block, one 8-byte store of its packed codes, one scale byte
+    assert len(re.findall(r"ld\.global(\.\w+)*\.v4\.(b|u|s)32", ptx)) >= 2
+    assert re.search(r"st\.global(\.\w+)*\.v2\.(b|u|s)32", ptx)
+    assert re.search(r"st\.global(\.\w+)*\.(b|u)8", ptx)
+    # dynamic mode reduces the amax on the device: one atomic max per warp, no host round trip
+    assert bool(re.search(r"atom\.global(\.\w+)*\.max", ptx)) == dynamic
+    if grouped:
+        assert ptx.count("ld.global") > 10, "the grouped kernel reads offsets (binary search)"
+
+
+@requires_cute
+def test_kernel_rejects_bad_k():
+    from nvfp4lib.kernels.sm90.quantize import ScaleAssemblyKernel
+
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ScaleAssemblyKernel(100, grouped=False, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bit for bit against the reference computed on the CPU, graph replay with new data
+# ----------------------------------------------------------------------------------------------
+def poison_allocator(nbytes=1 << 28):
+    """Fill freed caching-allocator memory with 0xFF (NaN in e4m3, garbage codes), so outputs that a
+    kernel forgets to write show up."""
+    block = torch.full((nbytes,), 0xFF, dtype=torch.uint8, device="cuda")
+    del block
+
+
+def as_bytes(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def assert_outputs_equal(got, expected, what):
+    for index, (a, b) in enumerate(zip(got, expected)):
+        a, b = as_bytes(a).cpu(), as_bytes(b).cpu()
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{what} output {index}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        if not torch.equal(a, b):
+            bad = (a != b).nonzero()
+            raise AssertionError(f"{what} output {index}: {len(bad)} elements differ, first at {bad[0].tolist()}")
+
+
+def activations(m, k, gen):
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 1, max(m, 1))[:m].unsqueeze(1)
+    x[torch.rand(m, k, generator=gen) < 0.01] *= 30
+    return x.to(torch.bfloat16)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("m,k", [(1, 7168), (16, 7168), (300, 272), (1000, 3072), (129, 16)])
+@pytest.mark.parametrize("static", [False, True])
+def test_single_group_kernel_equals_reference(m, k, static, fresh_seed):
+    from nvfp4lib.scales import assemble_scales, kernel_backend_available, reference_assemble
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    x = activations(m, k, gen)
+    scale = torch.tensor(float(x.float().abs().amax()) / 2688 * 0.3) if static else None  # some blocks saturate
+    assert kernel_backend_available(x.cuda())
+    poison_allocator()
+    got = assemble_scales(x.cuda(), scale)
+    assert_outputs_equal(got, reference_assemble(x, scale), f"single group m={m} k={k}")
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("case", range(6))
+def test_grouped_kernel_equals_reference(case, fresh_seed):
+    from nvfp4lib.scales import assemble_scales_grouped, reference_assemble_grouped
+    from test_scales import random_offsets
+
+    gen = torch.Generator().manual_seed(fresh_seed + case)
+    m = int(torch.randint(1, 3000, (1,), generator=gen))
+    k = (7168, 3072, 272)[case % 3]
+    groups = (4, 8, 384)[case % 3]
+    x = activations(m, k, gen)
+    offsets = random_offsets(m, groups, gen).to(torch.int32)
+    scales = torch.empty(groups).uniform_(0.0005, 0.05, generator=gen) if case % 2 else None
+    capacity = m
+    poison_allocator()
+    got = assemble_scales_grouped(x.cuda(), offsets.cuda(), None if scales is None else scales.cuda(), capacity=capacity)
+    assert_outputs_equal(got, reference_assemble_grouped(x, offsets, scales, capacity), f"grouped case {case}")
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("grouped", [False, True])
+def test_graph_replay_with_new_data_equals_eager(grouped, fresh_seed):
+    from nvfp4lib.scales import assemble_scales, assemble_scales_grouped
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    m, k = 700, 7168
+    x = activations(m, k, gen).cuda()
+    offsets = torch.tensor([0, 100, 100, 650, 700], dtype=torch.int32, device="cuda")
+    scale = torch.tensor(0.01, device="cuda")
+
+    def step():
+        if grouped:
+            return (*assemble_scales_grouped(x, offsets), *assemble_scales_grouped(x, offsets, scale))
+        return (*assemble_scales(x), *assemble_scales(x, scale))
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for trial in range(3):
+        x.copy_(activations(m, k, gen).cuda())
+        offsets.copy_(torch.tensor([0, 50 * trial, 300, 300 + 100 * trial, 700], dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_outputs_equal(captured, step(), f"replay {trial}")
