@@ -58,6 +58,29 @@ def _replace_parameter_plain(layer: torch.nn.Module, name: str, tensor: Optional
         layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
 
 
+def module_as_loaded(parts: Sequence, input_scales: Optional[Sequence] = None) -> torch.nn.Module:
+    """A plain module holding a (fused) ModelOpt NVFP4 linear the way vLLM's weight loaders leave it.
+
+    parts: one ``(packed uint8 [N_i, K/2], block_scale e4m3 [N_i, K/16], global_scale fp32 scalar)`` per
+    shard, in shard order (an :class:`nvfp4lib.NVFP4Tensor` is one); input_scales: one fp32 scalar per
+    shard, or None. The module gets ``weight`` [N, K/2] and ``weight_scale`` [N, K/16] (shards stacked
+    along N), ``weight_scale_2`` fp32 [P] and, if given, ``input_scale`` fp32 [P]: the input of
+    :func:`process_loaded_linear` (for checks without vLLM).
+    """
+    if not parts:
+        raise ValueError("module_as_loaded needs at least one shard")
+    if input_scales is not None and len(input_scales) != len(parts):
+        raise ValueError(f"{len(input_scales)} input scales for {len(parts)} shards")
+    module = torch.nn.Module()
+    frozen = lambda t: torch.nn.Parameter(t, requires_grad=False)  # noqa: E731
+    module.weight = frozen(torch.cat([p[0] for p in parts]))
+    module.weight_scale = frozen(torch.cat([p[1] for p in parts]))
+    module.weight_scale_2 = frozen(torch.stack([torch.as_tensor(p[2]).reshape(()).float() for p in parts]).to(module.weight.device))
+    if input_scales is not None:
+        module.input_scale = frozen(torch.stack([torch.as_tensor(s).reshape(()).float() for s in input_scales]).to(module.weight.device))
+    return module
+
+
 def check_loaded_linear(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor, input_scale: Optional[torch.Tensor], output_partition_sizes: Sequence[int], name: str = "layer") -> None:
     """ValueError unless a ModelOpt NVFP4 linear was fully and consistently loaded.
 

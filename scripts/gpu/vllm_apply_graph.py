@@ -24,7 +24,7 @@ import torch
 import nvfp4lib
 from nvfp4lib.bench.harness import rel_error, run_metadata, write_result
 from nvfp4lib.formats import GLOBAL_SCALE_DENOMINATOR, dequantize
-from nvfp4lib.integrations.vllm import apply_linear, process_loaded_linear
+from nvfp4lib.integrations.vllm import apply_linear, module_as_loaded, process_loaded_linear
 
 # name -> (shard row counts, K, amax ratio of each shard to the first)
 DSV4_PRO = {
@@ -39,23 +39,13 @@ TOKENS = (1, 16, 128)
 
 def make_holder(shard_rows, k: int, ratios, device) -> tuple:
     """A module with ModelOpt parameters as vLLM's loaders leave them (per-shard weight_scale_2 / input_scale
-    of shape [P]); returns (module, shard dequantized fp32 weights [N, K])."""
-    holder = torch.nn.Module()
-    packed, scales, global_scales, dequantized = [], [], [], []
+    of shape [P]); returns (module, dequantized fp32 weight [N, K], each shard with its own global scale)."""
+    parts = []
     for rows, ratio in zip(shard_rows, ratios):
         weight = torch.randn(rows, k, device=device) / k**0.5
-        weight = (weight * (ratio * 0.1 / weight.abs().amax())).to(torch.bfloat16)  # shard amax = 0.1 * ratio
-        q = nvfp4lib.quantize(weight)
-        packed.append(q.packed)
-        scales.append(q.block_scale)
-        global_scales.append(q.global_scale.reshape(1))
-        dequantized.append(dequantize(q.packed, q.block_scale, q.global_scale, torch.float32))
-    frozen = lambda t: torch.nn.Parameter(t, requires_grad=False)  # noqa: E731
-    holder.weight = frozen(torch.cat(packed))
-    holder.weight_scale = frozen(torch.cat(scales))
-    holder.weight_scale_2 = frozen(torch.cat(global_scales).float())
-    holder.input_scale = frozen(torch.full((len(shard_rows),), 8.0 / GLOBAL_SCALE_DENOMINATOR, device=device))
-    return holder, torch.cat(dequantized)
+        parts.append(nvfp4lib.quantize((weight * (ratio * 0.1 / weight.abs().amax())).to(torch.bfloat16)))  # amax 0.1 * ratio
+    holder = module_as_loaded(parts, input_scales=[8.0 / GLOBAL_SCALE_DENOMINATOR] * len(parts))
+    return holder, torch.cat([dequantize(*part, torch.float32) for part in parts])
 
 
 def check_layer(name: str, shard_rows, k: int, ratios, device) -> list:
