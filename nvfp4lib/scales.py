@@ -119,7 +119,8 @@ def kernel_backend_available(x: torch.Tensor) -> bool:
 # The exact reference (any device, no host synchronisation)
 # ----------------------------------------------------------------------------------------------
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
+    """A 0-dim fp32 constant on like's device, made by a fill (no host-to-device copy: capturable)."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
 def global_scale_from_amax_exact(amax: torch.Tensor) -> torch.Tensor:

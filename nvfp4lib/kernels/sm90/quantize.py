@@ -168,7 +168,7 @@ class ScaleAssemblyKernel:
         group = Int32(0)
         if cutlass.const_expr(self.grouped):
             group = self._last_at_or_below(mOffsets, row, num_groups)
-        if cute.arch.lane_idx() == 0 and group < num_groups:
+        if (cute.arch.lane_idx() == 0) & (group < num_groups):
             cute.arch.atomic_max((mAmax.iterator + group).llvm_ptr, best)
 
     @cute.kernel
@@ -278,10 +278,16 @@ def _launch(x, offsets, padded, global_scales, amax, packed, scales, global_out,
     compiled(*pointers, Int32(x.shape[0]), Int32(num_groups), Int32(scale_rows), Int32(capacity), _current_stream())
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte aligned start (the kernel's vector loads assume it)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def run_single(x: torch.Tensor, input_scale):
     """One group on the GPU: x bf16 [M, K], input_scale fp32 [] on x's device or None (dynamic).
     Returns (packed uint8 [M, K/2], swizzled e4m3 [Mp*K16p], global_scale fp32 [])."""
-    x = x.contiguous()
+    x = _aligned(x)
     m, k = x.shape
     rows = padded_rows(m)
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
@@ -305,7 +311,7 @@ def run_grouped(x: torch.Tensor, offsets: torch.Tensor, input_scale, capacity: i
     [R*K16p], padded_offsets int32 [E+1], global_scales fp32 [E])."""
     from ...scales import grouped_scale_rows, padded_group_offsets, sanitized_offsets
 
-    x = x.contiguous()
+    x = _aligned(x)
     m, k = x.shape
     num_groups = offsets.numel() - 1
     if num_groups > DEFAULT_MAX_GROUPS:
