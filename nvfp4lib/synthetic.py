@@ -26,6 +26,7 @@ regenerates the originals of a written checkpoint to measure quantization error 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Union
 
@@ -113,7 +114,12 @@ class DSV4Dims:
 DEEPSEEK_V4_PRO = DSV4Dims()
 # The committed checkpoint (data/checkpoints/tiny-dsv4-nvfp4): same structure, 16 wo_a groups, ~0.65 MB.
 TINY = DSV4Dims(hidden=256, q_lora_rank=128, head_dim=64, n_heads=16, o_groups=16, o_lora_rank=32, shared_intermediate=256, layers=2)
-TINY_CHECKPOINT = "data/checkpoints/tiny-dsv4-nvfp4"
+TINY_CHECKPOINT = "data/checkpoints/tiny-dsv4-nvfp4"  # relative to the repository root
+
+
+def repository_path(relative: str) -> str:
+    """An absolute path inside the repository (this package's parent directory), whatever the cwd."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relative)
 
 
 def _generator(seed: int, layer: int, name: str) -> torch.Generator:
