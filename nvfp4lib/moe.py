@@ -438,6 +438,22 @@ def moe_block(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     return combine(y_sorted, routing, x.shape[0])
 
 
+def moe_block_w4a4_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
+    """Exactly what :func:`moe_block` computes on Blackwell (W4A4, the sm100 kernels), on any device:
+    activations quantized per expert group (``input_scale`` or dynamic) before each projection,
+    :func:`reference_grouped_gemm_w4a4`, bf16 between steps, fp32 combine. Returns bf16 [T, H]."""
+    _check_block_inputs(x, topk_ids, weights)
+    routing = route(topk_ids, topk_weights, weights.num_experts)
+    capacity = padded_rows_capacity(routing.token_of_row.shape[0], weights.num_experts)
+    rows = x[routing.token_of_row]
+    for projection, input_scale in ((weights.gate_up, weights.gate_up_input_scale), (weights.down, weights.down_input_scale)):
+        acts = quantize_groups(rows, routing.offsets, routing.padded_offsets, capacity, input_scale)
+        rows = reference_grouped_gemm_w4a4(acts, routing.offsets, projection)
+        if projection is weights.gate_up:
+            rows = clamped_swiglu(rows, weights.swiglu_limit)
+    return combine(rows, routing, x.shape[0])
+
+
 def moe_block_fp32(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
     """The accuracy oracle: the same block over the same dequantized weights, fp32 throughout (no
     intermediate rounding), computed token by token from the routing ids without the sorted layout.
@@ -513,6 +529,7 @@ __all__ = [
     "moe_block",
     "moe_block_dense_weights",
     "moe_block_fp32",
+    "moe_block_w4a4_reference",
     "padded_rows_capacity",
     "prepare_grouped_weight",
     "quantize_experts",

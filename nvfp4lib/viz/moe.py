@@ -1,0 +1,83 @@
+"""Pictures of the MoE expert path (notebook 06): routing load, the grouped row layout, accuracy."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from ..layout import ATOM_ROWS
+
+EMPTY_COLOUR = "#e15759"
+
+
+def plot_routing_histogram(counts: torch.Tensor, ax=None, title: str = "Rows routed to each expert"):
+    """Bar chart of rows per expert (counts int [E]); empty experts marked in red on the axis."""
+    ax = ax or plt.subplots(figsize=(12, 3.5))[1]
+    counts = counts.cpu().numpy()
+    experts = np.arange(len(counts))
+    ax.bar(experts, counts, color="#4e79a7")
+    empty = experts[counts == 0]
+    ax.scatter(empty, np.zeros_like(empty), marker="x", color=EMPTY_COLOUR, zorder=3, label=f"empty experts ({len(empty)})")
+    ax.axhline(counts.mean(), color="grey", linestyle="--", linewidth=1, label=f"mean {counts.mean():.1f}")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("rows (token, slot) pairs")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    return ax
+
+
+def expert_of_tiles(padded_offsets: torch.Tensor, capacity_rows: int) -> np.ndarray:
+    """int [capacity_rows / 128]: the expert each 128-row tile of the padded layout serves (-1: unused),
+    the same search the grouped sm100 kernel does per CTA."""
+    padded = padded_offsets.cpu().numpy()
+    starts = np.arange(0, capacity_rows, ATOM_ROWS)
+    expert = np.searchsorted(padded[1:], starts, side="right")
+    expert[starts >= padded[-1]] = -1
+    return expert
+
+
+def plot_grouped_layout(offsets: torch.Tensor, padded_offsets: torch.Tensor, capacity_rows: int, ax=None):
+    """Two bars, rows top to bottom: the expert-contiguous activation rows (offsets) and the padded
+    scale rows (padded_offsets, each group rounded up to 128; hatched = zero padding; grey = capacity
+    not used this step). Dotted lines: the 128-row tiles the grouped kernel assigns to CTAs."""
+    ax = ax or plt.subplots(figsize=(7, 8))[1]
+    offsets, padded = offsets.cpu().numpy(), padded_offsets.cpu().numpy()
+    cmap = plt.get_cmap("tab20")
+    for e in range(len(offsets) - 1):
+        colour = cmap(e % 20)
+        rows = offsets[e + 1] - offsets[e]
+        if rows == 0:
+            continue
+        ax.add_patch(plt.Rectangle((0, offsets[e]), 1, rows, color=colour))
+        ax.add_patch(plt.Rectangle((1.5, padded[e]), 1, rows, color=colour))
+        pad = padded[e + 1] - padded[e] - rows
+        if pad:
+            ax.add_patch(plt.Rectangle((1.5, padded[e] + rows), 1, pad, facecolor="white", edgecolor=colour, hatch="///"))
+        if rows >= 0.02 * capacity_rows:
+            ax.text(0.5, offsets[e] + rows / 2, f"e{e}: {rows}", ha="center", va="center", fontsize=7)
+    ax.add_patch(plt.Rectangle((1.5, padded[-1]), 1, capacity_rows - padded[-1], color="#dddddd"))
+    for tile_start in range(0, capacity_rows + 1, ATOM_ROWS):
+        ax.plot([1.45, 2.55], [tile_start, tile_start], color="black", linestyle=":", linewidth=0.6)
+    ax.set_xlim(-0.2, 2.7)
+    ax.set_ylim(capacity_rows, 0)
+    ax.set_xticks([0.5, 2.0])
+    ax.set_xticklabels(["activation rows\n(expert-contiguous)", f"scale rows, padded per group\n(capacity {capacity_rows})"])
+    ax.set_ylabel("row")
+    ax.set_title("Grouped layout: offsets vs padded scale offsets (128-row tiles dotted)")
+    return ax
+
+
+def plot_accuracy_scatter(out: torch.Tensor, reference: torch.Tensor, ax=None, label: str = "", max_points: int = 20000):
+    """out against reference, one dot per element (subsampled), with the identity line."""
+    ax = ax or plt.subplots(figsize=(4.5, 4.5))[1]
+    x, y = reference.float().flatten().cpu(), out.float().flatten().cpu()
+    if x.numel() > max_points:
+        pick = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:max_points]
+        x, y = x[pick], y[pick]
+    ax.scatter(x.numpy(), y.numpy(), s=2, alpha=0.4)
+    lim = float(max(x.abs().max(), y.abs().max()))
+    ax.plot([-lim, lim], [-lim, lim], color="black", linewidth=0.8)
+    ax.set_xlabel("reference")
+    ax.set_ylabel("output")
+    ax.set_title(label)
+    return ax
