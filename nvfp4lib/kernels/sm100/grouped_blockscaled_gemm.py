@@ -76,6 +76,25 @@ class GroupedBlockScaledGemmSm100(BlockScaledGemmSm100):
             )
 
 
+def tile_placement(tile: int, offsets, padded_offsets):
+    """Host mirror of :meth:`GroupedBlockScaledGemmSm100.kernel`'s per-CTA arithmetic, step for step, so
+    tests can check it on CPU: row tile ``tile`` (128 padded rows) -> None when unused (the CTA exits),
+    else ``(expert, row_start, rows_valid, scale_tile)``: the CTA reads A and writes C rows
+    ``row_start + r`` for ``r < min(128, rows_valid)``, with scale rows ``128 * scale_tile + r``.
+    offsets, padded_offsets: sequences of E+1 ints."""
+    num_experts = len(offsets) - 1
+    tile_row = tile * TILE_M
+    if not tile_row < padded_offsets[num_experts]:
+        return None
+    expert = 0
+    for e in range(num_experts):
+        if padded_offsets[e + 1] <= tile_row:
+            expert = e + 1
+    row_start = offsets[expert] + (tile_row - padded_offsets[expert])
+    rows_valid = offsets[expert + 1] - row_start
+    return expert, row_start, rows_valid, tile
+
+
 def _fake_grouped_args():
     from cutlass.cute.runtime import make_fake_stream, make_ptr
 
