@@ -69,10 +69,11 @@ def test_grouped_nvfp4_reference_and_loop_agree(tiny, fresh_seed):
     x = torch.randn(6, TINY.o_groups, module.k, dtype=torch.bfloat16)
     decoded = linear.dequantize(torch.float32).view(TINY.o_groups, module.n_group, module.k)
     reference = torch.stack([x[:, g].float() @ decoded[g].t() for g in range(TINY.o_groups)], dim=1)
-    batched, looped = module.forward_reference(x), module.forward_loop(x)
-    assert batched.shape == (6, TINY.o_groups, TINY.o_lora_rank)
+    batched, looped, diagonal = module.forward_reference(x), module.forward_loop(x), module.forward_diagonal(x)
+    assert batched.shape == diagonal.shape == (6, TINY.o_groups, TINY.o_lora_rank)
     assert_equal_to_bf16_rounding(batched, reference)
     assert_equal_to_bf16_rounding(looped, reference)
+    assert_equal_to_bf16_rounding(diagonal, reference)
     assert torch.equal(module(x), batched), "CPU forward is the batched reference"
     # group g only sees its own slice of the weight: zeroing x's group 3 zeroes output group 3 only
     x[:, 3] = 0
@@ -99,8 +100,12 @@ def test_grouped_fp8_w8a8_reference(tiny, fresh_seed):
     weight = linear.weight.float().view(TINY.o_groups, -1, TINY.wo_a_group_k)
     expected = torch.einsum("tgk,gnk->tgn", x_fp8, weight) * (linear.input_scale * linear.weight_scale)
     assert_equal_to_bf16_rounding(module(x), expected)
-    weight_only = GroupedFP8Projection(linear, TINY.o_groups, activations="bf16")(x)
-    assert_equal_to_bf16_rounding(weight_only, torch.einsum("tgk,gnk->tgn", x.float(), weight * linear.weight_scale))
+    assert_equal_to_bf16_rounding(module.forward_scaled_mm(x), expected), "the GPU path's layouts, via CPU _scaled_mm"
+    weight_only = GroupedFP8Projection(linear, TINY.o_groups, activations="bf16")
+    weight_only_reference = torch.einsum("tgk,gnk->tgn", x.float(), weight * linear.weight_scale)
+    assert_equal_to_bf16_rounding(weight_only(x), weight_only_reference)
+    # the GPU weight-only path decodes the weight to bf16 first: one more rounding of each weight
+    assert rel_err(weight_only.forward_scaled_mm(x), weight_only_reference) < 2 * BF16_HALF_ULP
 
 
 def test_wo_a_format_accuracy_ordering(fresh_seed):
@@ -159,6 +164,8 @@ def test_benchmark_dry_run_on_cpu(tmp_path):
     for row in result["rows"]:
         assert row["rel_err"] <= 1e-2 and row["cosine"] >= 0.9999, row
         assert row["time_us"] is None, "no timing without a GPU"
+        if row["case"] == "wo_a_grouped":
+            assert row["diagonal_rel_err"] <= 1e-2 and row["fp8_rel_err"] < 0.06, row
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Cases (DeepSeek-V4-Pro shapes; ``--small`` uses tiny ones for a CPU dry run):
 - ``fused_wqa_wkv`` [1536 + 512, 7168] with two global scales (per-segment alpha), at decode sizes
   (default M in 1, 4, 8, 16) and at the main M list; target: <= 2x its HBM floor at M <= 16.
 - ``wo_a_grouped``: 16 groups of [1024, 4096] (our NVFP4 grouped projection, currently a loop of 16 GEMMs
-  on a GPU), the FP8 W8A8 path (``torch._scaled_mm`` per group) and cuBLAS BF16 ``torch.bmm`` on the
+  on a GPU; at M <= ``--diagonal-max-m`` also its one-launch "diagonal" variant), the FP8 W8A8 path (``torch._scaled_mm`` per group) and cuBLAS BF16 ``torch.bmm`` on the
   dequantized weights with x already grouped [16, M, 4096] (the baseline's best case); target: <= cuBLAS.
 - ``wo_b`` [7168, 16384]; target: <= cuBLAS BF16 (``F.linear`` on the dequantized weight).
 - ``wq_b`` [65536, 1536] with ``--with-wq-b`` (no target in the issue).
@@ -139,11 +139,15 @@ def bench_wo_a(dims: DSV4Dims, ms, args, bandwidth) -> List[dict]:
         fp8_acc = _accuracy(fp8(xs[0]), reference)
         errors: List[str] = []
         ours = _time([lambda mod=mod, x=x: mod(x) for (mod, _, _), x in zip(sets, xs)], args, errors, "ours")
+        diagonal = diagonal_acc = None
+        if m <= args.diagonal_max_m:  # one GEMM over all groups' rows, diagonal blocks kept (decode only)
+            diagonal_acc = _accuracy(module.forward_diagonal(xs[0]), reference)
+            diagonal = _time([lambda mod=mod, x=x: mod.forward_diagonal(x) for (mod, _, _), x in zip(sets, xs)], args, errors, "diagonal")
         fp8_time = _time([lambda f=f, x=x: f(x) for (_, f, _), x in zip(sets, xs)], args, errors, "fp8")
         cublas = _time([lambda w=w, x=x: torch.bmm(x, w) for (_, _, w), x in zip(sets, xs_grouped)], args, errors, "cublas")
         nbytes = nvfp4_bytes(groups * n_group, k) + 2 * m * groups * (k + n_group)
         floor = harness.hbm_floor_us(nbytes, bandwidth) if bandwidth else None
-        rows.append({"case": "wo_a_grouped", "m": m, "n": n_group, "k": k, "groups": groups, "time_us": ours, "cublas_bf16_us": cublas, "fp8_us": fp8_time, "fp8_rel_err": fp8_acc["rel_err"], "floor_us": floor, "bytes": nbytes, "errors": errors, "grouped_kernel": module.grouped_kernel, **_accuracy(out, reference), "target": "<= cuBLAS BF16", "target_met": None if ours is None or cublas is None else ours <= cublas})
+        rows.append({"case": "wo_a_grouped", "m": m, "n": n_group, "k": k, "groups": groups, "time_us": ours, "cublas_bf16_us": cublas, "fp8_us": fp8_time, "fp8_rel_err": fp8_acc["rel_err"], "diagonal_us": diagonal, "diagonal_rel_err": None if diagonal_acc is None else diagonal_acc["rel_err"], "floor_us": floor, "bytes": nbytes, "errors": errors, "grouped_kernel": module.grouped_kernel, **_accuracy(out, reference), "target": "<= cuBLAS BF16", "target_met": None if ours is None or cublas is None else ours <= cublas})
     return rows
 
 
@@ -182,12 +186,12 @@ def _fmt(value, spec=".1f") -> str:
 
 
 def print_table(rows: List[dict]) -> None:
-    print(f"{'case':<14}{'M':>6}{'ours us':>10}{'cuBLAS us':>11}{'FP8 us':>9}{'floor us':>10}{'x floor':>9}{'vs cuBLAS':>10}{'rel err':>10}  target")
+    print(f"{'case':<14}{'M':>6}{'ours us':>10}{'cuBLAS us':>11}{'FP8 us':>9}{'diag us':>9}{'floor us':>10}{'x floor':>9}{'vs cuBLAS':>10}{'rel err':>10}  target")
     for r in rows:
         ratio = r["time_us"] / r["floor_us"] if r["time_us"] and r["floor_us"] else None
         speed = r["cublas_bf16_us"] / r["time_us"] if r["time_us"] and r["cublas_bf16_us"] else None
         verdict = "" if "target" not in r else f"{r['target']}: {'-' if r['target_met'] is None else ('met' if r['target_met'] else 'MISSED')}"
-        print(f"{r['case']:<14}{r['m']:>6}{_fmt(r['time_us']):>10}{_fmt(r['cublas_bf16_us']):>11}{_fmt(r['fp8_us']):>9}{_fmt(r['floor_us']):>10}{_fmt(ratio, '.2f'):>9}{_fmt(speed, '.2f'):>10}{r['rel_err']:>10.2e}  {verdict}")
+        print(f"{r['case']:<14}{r['m']:>6}{_fmt(r['time_us']):>10}{_fmt(r['cublas_bf16_us']):>11}{_fmt(r['fp8_us']):>9}{_fmt(r.get('diagonal_us')):>9}{_fmt(r['floor_us']):>10}{_fmt(ratio, '.2f'):>9}{_fmt(speed, '.2f'):>10}{r['rel_err']:>10.2e}  {verdict}")
 
 
 def main(argv=None) -> int:
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--small", action="store_true", help="tiny shapes and M in {1, 16}: a CPU dry run")
     parser.add_argument("--with-wq-b", action="store_true", help="also wq_b [65536, 1536]")
+    parser.add_argument("--diagonal-max-m", type=int, default=64, help="time wo_a's one-GEMM diagonal variant up to this M")
     parser.add_argument("--seed", type=int, default=None, help="default: fresh random inputs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

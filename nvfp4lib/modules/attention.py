@@ -121,8 +121,15 @@ class GroupedNVFP4Projection(_PreparedModule):
     """wo_a in NVFP4: o [T, G, K_g] bf16 -> [T, G, N_g] bf16, group g through rows g*N_g..(g+1)*N_g of the
     checkpoint weight [G*N_g, K_g] (one ``weight_scale_2`` for all groups, as ModelOpt writes it).
 
-    CPU: :func:`reference_grouped_gemm`, one batched launch. GPU: a loop over the groups through
-    :func:`nvfp4_linear` (16 launches) until a grouped kernel exists: ``grouped_kernel`` is False.
+    Three ways to compute it, all equal to bf16 rounding:
+
+    - :meth:`forward_reference`: :func:`reference_grouped_gemm`, one batched exact launch (CPU default).
+    - :meth:`forward_loop`: one :func:`nvfp4_linear` per group, G launches (GPU default for now).
+    - :meth:`forward_diagonal`: ONE :func:`nvfp4_linear` of all G*T rows against the whole weight, keeping
+      the G diagonal blocks. It reads the weight once in one launch but does G times the FLOPs and writes
+      G times the output, so it only suits decode (small T); the benchmark times it beside the loop.
+
+    ``grouped_kernel`` is False: no single-launch grouped NVFP4 GEMM kernel exists yet.
     """
 
     grouped_kernel = False  # no single-launch grouped NVFP4 GEMM yet: the GPU path loops over groups
@@ -141,6 +148,8 @@ class GroupedNVFP4Projection(_PreparedModule):
         # One prepared weight per group for the GPU loop (shares storage with the above while the GEMM
         # keeps the ModelOpt layout).
         self.prepared = [prepare_weight(self.weight[g], self.weight_scale[g], linear.weight_scale_2) for g in range(groups)]
+        self.prepared_whole = prepare_weight(linear.weight, linear.weight_scale, linear.weight_scale_2)
+        self._diagonal = torch.arange(groups, device=linear.weight.device)
 
     def _check(self, x: torch.Tensor) -> None:
         _check_bf16(x, self.k, self.name)
@@ -157,6 +166,15 @@ class GroupedNVFP4Projection(_PreparedModule):
         by_group = x.transpose(0, 1).contiguous()
         return torch.stack([nvfp4_linear(by_group[g], self.prepared[g]) for g in range(self.groups)], dim=1)
 
+    def forward_diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        """All groups' rows in one GEMM against the whole weight; block (g, g) of the [G*T, G*N_g] product
+        is group g's output (the off-diagonal blocks are computed and dropped)."""
+        self._check(x)
+        tokens = x.shape[0]
+        stacked = x.transpose(0, 1).reshape(self.groups * tokens, self.k)  # row g*T + t
+        full = nvfp4_linear(stacked, self.prepared_whole).view(self.groups, tokens, self.groups, self.n_group)
+        return full[self._diagonal, :, self._diagonal, :].transpose(0, 1)  # [G, T, N_g] -> [T, G, N_g]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_loop(x) if x.is_cuda else self.forward_reference(x)
 
@@ -172,6 +190,8 @@ class GroupedFP8Projection(_PreparedModule):
     activations="fp8" (default, W8A8 with the checkpoint's static ``input_scale``):
     y = (E4M3(x / input_scale) @ W_fp8^T) * (input_scale * weight_scale); ``torch._scaled_mm`` per group
     on a GPU, the same products in fp32 on a CPU. activations="bf16": weight-only, y = x @ (W * scale)^T.
+    :meth:`forward_scaled_mm` is the GPU path; it also runs on a CPU (torch's CPU ``_scaled_mm``), which
+    is how the tests check its layouts against :meth:`forward_reference`.
     """
 
     def __init__(self, linear: FP8Linear, groups: int, activations: str = "fp8", device=None):
@@ -203,7 +223,7 @@ class GroupedFP8Projection(_PreparedModule):
             acc = torch.einsum("tgk,gnk->tgn", x_fp8.float(), self.weight.float()) * (self.input_scale * self.weight_scale)
         return acc.to(torch.bfloat16)
 
-    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         if self.activations == "bf16":
             decoded = (self.weight.float() * self.weight_scale).to(torch.bfloat16)
@@ -213,7 +233,7 @@ class GroupedFP8Projection(_PreparedModule):
         return torch.stack(outs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_cuda(x) if x.is_cuda else self.forward_reference(x)
+        return self.forward_scaled_mm(x) if x.is_cuda else self.forward_reference(x)
 
 
 class AttentionProjections(_PreparedModule):

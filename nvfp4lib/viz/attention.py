@@ -152,7 +152,7 @@ def plot_timings(result: dict, axes=None):
     if axes is None:
         _, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4), squeeze=False)
         axes = axes[0]
-    series = (("time_us", "ours (NVFP4)", "#4e79a7"), ("cublas_bf16_us", "cuBLAS BF16", "#59a14f"), ("fp8_us", "FP8 W8A8 (_scaled_mm)", "#b07aa1"), ("floor_us", "HBM floor", "grey"))
+    series = (("time_us", "ours (NVFP4)", "#4e79a7"), ("cublas_bf16_us", "cuBLAS BF16", "#59a14f"), ("fp8_us", "FP8 W8A8 (_scaled_mm)", "#b07aa1"), ("diagonal_us", "ours, one-GEMM diagonal (wo_a)", "#76b7b2"), ("floor_us", "HBM floor", "grey"))
     for ax, case in zip(axes, cases):
         rows = sorted((r for r in result["rows"] if r["case"] == case), key=lambda r: r["m"])
         for key, label, colour in series:
