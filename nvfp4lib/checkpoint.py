@@ -257,6 +257,7 @@ def quant_config(exclude_modules: Iterable[str] = (), extra: Optional[dict] = No
 
 def save_checkpoint(directory: str, tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable[str] = (), model_config: Optional[dict] = None, quant_extra: Optional[dict] = None, max_shard_bytes: Optional[int] = None, validate: bool = True) -> str:
     """Write ``tensors`` (full name -> tensor) as a ModelOpt NVFP4 checkpoint directory; returns it.
+    Safetensors files and an index already in ``directory`` are removed first (other files are kept).
 
     exclude_modules: module names (fnmatch patterns) not quantized to NVFP4 (FP8 or bf16 linears).
     model_config: written to ``config.json`` when given. max_shard_bytes: split into shards with an

@@ -194,13 +194,22 @@ def _per_layer(value, layers: int, name: str) -> list:
     return value
 
 
-def generate_checkpoint(directory: str, dims: DSV4Dims = TINY, seed: int = 0, wkv_amax_ratios: Union[float, Sequence[float]] = (3.0, 40.0), wo_a_formats: Union[str, Sequence[str]] = ("nvfp4", "fp8"), max_shard_bytes: Optional[int] = None) -> str:
-    """Write a synthetic DeepSeek-V4-shaped NVFP4 checkpoint to ``directory`` and return it.
+DEFAULT_WKV_AMAX_RATIOS = (3.0, 40.0)  # even layers, odd layers
+DEFAULT_WO_A_FORMATS = ("nvfp4", "fp8")
 
-    wkv_amax_ratios: amax(wkv) / amax(wq_a) per layer (one number for all layers), hence the ratio of
-    their weight_scale_2. wo_a_formats: "nvfp4" or "fp8" per layer (one string for all layers).
-    The defaults fit the two-layer TINY dims, the committed checkpoint.
+
+def generate_checkpoint(directory: str, dims: DSV4Dims = TINY, seed: int = 0, wkv_amax_ratios: Union[None, float, Sequence[float]] = None, wo_a_formats: Union[None, str, Sequence[str]] = None, max_shard_bytes: Optional[int] = None) -> str:
+    """Write a synthetic DeepSeek-V4-shaped NVFP4 checkpoint to ``directory`` and return it (any
+    safetensors files already there are replaced).
+
+    wkv_amax_ratios: amax(wkv) / amax(wq_a) per layer, or one number for all layers, hence the ratio of
+    their weight_scale_2; default 3 on even layers, 40 on odd ones. wo_a_formats: "nvfp4" or "fp8" per
+    layer, or one string for all; default NVFP4 on even layers, FP8 on odd ones.
     """
+    if wkv_amax_ratios is None:
+        wkv_amax_ratios = [DEFAULT_WKV_AMAX_RATIOS[layer % 2] for layer in range(dims.layers)]
+    if wo_a_formats is None:
+        wo_a_formats = [DEFAULT_WO_A_FORMATS[layer % 2] for layer in range(dims.layers)]
     ratios = _per_layer(wkv_amax_ratios, dims.layers, "wkv_amax_ratios")
     formats = _per_layer(wo_a_formats, dims.layers, "wo_a_formats")
     tensors, excluded, fp8_layers = {}, ["lm_head"], {}

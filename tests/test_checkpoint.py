@@ -315,6 +315,17 @@ def test_synthetic_weights_survive_quantization():
     assert float((decoded - original).norm() / original.norm()) < 0.03, "E4M3 has 3 mantissa bits: <= 2**-4 per element"
 
 
+def test_generator_layers_shards_and_dims(tmp_path):
+    dims = DSV4Dims(hidden=64, q_lora_rank=32, head_dim=16, n_heads=4, o_groups=4, o_lora_rank=16, shared_intermediate=32, layers=3)
+    generate_checkpoint(str(tmp_path), dims, seed=7, max_shard_bytes=20_000)
+    ckpt = Checkpoint(str(tmp_path))
+    assert os.path.exists(tmp_path / INDEX_FILE)
+    assert DSV4Dims.from_model_config(ckpt.model_config) == dims
+    assert [ckpt.linear_format(f"layers.{i}.{WO_A}") for i in range(3)] == ["nvfp4", "fp8", "nvfp4"]
+    shapes = {prefix: shape for layer in range(3) for prefix, shape in dims.layer_shapes(layer).items()}
+    assert all(row["status"] == "ok" for row in ckpt.audit(shapes))
+
+
 def test_dims_validation():
     with pytest.raises(ValueError, match="o_groups"):
         DSV4Dims(n_heads=3, head_dim=5, o_groups=16)
