@@ -35,16 +35,9 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from .formats import (
-    BLOCK_SIZE,
-    E2M1_MAX,
-    check_global_scale,
-    check_nvfp4_tensors,
-    block_scales_for,
-    e2m1_encode,
-    pack_nibbles,
-)
-from .layout import ATOM_ROWS, swizzle_scales
+from . import scales as _scales
+from .formats import BLOCK_SIZE, check_global_scale, check_nvfp4_tensors
+from .layout import ATOM_ROWS, swizzle_scales, unswizzle_scales
 from .ops.gemm import PreparedWeight, alpha_per_column, dequantize_rows, nvfp4_linear
 
 SWIGLU_LIMIT = 10.0
@@ -135,7 +128,8 @@ class Routing(NamedTuple):
     token_of_row: int64 [T*k], the token each sorted row reads; weight_of_row: fp32 [T*k];
     expert_of_row: int64 [T*k] (non-decreasing); offsets: int64 [E+1], rows of expert e are
     offsets[e]:offsets[e+1]; padded_offsets: int64 [E+1], each group rounded up to a multiple of 128
-    rows (the grouped block-scale layout); counts: int64 [E].
+    rows (the grouped block-scale layout; equal to what :func:`nvfp4lib.scales.assemble_scales_grouped`
+    returns); counts: int64 [E].
     """
 
     token_of_row: torch.Tensor
@@ -147,9 +141,9 @@ class Routing(NamedTuple):
 
 
 def padded_rows_capacity(num_rows: int, num_experts: int) -> int:
-    """Static bound on ``padded_offsets[-1]``: each group rounds up by at most 127 rows, so
-    ``sum_e ceil(c_e/128)*128 <= (ceil(num_rows/128) + E) * 128``. Sizes the padded scale buffer."""
-    return (-(-num_rows // ATOM_ROWS) + num_experts) * ATOM_ROWS
+    """Static bound on ``padded_offsets[-1]`` (rows of the grouped scale buffer): the scale assembly's
+    :func:`nvfp4lib.scales.grouped_scale_rows`, a multiple of 128 that depends on sizes only."""
+    return _scales.grouped_scale_rows(num_rows, num_experts)
 
 
 def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, check: bool = True) -> Routing:
@@ -175,7 +169,7 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, 
     expert_of_row, pair_of_row = torch.sort(ids, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    padded_offsets = grouped_scale_rows(offsets)
+    padded_offsets = _scales.padded_group_offsets(offsets, ids.numel(), ids.numel()).long()
     token_of_row = pair_of_row // top_k
     weight_of_row = topk_weights.reshape(-1).float()[pair_of_row]
     return Routing(token_of_row, weight_of_row, expert_of_row, offsets, padded_offsets, counts)
@@ -277,69 +271,39 @@ def is_blackwell(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------------
 # W4A4: grouped activation quantization (Blackwell path)
 # ----------------------------------------------------------------------------------------------
-class GroupedActivations(NamedTuple):
-    """Activations of expert-contiguous rows quantized per group (one global scale per group).
+def quantize_groups(x_sorted: torch.Tensor, offsets: torch.Tensor, input_scale: Optional[torch.Tensor] = None, check: bool = True) -> "_scales.GroupedScaleAssembly":
+    """Quantize bf16 [M, K] expert-contiguous rows group by group for the W4A4 path: the scale assembly's
+    :func:`nvfp4lib.scales.assemble_scales_grouped` (its CuTeDSL kernel on a GPU, its exact reference on
+    CPU), i.e. ``nvfp4lib.quantize(x[offsets[e]:offsets[e+1]], input_scale[e])`` per group with the block
+    scales of group e swizzled from scale row ``padded_offsets[e]`` on. input_scale: fp32 [E] decode
+    multipliers, or None for dynamic per-group scales. check=False skips the eager host checks.
 
-    packed: uint8 [M, K/2] (same row order as the input); block_scale: float8_e4m3fn [M, K/16]
-    row-major; swizzled_scale: float8_e4m3fn [capacity * K16p], each group's rows starting at
-    padded_offsets[e] (a multiple of 128), 128x4 layout, padding zero; global_scale: fp32 [E].
+    Returns ``GroupedScaleAssembly(packed uint8 [M, K/2], swizzled_scale e4m3 [R*K16p],
+    padded_offsets int32 [E+1], global_scales fp32 [E])`` with R = :func:`padded_rows_capacity`.
     """
-
-    packed: torch.Tensor
-    block_scale: torch.Tensor
-    swizzled_scale: torch.Tensor
-    global_scale: torch.Tensor
+    return _scales.assemble_scales_grouped(x_sorted, offsets, input_scale, validate=check)
 
 
-def group_global_scales(x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-group global scales fp32 [E] = amax(group) / (6*448) (1.0 for an empty or zero group),
-    on the device (``torch.segment_reduce``-free: a scatter_reduce over rows)."""
-    num_experts = offsets.shape[0] - 1
-    row_amax = x_sorted.abs().amax(dim=1).float() if x_sorted.shape[0] else x_sorted.new_zeros(0, dtype=torch.float32)
-    groups = group_of_row(offsets, x_sorted.shape[0])
-    amax = torch.zeros(num_experts, dtype=torch.float32, device=x_sorted.device).scatter_reduce_(0, groups, row_amax, "amax")
-    return torch.where(amax > 0, amax / (E2M1_MAX * 448.0), torch.ones_like(amax))
-
-
-def quantize_groups(x_sorted: torch.Tensor, offsets: torch.Tensor, padded_offsets: torch.Tensor, capacity_rows: int, global_scale: Optional[torch.Tensor] = None) -> GroupedActivations:
-    """Quantize bf16 [M, K] rows group by group with exactly :func:`nvfp4lib.quantize`'s semantics
-    (``quantize(x[offsets[e]:offsets[e+1]], global_scale[e])`` for every e), all on the device.
-
-    global_scale: fp32 [E] decode multipliers (checkpoint ``input_scale`` per expert); None computes
-    them dynamically (:func:`group_global_scales`). capacity_rows: static size of the padded scale
-    buffer (:func:`padded_rows_capacity`), a multiple of 128.
-    """
-    m, k = x_sorted.shape
-    if k % BLOCK_SIZE:
-        raise ValueError(f"K must be a multiple of {BLOCK_SIZE}, got {k}")
-    if capacity_rows % ATOM_ROWS:
-        raise ValueError(f"capacity_rows must be a multiple of {ATOM_ROWS}, got {capacity_rows}")
-    if global_scale is None:
-        global_scale = group_global_scales(x_sorted, offsets)
-    global_scale = global_scale.float().to(x_sorted.device)
+def grouped_block_scales(activations, offsets: torch.Tensor) -> torch.Tensor:
+    """Row-major block scales e4m3 [M, K/16] of grouped activations, read back from their swizzled buffer
+    (row r of group e sits at scale row ``padded_offsets[e] + r - offsets[e]``)."""
+    m, k = activations.packed.shape[0], activations.packed.shape[1] * 2
+    k16p = (k // BLOCK_SIZE + 3) // 4 * 4
+    capacity = activations.swizzled_scale.numel() // k16p
+    padded = unswizzle_scales(activations.swizzled_scale.reshape(-1), capacity, k)
     groups = group_of_row(offsets, m)
-    row_global = global_scale[groups].unsqueeze(1)  # [M, 1]
-    blocks = x_sorted.reshape(m, k // BLOCK_SIZE, BLOCK_SIZE)
-    block_amax = blocks.abs().amax(dim=-1).float()
-    block_scale = block_scales_for(block_amax, row_global)
-    reciprocal = (1.0 / row_global) / block_scale.float()  # quantize's rounding: a reciprocal, then a multiply
-    scaled = blocks.float() * reciprocal.unsqueeze(-1)
-    packed = pack_nibbles(e2m1_encode(torch.clamp(scaled, -E2M1_MAX, E2M1_MAX)).reshape(m, k))
-    # Scale rows at their padded positions; padding stays zero. Groups start at multiples of 128, so
-    # swizzling the whole padded matrix equals swizzling each group on its own.
-    padded_row = padded_offsets[groups] + (torch.arange(m, device=x_sorted.device) - offsets[groups])
-    padded = torch.zeros(capacity_rows, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=x_sorted.device)
-    padded.view(torch.uint8).index_copy_(0, padded_row.clamp(max=capacity_rows - 1), block_scale.view(torch.uint8))
-    return GroupedActivations(packed, block_scale, swizzle_scales(padded), global_scale)
+    padded_row = activations.padded_offsets.long()[groups] + (torch.arange(m, device=offsets.device) - offsets[groups])
+    return padded[padded_row.clamp(max=capacity - 1)]
 
 
-def reference_grouped_gemm_w4a4(activations: GroupedActivations, offsets: torch.Tensor, weights: GroupedWeight) -> torch.Tensor:
+def reference_grouped_gemm_w4a4(activations, offsets: torch.Tensor, weights: GroupedWeight) -> torch.Tensor:
     """What the sm100 grouped kernel computes, exactly, on any device: for rows of group e,
-    fp32 ``(e2m1_a*sfa) @ (e2m1_w*sfw)^T * (global_a[e] * alpha[e])`` rounded once to bf16 [M, N]."""
+    fp32 ``(e2m1_a*sfa) @ (e2m1_w*sfw)^T * (global_a[e] * alpha[e])`` rounded once to bf16 [M, N].
+    activations: a :func:`quantize_groups` result (``GroupedScaleAssembly``)."""
     m = activations.packed.shape[0]
-    x_dequant = dequantize_rows(activations.packed, activations.block_scale)
+    x_dequant = dequantize_rows(activations.packed, grouped_block_scales(activations, offsets))
     groups = group_of_row(offsets, m)
-    x_dequant = x_dequant * activations.global_scale[groups].unsqueeze(1)
+    x_dequant = x_dequant * activations.global_scales[groups].unsqueeze(1)
     return reference_grouped_gemm_w4a16_fp32(x_dequant, offsets, weights).to(torch.bfloat16)
 
 
@@ -396,11 +360,11 @@ def _check_block_inputs(x, topk_ids, weights):
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens, x has {x.shape[0]}")
 
 
-def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight, input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight, input_scale: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
     """One projection of every expert over the sorted rows: bf16 [M, K] -> bf16 [M, N]. The dispatch
     point of the MoE block.
 
-    - Compute capability 10.x with CuTeDSL: W4A4. Rows are quantized per group
+    - Compute capability 10.x with CuTeDSL: W4A4. Rows are quantized per group by the scale assembly
       (:func:`quantize_groups`: ``nvfp4lib.quantize`` semantics, global scale ``input_scale[e]`` or
       dynamic when None) and multiplied on the tcgen05 block-scaled MMA by the sm100 grouped kernel
       (``torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100``). COMPILE-VERIFIED ONLY: this path has never run
@@ -414,10 +378,9 @@ def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight
             from .ops import moe as _moe_ops
 
             del _moe_ops
-            capacity = padded_rows_capacity(x_sorted.shape[0], weights.num_experts)
-            acts = quantize_groups(x_sorted, routing.offsets, routing.padded_offsets, capacity, input_scale)
+            acts = quantize_groups(x_sorted, routing.offsets, input_scale, check=check)
             return torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100(
-                acts.packed, acts.swizzled_scale, acts.global_scale, routing.offsets, routing.padded_offsets,
+                acts.packed, acts.swizzled_scale, acts.global_scales, routing.offsets, acts.padded_offsets,
                 weights.weight, weights.swizzled_block_scale(), weights.alpha,
             )
     return grouped_gemm_w4a16(x_sorted, routing.offsets, weights)
@@ -432,9 +395,9 @@ def moe_block(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     _check_block_inputs(x, topk_ids, weights)
     routing = route(topk_ids, topk_weights, weights.num_experts, check=check)
     x_sorted = x[routing.token_of_row]
-    hidden = expert_gemm(x_sorted, routing, weights.gate_up, weights.gate_up_input_scale)
+    hidden = expert_gemm(x_sorted, routing, weights.gate_up, weights.gate_up_input_scale, check)
     activated = clamped_swiglu(hidden, weights.swiglu_limit)
-    y_sorted = expert_gemm(activated, routing, weights.down, weights.down_input_scale)
+    y_sorted = expert_gemm(activated, routing, weights.down, weights.down_input_scale, check)
     return combine(y_sorted, routing, x.shape[0])
 
 
@@ -444,10 +407,9 @@ def moe_block_w4a4_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
     :func:`reference_grouped_gemm_w4a4`, bf16 between steps, fp32 combine. Returns bf16 [T, H]."""
     _check_block_inputs(x, topk_ids, weights)
     routing = route(topk_ids, topk_weights, weights.num_experts)
-    capacity = padded_rows_capacity(routing.token_of_row.shape[0], weights.num_experts)
     rows = x[routing.token_of_row]
     for projection, input_scale in ((weights.gate_up, weights.gate_up_input_scale), (weights.down, weights.down_input_scale)):
-        acts = quantize_groups(rows, routing.offsets, routing.padded_offsets, capacity, input_scale)
+        acts = quantize_groups(rows, routing.offsets, input_scale)
         rows = reference_grouped_gemm_w4a4(acts, routing.offsets, projection)
         if projection is weights.gate_up:
             rows = clamped_swiglu(rows, weights.swiglu_limit)
@@ -508,14 +470,7 @@ def quantize_experts(dense: torch.Tensor, segment_sizes: Optional[Sequence[int]]
     return prepare_grouped_weight(packed, block, scales, segment_sizes if len(segment_sizes) > 1 else None)
 
 
-def grouped_scale_rows(offsets: torch.Tensor) -> torch.Tensor:
-    """int64 [E+1]: padded row offsets (each group rounded up to 128 rows) from offsets [E+1]."""
-    counts = offsets[1:] - offsets[:-1]
-    return torch.cat([offsets.new_zeros(1), torch.cumsum((counts + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS, 0)])
-
-
 __all__ = [
-    "GroupedActivations",
     "GroupedWeight",
     "MoEWeights",
     "Routing",
@@ -523,9 +478,8 @@ __all__ = [
     "clamped_swiglu",
     "combine",
     "expert_gemm",
-    "group_global_scales",
+    "grouped_block_scales",
     "grouped_gemm_w4a16",
-    "grouped_scale_rows",
     "moe_block",
     "moe_block_dense_weights",
     "moe_block_fp32",

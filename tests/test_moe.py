@@ -135,55 +135,47 @@ def test_prepare_grouped_weight_checks_scales():
 # W4A4 (the Blackwell path's semantics, checked on CPU)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("static_scale", [False, True])
-def test_quantize_groups_equals_quantize_per_group(fresh_seed, static_scale):
+def test_quantize_groups_is_quantize_per_group_at_the_routing_padded_offsets(fresh_seed, static_scale):
+    """The W4A4 activations come from the scale assembly: per group exactly nvfp4lib.quantize, scale rows
+    from the routing's padded offsets on, and grouped_block_scales reads them back row-major."""
     num_experts = 6
     ids, topk = uneven_routing(70, 3, num_experts, empty=(2, 5))
     routing = moe.route(ids, topk, num_experts)
     x_sorted = (torch.randn(210, HIDDEN) * torch.rand(210, 1) * 4).bfloat16()
     input_scale = torch.rand(num_experts) * 1e-3 + 1e-4 if static_scale else None
-    capacity = moe.padded_rows_capacity(210, num_experts)
-    acts = moe.quantize_groups(x_sorted, routing.offsets, routing.padded_offsets, capacity, input_scale)
-    k16p = padded_scale_cols(HIDDEN // 16)
-    assert acts.swizzled_scale.shape == (capacity * k16p,)
+    acts = moe.quantize_groups(x_sorted, routing.offsets, input_scale)
+    assert torch.equal(acts.padded_offsets.long(), routing.padded_offsets)
+    assert acts.swizzled_scale.numel() == moe.padded_rows_capacity(210, num_experts) * padded_scale_cols(HIDDEN // 16)
+    rows = moe.grouped_block_scales(acts, routing.offsets)
     o, p = routing.offsets.tolist(), routing.padded_offsets.tolist()
-    swizzled = acts.swizzled_scale.view(torch.uint8)
+    k16p = padded_scale_cols(HIDDEN // 16)
     for e in range(num_experts):
         if o[e + 1] == o[e]:
             continue
         q = quantize(x_sorted[o[e]:o[e + 1]], None if input_scale is None else input_scale[e])
         assert torch.equal(q.packed, acts.packed[o[e]:o[e + 1]])
-        assert torch.equal(q.block_scale.view(torch.uint8), acts.block_scale[o[e]:o[e + 1]].view(torch.uint8))
-        assert torch.equal(q.global_scale, acts.global_scale[e])
-        # this group's atoms in the grouped buffer are exactly swizzle_scales of its own scales
+        assert torch.equal(q.block_scale.view(torch.uint8), rows[o[e]:o[e + 1]].view(torch.uint8))
+        assert torch.equal(q.global_scale, acts.global_scales[e])
         group_bytes = swizzle_scales(q.block_scale).view(torch.uint8)
-        start = p[e] * k16p
-        assert torch.equal(swizzled[start:start + group_bytes.numel()], group_bytes)
-    # everything outside the groups' rows is zero padding
-    used = torch.zeros(capacity, dtype=torch.bool)
-    for e in range(num_experts):
-        used[p[e]:p[e] + o[e + 1] - o[e]] = True
-    from nvfp4lib.layout import unswizzle_scales
-
-    rows = unswizzle_scales(acts.swizzled_scale, capacity, HIDDEN).view(torch.uint8)
-    assert rows[~used].eq(0).all()
+        assert torch.equal(acts.swizzled_scale.view(torch.uint8)[p[e] * k16p:p[e] * k16p + group_bytes.numel()], group_bytes)
 
 
 def test_sm100_op_reference_matches_dequantized_w4a4_math(fresh_seed):
+    from nvfp4lib import dequantize
+
     weights, _, _ = make_experts(4)
     ids, topk = uneven_routing(30, 2, 4, empty=(3,))
     routing = moe.route(ids, topk, 4)
     x_sorted = torch.randn(60, HIDDEN).bfloat16()
-    acts = moe.quantize_groups(x_sorted, routing.offsets, routing.padded_offsets, moe.padded_rows_capacity(60, 4))
+    acts = moe.quantize_groups(x_sorted, routing.offsets)
     out = torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100(
-        acts.packed, acts.swizzled_scale, acts.global_scale, routing.offsets, routing.padded_offsets,
+        acts.packed, acts.swizzled_scale, acts.global_scales, routing.offsets, acts.padded_offsets,
         weights.gate_up.weight, weights.gate_up.swizzled_block_scale(), weights.gate_up.alpha,
     )
     o = routing.offsets.tolist()
     for e in range(4):
         if o[e + 1] > o[e]:
             q = quantize(x_sorted[o[e]:o[e + 1]])
-            from nvfp4lib import dequantize
-
             expected = (dequantize(q.packed, q.block_scale, q.global_scale, torch.float32) @ weights.gate_up.dequantized(e).t()).bfloat16()
             assert (out[o[e]:o[e + 1]].float() - expected.float()).abs().max() <= 1e-2 * expected.float().abs().max()
     # W4A4 stays close to the weight-only result
@@ -266,11 +258,8 @@ def test_w4a4_block_reference_is_close_to_fp32_and_uses_per_group_quantization(f
     assert torch.isfinite(w4a4).all() and 0.97 < cosine(w4a4, oracle) < 0.9999
     # with a static input_scale per expert set to each group's own dynamic value, the result is identical
     routing = moe.route(ids, topk, 6)
-    dynamic = moe.group_global_scales(x[routing.token_of_row], routing.offsets)
-    static = moe.MoEWeights(weights.gate_up, weights.down, gate_up_input_scale=dynamic)
-    hidden = moe.reference_grouped_gemm_w4a4(
-        moe.quantize_groups(x[routing.token_of_row], routing.offsets, routing.padded_offsets, moe.padded_rows_capacity(160, 6)),
-        routing.offsets, weights.gate_up)
-    down_scale = moe.group_global_scales(moe.clamped_swiglu(hidden), routing.offsets)
-    static.down_input_scale = down_scale
+    gate_up_scale = moe.quantize_groups(x[routing.token_of_row], routing.offsets).global_scales
+    hidden = moe.reference_grouped_gemm_w4a4(moe.quantize_groups(x[routing.token_of_row], routing.offsets), routing.offsets, weights.gate_up)
+    down_scale = moe.quantize_groups(moe.clamped_swiglu(hidden), routing.offsets).global_scales
+    static = moe.MoEWeights(weights.gate_up, weights.down, gate_up_input_scale=gate_up_scale, down_input_scale=down_scale)
     assert torch.equal(moe.moe_block_w4a4_reference(x, ids, topk, static), w4a4)

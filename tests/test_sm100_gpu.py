@@ -43,9 +43,8 @@ def test_grouped_kernel_equals_reference_with_uneven_and_empty_experts(fresh_see
     ids[:90, 0] = 0  # expert 0 spans several 128-row tiles
     routing = moe.route(ids, torch.rand(150, 4, device="cuda"), num_experts)
     x_sorted = torch.randn(600, hidden, device="cuda").bfloat16()
-    capacity = moe.padded_rows_capacity(600, num_experts)
-    acts = moe.quantize_groups(x_sorted, routing.offsets, routing.padded_offsets, capacity)
-    out = run_grouped_blockscaled_gemm(acts.packed, acts.swizzled_scale, acts.global_scale, routing.offsets, routing.padded_offsets,
+    acts = moe.quantize_groups(x_sorted, routing.offsets)  # the scale assembly's grouped kernel on the GPU
+    out = run_grouped_blockscaled_gemm(acts.packed, acts.swizzled_scale, acts.global_scales, routing.offsets, acts.padded_offsets,
                                        weights.weight, weights.swizzled_block_scale(), weights.alpha)
     expected = moe.reference_grouped_gemm_w4a4(acts, routing.offsets, weights)
     assert torch.isfinite(out).all()

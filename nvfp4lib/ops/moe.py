@@ -34,18 +34,6 @@ def _(x_sorted, offsets, weight, block_scale, alpha):
     return x_sorted.new_empty((x_sorted.shape[0], weight.shape[1]), dtype=torch.bfloat16)
 
 
-def _unswizzle_activation_scales(swizzled, offsets, padded_offsets, m, k):
-    """Row-major [M, K/16] activation scales back from the grouped swizzled buffer (reference path)."""
-    from ..layout import padded_scale_cols, unswizzle_scales
-
-    k16 = k // 16
-    capacity = swizzled.numel() // padded_scale_cols(k16)
-    padded = unswizzle_scales(swizzled.reshape(-1), capacity, k)
-    groups = _moe.group_of_row(offsets, m)
-    padded_row = padded_offsets[groups] + (torch.arange(m, device=offsets.device) - offsets[groups])
-    return padded[padded_row.clamp(max=capacity - 1)]
-
-
 def _check_sm100_args(packed_act, swizzled_act_scale, act_global_scale, offsets, padded_offsets, weight, swizzled_weight_scale, alpha):
     if packed_act.dtype != torch.uint8 or packed_act.dim() != 2:
         raise ValueError(f"packed_act must be uint8 [M, K/2], got {packed_act.dtype} {tuple(packed_act.shape)}")
@@ -84,15 +72,13 @@ def grouped_gemm_nvfp4_sm100(
         return run_grouped_blockscaled_gemm(packed_act, swizzled_act_scale, act_global_scale, offsets, padded_offsets, weight, swizzled_weight_scale, alpha)
     # Not Blackwell: the exact reference of the kernel's result (used by the CPU tests).
     from ..layout import unswizzle_scales
+    from ..scales import GroupedScaleAssembly
 
-    m, k = packed_act.shape[0], packed_act.shape[1] * 2
-    num_experts, n = weight.shape[0], weight.shape[1]
-    act_scale = _unswizzle_activation_scales(swizzled_act_scale, offsets, padded_offsets, m, k)
+    num_experts, n, k = weight.shape[0], weight.shape[1], packed_act.shape[1] * 2
     weight_scale = unswizzle_scales(swizzled_weight_scale.reshape(num_experts, -1), n, k)
     check_nvfp4_tensors(weight, weight_scale)
-    acts = _moe.GroupedActivations(packed_act, act_scale, swizzled_act_scale, act_global_scale)
-    weights = _moe.GroupedWeight(weight, weight_scale, alpha, (n,))
-    return _moe.reference_grouped_gemm_w4a4(acts, offsets, weights)
+    acts = GroupedScaleAssembly(packed_act, swizzled_act_scale, padded_offsets, act_global_scale)
+    return _moe.reference_grouped_gemm_w4a4(acts, offsets, _moe.GroupedWeight(weight, weight_scale, alpha, (n,)))
 
 
 @grouped_gemm_nvfp4_sm100.register_fake
