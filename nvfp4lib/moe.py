@@ -30,7 +30,7 @@ fp32 ``alpha`` [E, N] so gate and up may carry different ``weight_scale_2``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -59,6 +59,7 @@ class GroupedWeight:
     block_scale: torch.Tensor
     alpha: torch.Tensor
     segment_sizes: tuple
+    _swizzled_block_scale: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -85,8 +86,11 @@ class GroupedWeight:
         return dequantize_rows(self.weight[e], self.block_scale[e]) * self.alpha[e].unsqueeze(1)
 
     def swizzled_block_scale(self) -> torch.Tensor:
-        """The block scales in the 128x4 layout the sm100 kernels read: [E, Np * K16p] bytes."""
-        return swizzle_scales(self.block_scale)
+        """The block scales in the 128x4 layout the sm100 kernels read: e4m3 [E, Np * K16p]. Computed once
+        (a weight-load-time step) and kept; the weights must not change afterwards."""
+        if self._swizzled_block_scale is None:
+            self._swizzled_block_scale = swizzle_scales(self.block_scale)
+        return self._swizzled_block_scale
 
 
 def prepare_grouped_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None) -> GroupedWeight:

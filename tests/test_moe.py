@@ -263,3 +263,20 @@ def test_w4a4_block_reference_is_close_to_fp32_and_uses_per_group_quantization(f
     down_scale = moe.quantize_groups(moe.clamped_swiglu(hidden), routing.offsets).global_scales
     static = moe.MoEWeights(weights.gate_up, weights.down, gate_up_input_scale=gate_up_scale, down_input_scale=down_scale)
     assert torch.equal(moe.moe_block_w4a4_reference(x, ids, topk, static), w4a4)
+
+
+def test_moe_block_compiles_fullgraph_without_host_checks(fresh_seed):
+    """With check=False the whole block (routing, gather, grouped-GEMM ops, SwiGLU, combine) traces as
+    one graph: no host reads of tensor values outside the custom ops."""
+    weights, _, _ = make_experts(4)
+    ids, topk = uneven_routing(12, 2, 4, empty=(3,))
+    x = torch.randn(12, HIDDEN).bfloat16()
+    compiled = torch.compile(lambda a, i, w: moe.moe_block(a, i, w, weights, check=False), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, ids, topk), moe.moe_block(x, ids, topk, weights))
+
+
+def test_swizzled_weight_scales_are_computed_once(fresh_seed):
+    weights, _, _ = make_experts(3)
+    first = weights.gate_up.swizzled_block_scale()
+    assert first is weights.gate_up.swizzled_block_scale()
+    assert torch.equal(first.view(torch.uint8), swizzle_scales(weights.gate_up.block_scale).view(torch.uint8))
