@@ -239,6 +239,27 @@ def test_unloaded_shard_is_an_error(vllm_config, checkpoint, dims):
         process_weights_after_loading(block, vllm_config.model_config, CPU)
 
 
+def test_w4a16_checkpoint_without_input_scale(vllm_config, checkpoint, fresh_seed):
+    """W4A16_NVFP4 exports carry no input_scale: loading without it works and gives the same output."""
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    block = build_block(vllm_config, vllm_config.quant_config, [0])
+    block.load_weights((k, v) for k, v in checkpoint.items() if not k.endswith(".input_scale"))
+    process_weights_after_loading(block, vllm_config.model_config, CPU)
+    layer = block.layers["0"].fused_wqa_wkv
+    x = torch.randn(3, layer.input_size_per_partition, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x)[0].float(), exact_reference(x, parts_of(checkpoint, 0, "fused_wqa_wkv")).float(), rtol=2**-7, atol=1e-6)
+
+
+def test_partial_input_scale_is_an_error(vllm_config, checkpoint):
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    block = build_block(vllm_config, vllm_config.quant_config, [0])
+    block.load_weights((k, v) for k, v in checkpoint.items() if k != "layers.0.attn.wkv.input_scale")
+    with pytest.raises(ValueError, match="input_scale of shard 1 was never loaded"):
+        process_weights_after_loading(block, vllm_config.model_config, CPU)
+
+
 def test_fp16_model_is_an_error(vllm_config, dims):
     from vllm.model_executor.layers.linear import ReplicatedLinear
 

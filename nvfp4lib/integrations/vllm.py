@@ -22,7 +22,7 @@ How it hooks in (vLLM 0.33):
      torch.library op with a fake implementation, so torch.compile traces it and CUDA graphs capture it.
 
 Activations stay bf16 (weight-only W4A16; on Hopper there is no FP4 x FP4 MMA). ``input_scale`` is loaded
-and validated but not used. Not handled here: ``MIXED_PRECISION`` checkpoints (left to vLLM's
+and validated where the checkpoint has one (NVFP4 W4A4 exports; W4A16_NVFP4 ones have none), but not used. Not handled here: ``MIXED_PRECISION`` checkpoints (left to vLLM's
 ``modelopt_mixed``), batched ``is_bmm`` layers (DeepSeek-V4 ``wo_a``: exclude them) and MoE experts.
 
 Importing this module does not import vLLM. :func:`process_loaded_linear` and :func:`apply_linear` work on
@@ -86,7 +86,8 @@ def check_loaded_linear(weight: torch.Tensor, weight_scale: torch.Tensor, weight
 
     weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16] (created NaN-filled, so a block never loaded
     stays NaN); weight_scale_2 / input_scale: fp32 [P], one per shard; output_partition_sizes: the P shard
-    row counts (sum N).
+    row counts (sum N). ``input_scale`` is optional: W4A16_NVFP4 checkpoints have none (all NaN, as created);
+    when present it must be valid for every shard (it is not used: activations stay bf16).
     """
     sizes = [int(s) for s in output_partition_sizes]
     if weight.shape[0] != sum(sizes):
@@ -100,8 +101,12 @@ def check_loaded_linear(weight: torch.Tensor, weight_scale: torch.Tensor, weight
         raise ValueError(f"{name}: {weight_scale_2.numel()} weight_scale_2 values for {len(sizes)} shards {sizes}")
     for i, value in enumerate(weight_scale_2.reshape(-1)):
         check_global_scale(value, f"{name}.weight_scale_2[shard {i}]")
-    if input_scale is not None:
+    if input_scale is not None and not torch.isnan(input_scale).all():
+        if input_scale.numel() != len(sizes):
+            raise ValueError(f"{name}: {input_scale.numel()} input_scale values for {len(sizes)} shards {sizes}")
         for i, value in enumerate(input_scale.reshape(-1)):
+            if torch.isnan(value):
+                raise ValueError(f"{name}: input_scale of shard {i} was never loaded while other shards have one")
             check_global_scale(value, f"{name}.input_scale[shard {i}]")
 
 
