@@ -280,3 +280,35 @@ def test_swizzled_weight_scales_are_computed_once(fresh_seed):
     first = weights.gate_up.swizzled_block_scale()
     assert first is weights.gate_up.swizzled_block_scale()
     assert torch.equal(first.view(torch.uint8), swizzle_scales(weights.gate_up.block_scale).view(torch.uint8))
+
+
+def test_blackwell_dispatch_passes_the_scale_assembly_output_to_the_kernel_runner(fresh_seed, monkeypatch):
+    """moe_block on a (pretend) compute-capability-10 device: the W4A4 path must hand the kernel runner
+    the scale assembly's packed codes, swizzled scales, global scales and padded offsets, the routing
+    offsets and the expert weights with swizzled scales, in the runner's order. The runner (it needs a
+    Blackwell GPU) is replaced by a fake that checks its arguments and computes the exact reference."""
+    pytest.importorskip("cutlass")
+    import nvfp4lib.kernels.sm100.grouped_blockscaled_gemm as sm100_grouped
+    from nvfp4lib.layout import unswizzle_scales
+    from nvfp4lib.scales import GroupedScaleAssembly
+
+    calls = []
+
+    def fake_runner(packed_act, swizzled_act_scale, act_global_scale, offsets, padded_offsets, weight, swizzled_weight_scale, alpha, tile_n=128):
+        m, n, k = packed_act.shape[0], weight.shape[1], packed_act.shape[1] * 2
+        assert packed_act.dtype == torch.uint8 and weight.dtype == torch.uint8 and weight.shape[2] == k // 2
+        assert swizzled_act_scale.dtype == torch.float8_e4m3fn and swizzled_weight_scale.shape == (weight.shape[0], n * padded_scale_cols(k // 16))
+        assert offsets[-1] == m and (padded_offsets % 128 == 0).all() and act_global_scale.shape == (weight.shape[0],)
+        calls.append(n)
+        weight_scale = unswizzle_scales(swizzled_weight_scale, n, k)
+        acts = GroupedScaleAssembly(packed_act, swizzled_act_scale, padded_offsets, act_global_scale)
+        return moe.reference_grouped_gemm_w4a4(acts, offsets, moe.GroupedWeight(weight, weight_scale, alpha, (n,)))
+
+    monkeypatch.setattr(moe, "is_blackwell", lambda device: True)
+    monkeypatch.setattr(sm100_grouped, "run_grouped_blockscaled_gemm", fake_runner)
+    weights, _, _ = make_experts(5)
+    ids, topk = uneven_routing(20, 3, 5, empty=(4,))
+    x = torch.randn(20, HIDDEN).bfloat16()
+    out = moe.moe_block(x, ids, topk, weights)
+    assert calls == [2 * INTER, HIDDEN]  # gate_up, then down, each through the sm100 runner
+    assert torch.equal(out, moe.moe_block_w4a4_reference(x, ids, topk, weights))
