@@ -3,7 +3,7 @@
 # pins, plus this repository installed editable without dependencies. It lives OUTSIDE the clone (vLLM
 # and its torch are ~10 GB), so a second run, or a fresh clone on the same machine, reuses it in seconds.
 #
-# Usage: scripts/vllm_env.sh            -> prints the venv's python path on the last line of stdout
+# Usage: scripts/vllm_env.sh            -> prints the venv's python path (the only line on stdout)
 #   VLLM_VENV   where the venv lives   (default ${XDG_CACHE_HOME:-$HOME/.cache}/nvfp4-workbook/vllm-0.33.0)
 #   PYTHON      interpreter for the venv (default python3, 3.10 or newer)
 #
