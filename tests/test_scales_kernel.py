@@ -13,11 +13,12 @@ VARIANTS = [(grouped, dynamic) for grouped in (False, True) for dynamic in (Fals
 @requires_cute
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
 @pytest.mark.parametrize("grouped,dynamic", VARIANTS)
-def test_kernel_compiles_to_the_expected_ptx(arch, grouped, dynamic):
+@pytest.mark.parametrize("rows_per_cta", [1, 4])
+def test_kernel_compiles_to_the_expected_ptx(arch, grouped, dynamic, rows_per_cta):
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90.quantize import compile_scale_assembly
 
-    ptx = ptx_of(compile_scale_assembly(7168, grouped, dynamic, arch=arch, keep_ptx=True))
+    ptx = ptx_of(compile_scale_assembly(7168, grouped, dynamic, rows_per_cta=rows_per_cta, arch=arch, keep_ptx=True))
     assert re.search(rf"^\.target {arch}\b", ptx, re.M), f"PTX does not target {arch}"
     entries = re.findall(r"\.entry (\S+)\(", ptx)
     assert any("quantize_kernel" in e for e in entries)
@@ -25,14 +26,62 @@ def test_kernel_compiles_to_the_expected_ptx(arch, grouped, dynamic):
     # exactness: IEEE divisions only, never the approximate ones
     assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx
     assert "rcp.approx" not in ptx and "ex2.approx" not in ptx
-    # 16-byte vector loads of the bf16 block, one 8-byte store of its packed codes, one scale byte
-    assert len(re.findall(r"ld\.global(\.\w+)*\.v4\.(b|u|s)32", ptx)) >= 2
-    assert re.search(r"st\.global(\.\w+)*\.v2\.(b|u|s)32", ptx)
-    assert re.search(r"st\.global(\.\w+)*\.(b|u)8", ptx)
+    # per row: two 16-byte vector loads of the bf16 block, one 8-byte store of its codes, one scale byte
+    quantize_body = ptx[ptx.index("quantize_kernel"):]
+    quantize_body = quantize_body[: quantize_body.index("\n}\n")]
+    assert len(re.findall(r"ld\.global(\.\w+)*\.v4\.(b|u|s)32", quantize_body)) == 2 * rows_per_cta
+    assert len(re.findall(r"st\.global(\.\w+)*\.v2\.(b|u|s)32", quantize_body)) == rows_per_cta
+    assert len(re.findall(r"st\.global(\.\w+)*\.(b|u)8", quantize_body)) == rows_per_cta
+    # all of a thread's loads are issued before its first store (bytes in flight)
+    assert quantize_body.rindex("ld.global.v4") < quantize_body.index("st.global.v2")
+    # the E2M1 encode is the branch-free round-to-nearest-even form, never a compare chain
+    assert "0f4A800000" in quantize_body and "0f3E800000" not in quantize_body  # no compare against 0.25
     # dynamic mode reduces the amax on the device: one atomic max per warp, no host round trip
     assert bool(re.search(r"atom\.global(\.\w+)*\.max", ptx)) == dynamic
     if grouped:
-        assert ptx.count("ld.global") > 10, "the grouped kernel reads offsets (binary search)"
+        # one band-group lookup, then the group's padded start and two offsets: a handful of scalar loads
+        scalar_loads = re.findall(r"ld\.global\.(b|u|s)32\s", quantize_body)
+        assert 4 <= len(scalar_loads) <= 8, f"{len(scalar_loads)} scalar loads in the grouped quantize kernel"
+
+
+def kernel_e4m3_round(ratio):
+    """The kernel's E4M3 rounding (fp32 bits, ratio in [2**-6, 448]) -> (fp32 value, byte)."""
+    bits = ratio.view(torch.int32)
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -(1 << 20)
+    return rounded.view(torch.float32), ((((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)).to(torch.uint8)
+
+
+def kernel_e2m1_magnitude(scaled):
+    """The kernel's E2M1 magnitude code of a non-negative fp32 value."""
+    clipped = torch.clamp(scaled, max=6.0)
+    halves = (clipped + 4194304.0).view(torch.int32) - 0x4A800000
+    bits = clipped.view(torch.int32)
+    normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
+    return torch.where(clipped < 1.0, halves, normal)
+
+
+def test_kernel_e4m3_rounding_equals_the_torch_cast(fresh_seed):
+    gen = torch.Generator().manual_seed(fresh_seed)
+    ratio = torch.exp(torch.empty(1 << 20).uniform_(-6 * 0.6932, 8.81 * 0.6932, generator=gen))
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[torch.isfinite(e4m3) & (e4m3 >= 2.0**-6)]
+    midpoints = (e4m3[:-1] + e4m3[1:]) / 2  # exact ties
+    ratio = torch.cat((ratio, e4m3, midpoints, torch.nextafter(midpoints, torch.tensor(0.0)), torch.nextafter(midpoints, torch.tensor(1e3))))
+    ratio = ratio.clamp(2.0**-6, 448.0)
+    value, byte = kernel_e4m3_round(ratio)
+    expected = ratio.to(torch.float8_e4m3fn)
+    assert torch.equal(value, expected.float()) and torch.equal(byte, expected.view(torch.uint8))
+
+
+def test_kernel_e2m1_encode_equals_formats_encode(fresh_seed):
+    from nvfp4lib.formats import e2m1_encode
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    special = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e-30, 1e30, float("inf")])
+    values = torch.cat((torch.rand(1 << 20, generator=gen) * 7, torch.rand(1 << 18, generator=gen) * 1.1, special))
+    values = torch.cat((values, torch.nextafter(values, torch.tensor(0.0)), torch.nextafter(values, torch.tensor(1e38)))).abs()
+    expected = e2m1_encode(torch.clamp(values, -6.0, 6.0)).int()
+    assert torch.equal(kernel_e2m1_magnitude(values), expected)
 
 
 @requires_cute

@@ -9,24 +9,31 @@ step is either exact or one IEEE-rounded fp32 operation done in the reference's 
   exact, and a NaN wins as it does in torch's amax).
 - Block scale ``(amax / 6) / g`` with two round-to-nearest divisions, clamped to [2**-6, 448], rounded
   to E4M3 (round to nearest even on the fp32 bits; every value in range is an E4M3 normal).
-- ``reciprocal = (1 / g) / scale`` (two divisions), ``scaled = x * reciprocal`` (one multiply), E2M1
-  code by comparison against the rounding midpoints (ties to even) - exactly ``formats.e2m1_encode``.
+- ``reciprocal = (1 / g) / scale`` (two divisions), ``scaled = x * reciprocal`` (one multiply).
+- E2M1 code of ``s = min(|scaled|, 6)`` with round to nearest even, without a compare chain:
+  below 1 the code counts halves, ``bits(s + 2**22) - bits(2**22)`` (the fp32 add rounds to a multiple
+  of 0.5, ties to even); from 1 up it is the fp32 value rounded to one mantissa bit,
+  ``((bits + 0x1fffff + bit22) >> 22) - 252``. Equal to ``formats.e2m1_encode`` on every fp32 value
+  (tests/test_scales_kernel.py checks the identity on the CPU).
 
-Work split: one CTA per (scale row of the output buffer, chunk of scale columns), one thread per block
-of 16 elements: two 16-byte loads, one 8-byte store of packed codes, one byte of scale. For the grouped
-buffer, a CTA's row p finds its group by a binary search over ``padded_offsets`` (largest g with
-``padded_offsets[g] <= p``); rows past a group's real rows (and past the last group) store zero scales,
-so the padding is zero without a separate memset. Dynamic mode first runs :meth:`amax_kernel` (one
-CTA per token row and chunk, warp max, one ``atom.max`` per warp on the fp32 bits of the group's amax),
-then the quantize kernel derives ``g = amax / 2688`` (1.0 when amax is 0) on the fly. No host sync.
+Work split: one CTA per (``rows_per_cta`` consecutive scale rows of the output buffer, chunk of scale
+columns), one thread per block of 16 elements and row: the thread first issues all its rows' loads
+(two 16-byte loads per block), then computes and stores one 8-byte word pair of packed codes and one
+scale byte per row. ``rows_per_cta`` divides 128, so a CTA's rows lie in one 128-row band and (grouped)
+in one group: the group comes from one load of ``band_group[p // 128]``. Rows past a group's real rows
+(and past the last group) store zero scales, so all padding is zero without a memset.
 
-Out-of-bounds safety: a CTA's scale row p < R (the grid), its token row is ``offsets[g] + local`` with
-``local < min(offsets[g+1] - offsets[g], capacity)``, and the offsets the host passes are sanitised
-(:func:`nvfp4lib.scales.sanitized_offsets`), so no write leaves its buffer for any offsets' values.
+Dynamic mode first runs :meth:`amax_kernel`: one CTA per ``AMAX_ROWS_PER_CTA`` token rows and chunk;
+each thread keeps a running max while its rows stay in one group (rows are sorted by group) and the
+warp flushes it with one ``atom.max`` on the fp32 bits of the group's amax when the group changes and
+at the end. The quantize kernel then derives ``g = amax / 2688`` (1.0 when amax is 0). No host sync.
+
+Out-of-bounds safety: a CTA's scale rows are < R (the grid), its token rows are ``offsets[g] + local``
+with ``local < min(offsets[g+1] - offsets[g], capacity)``, and the offsets, band and row tables the
+host passes are computed on the device from sanitised offsets (:func:`nvfp4lib.scales.sanitized_offsets`),
+so no write leaves its buffer whatever the offsets' values.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -39,7 +46,9 @@ cutlass, cute = import_cute()
 from cutlass import Float32, Int32, Uint8  # noqa: E402
 
 MAX_THREADS = 256
-DEFAULT_MAX_GROUPS = 1024  # the binary search is unrolled for up to this many groups
+AMAX_ROWS_PER_CTA = 16
+HALF_STEPS_MAGIC = 4194304.0  # 2**22: fp32 spacing 0.5 in [2**22, 2**23)
+HALF_STEPS_MAGIC_BITS = 0x4A800000
 
 
 def _threads_and_chunks(k16p: int):
@@ -52,23 +61,24 @@ def _threads_and_chunks(k16p: int):
 class ScaleAssemblyKernel:
     """Fused amax + NVFP4 quantization + swizzled scale store (see the module docstring).
 
-    Static configuration: k (elements per row, a multiple of 16), grouped (MoE buffer with
-    padded offsets, else one group), dynamic (amax on the device, else given global scales),
-    max_groups (bound for the unrolled binary search). Sizes m, groups, scale rows, capacity are
+    Static configuration: k (elements per row, a multiple of 16), grouped (MoE buffer with padded
+    offsets, else one group), dynamic (amax on the device, else given global scales), rows_per_cta
+    (scale rows per CTA of the quantize kernel; divides 128). Sizes m, groups, scale rows, capacity are
     dynamic Int32.
     """
 
-    def __init__(self, k: int, grouped: bool, dynamic: bool, max_groups: int = DEFAULT_MAX_GROUPS):
+    def __init__(self, k: int, grouped: bool, dynamic: bool, rows_per_cta: int = 4):
         if k % BLOCK_SIZE or k <= 0:
             raise ValueError(f"k must be a positive multiple of {BLOCK_SIZE}, got {k}")
+        if ATOM_ROWS % rows_per_cta:
+            raise ValueError(f"rows_per_cta must divide {ATOM_ROWS}, got {rows_per_cta}")
         self.k = k
         self.k16 = k // BLOCK_SIZE
         self.k16p = padded_scale_cols(self.k16)
         self.atoms_per_band = self.k16p // 4
         self.grouped = grouped
         self.dynamic = dynamic
-        self.max_groups = max_groups if grouped else 1
-        self.search_steps = max(1, math.ceil(math.log2(self.max_groups + 1)))
+        self.rows_per_cta = rows_per_cta
         self.threads, self.chunks = _threads_and_chunks(self.k16p)
 
     # ------------------------------------------------------------------------------------------
@@ -76,53 +86,37 @@ class ScaleAssemblyKernel:
     # ------------------------------------------------------------------------------------------
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, offsets_ptr: cute.Pointer, padded_offsets_ptr: cute.Pointer,
-                 global_scale_ptr: cute.Pointer, amax_ptr: cute.Pointer, packed_ptr: cute.Pointer,
-                 scale_ptr: cute.Pointer, global_out_ptr: cute.Pointer, m: Int32, num_groups: Int32, scale_rows: Int32, capacity: Int32,
+                 band_group_ptr: cute.Pointer, row_group_ptr: cute.Pointer, global_scale_ptr: cute.Pointer,
+                 amax_ptr: cute.Pointer, packed_ptr: cute.Pointer, scale_ptr: cute.Pointer,
+                 global_out_ptr: cute.Pointer, m: Int32, num_groups: Int32, scale_rows: Int32, capacity: Int32,
                  stream):
-        """x_ptr: bf16 [m, k]; offsets_ptr / padded_offsets_ptr: int32 [groups+1] (sanitised; unused for
-        one group); global_scale_ptr: fp32 [groups] (static mode) ; amax_ptr: int32 [groups], zeroed,
-        receives the fp32 bits of each group's amax (dynamic mode); packed_ptr: int32 view of uint8
-        [m, k/2]; scale_ptr: uint8 [scale_rows * k16p]; global_out_ptr: fp32 [groups], receives every
-        group's global scale (the given one, or amax / 2688)."""
+        """x_ptr: bf16 [m, k]; offsets_ptr / padded_offsets_ptr: int32 [groups+1] (sanitised);
+        band_group_ptr: int32 [scale_rows/128], the group of each 128-row band (groups past the last);
+        row_group_ptr: int32 [m], the group of each token row (groups if none); global_scale_ptr: fp32
+        [groups] (static mode); amax_ptr: int32 [groups], zeroed, receives the fp32 bits of each group's
+        amax (dynamic mode); packed_ptr: int32 view of uint8 [m, k/2]; scale_ptr: uint8
+        [scale_rows * k16p]; global_out_ptr: fp32 [groups], receives every group's global scale. The
+        one-group configuration never reads the offsets and tables."""
         mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.k16, BLOCK_SIZE), stride=(self.k, BLOCK_SIZE, 1)))
         mOffsets = cute.make_tensor(offsets_ptr, cute.make_layout((num_groups + 1,)))
         mPadded = cute.make_tensor(padded_offsets_ptr, cute.make_layout((num_groups + 1,)))
+        mBandGroup = cute.make_tensor(band_group_ptr, cute.make_layout((scale_rows // ATOM_ROWS,)))
+        mRowGroup = cute.make_tensor(row_group_ptr, cute.make_layout((m,)))
         mGlobal = cute.make_tensor(global_scale_ptr, cute.make_layout((num_groups,)))
         mAmax = cute.make_tensor(amax_ptr, cute.make_layout((num_groups,)))
         mPacked = cute.make_tensor(packed_ptr, cute.make_layout((m, self.k16, 2), stride=(self.k // 8, 2, 1)))
         mScale = cute.make_tensor(scale_ptr, cute.make_layout((scale_rows * self.k16p,)))
         mGlobalOut = cute.make_tensor(global_out_ptr, cute.make_layout((num_groups,)))
         if cutlass.const_expr(self.dynamic):
-            self.amax_kernel(mX, mOffsets, mAmax, num_groups).launch(
-                grid=[m, self.chunks, 1], block=[self.threads, 1, 1], stream=stream)
-        self.quantize_kernel(mX, mOffsets, mPadded, mGlobal, mAmax, mPacked, mScale, mGlobalOut, m, num_groups,
-                             capacity).launch(
-            grid=[scale_rows, self.chunks, 1], block=[self.threads, 1, 1], stream=stream)
+            self.amax_kernel(mX, mRowGroup, mAmax, m, num_groups).launch(
+                grid=[cute.ceil_div(m, AMAX_ROWS_PER_CTA), self.chunks, 1], block=[self.threads, 1, 1], stream=stream)
+        self.quantize_kernel(mX, mOffsets, mPadded, mBandGroup, mGlobal, mAmax, mPacked, mScale, mGlobalOut, m,
+                             num_groups, capacity).launch(
+            grid=[scale_rows // self.rows_per_cta, self.chunks, 1], block=[self.threads, 1, 1], stream=stream)
 
     # ------------------------------------------------------------------------------------------
     # device helpers
     # ------------------------------------------------------------------------------------------
-    @cute.jit
-    def _last_at_or_below(self, sorted_values: cute.Tensor, key: Int32, num_groups: Int32) -> Int32:
-        """Largest g in [0, num_groups] with sorted_values[g] <= key (sorted_values[0] must be <= key).
-        Binary lifting, unrolled, branch-free; every load index is clamped into [0, num_groups]."""
-        found = Int32(0)
-        for level in cutlass.range_constexpr(self.search_steps):
-            step = 1 << (self.search_steps - 1 - level)
-            candidate = found + step
-            index = cutlass.min(candidate, num_groups)
-            take = (candidate <= num_groups) & (sorted_values[index] <= key)
-            found = cutlass.select_(take, candidate, found)
-            found = Int32(found)
-        return found
-
-    @cute.jit
-    def _load_block_words(self, mX: cute.Tensor, row: Int32, kb: Int32):
-        """The 16 bf16 of block (row, kb) as 8 int32 words (element 2i in the low half): 2 x 16 B."""
-        fragment = cute.make_rmem_tensor((BLOCK_SIZE,), cutlass.BFloat16)
-        cute.autovec_copy(mX[row, kb, None], fragment)
-        return fragment.load().bitcast(Int32)
-
     @cute.jit
     def _block_amax_bits(self, words) -> Int32:
         """Integer max of the 16 magnitudes' fp32 bit patterns (exact; NaN bits win)."""
@@ -134,12 +128,13 @@ class ScaleAssemblyKernel:
         return best
 
     @cute.jit
-    def _e2m1_code(self, magnitude: Float32, negative: Int32) -> Int32:
-        """E2M1 code (sign in bit 3) of a scaled magnitude: formats.e2m1_encode's midpoint comparisons."""
-        code = Int32(magnitude > Float32(0.25)) + Int32(magnitude >= Float32(0.75)) + Int32(magnitude > Float32(1.25))
-        code = code + Int32(magnitude >= Float32(1.75)) + Int32(magnitude > Float32(2.5))
-        code = code + Int32(magnitude >= Float32(3.5)) + Int32(magnitude > Float32(5.0))
-        return code | (negative << 3)
+    def _e2m1_magnitude_code(self, magnitude_bits: Int32, reciprocal: Float32) -> Int32:
+        """E2M1 magnitude code (0..7) of |x| * reciprocal, round to nearest even, saturating at 6."""
+        scaled = cute.arch.fmin(magnitude_bits.bitcast(Float32) * reciprocal, Float32(6.0))
+        halves = (scaled + Float32(HALF_STEPS_MAGIC)).bitcast(Int32) - HALF_STEPS_MAGIC_BITS
+        bits = scaled.bitcast(Int32)
+        normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
+        return Int32(cutlass.select_(scaled < Float32(1.0), halves, normal))
 
     @cute.jit
     def _global_scale(self, mGlobal: cute.Tensor, mAmax: cute.Tensor, group: Int32) -> Float32:
@@ -152,106 +147,152 @@ class ScaleAssemblyKernel:
             result = Float32(mGlobal[group])
         return result
 
+    @cute.jit
+    def _flush_amax(self, mAmax: cute.Tensor, group: Int32, best: Int32, num_groups: Int32):
+        """Warp max of ``best`` and one atom.max into the group's amax (skipped past the last group)."""
+        best = cute.arch.warp_reduction(best, lambda a, b: cutlass.max(a, b))
+        if (cute.arch.lane_idx() == 0) & (group < num_groups):
+            cute.arch.atomic_max((mAmax.iterator + group).llvm_ptr, best)
+
     # ------------------------------------------------------------------------------------------
     # kernels
     # ------------------------------------------------------------------------------------------
     @cute.kernel
-    def amax_kernel(self, mX: cute.Tensor, mOffsets: cute.Tensor, mAmax: cute.Tensor, num_groups: Int32):
-        """Dynamic mode, pass 1: each group's amax (fp32 bits, atom.max) over its token rows."""
+    def amax_kernel(self, mX: cute.Tensor, mRowGroup: cute.Tensor, mAmax: cute.Tensor, m: Int32, num_groups: Int32):
+        """Dynamic mode, pass 1: each group's amax (fp32 bits) over its token rows."""
         tidx, _, _ = cute.arch.thread_idx()
-        row, chunk, _ = cute.arch.block_idx()
+        row_block, chunk, _ = cute.arch.block_idx()
         kb = chunk * self.threads + tidx
-        best = Int32(0)
-        if kb < self.k16:
-            best = self._block_amax_bits(self._load_block_words(mX, row, kb))
-        best = cute.arch.warp_reduction(best, lambda a, b: cutlass.max(a, b))
-        group = Int32(0)
+        first_row = row_block * AMAX_ROWS_PER_CTA
+        current = Int32(0)
         if cutlass.const_expr(self.grouped):
-            group = self._last_at_or_below(mOffsets, row, num_groups)
-        if (cute.arch.lane_idx() == 0) & (group < num_groups):
-            cute.arch.atomic_max((mAmax.iterator + group).llvm_ptr, best)
+            current = mRowGroup[first_row]
+        best = Int32(0)
+        for r in cutlass.range_constexpr(AMAX_ROWS_PER_CTA):
+            row = first_row + r
+            if row < m:
+                if cutlass.const_expr(self.grouped):
+                    group = mRowGroup[row]
+                    if group != current:  # uniform across the CTA: rows are shared
+                        self._flush_amax(mAmax, current, best, num_groups)
+                        best = Int32(0)
+                        current = group
+                if kb < self.k16:
+                    fragment = cute.make_rmem_tensor((BLOCK_SIZE,), cutlass.BFloat16)
+                    cute.autovec_copy(mX[row, kb, None], fragment)
+                    best = cutlass.max(best, self._block_amax_bits(fragment.load().bitcast(Int32)))
+        self._flush_amax(mAmax, current, best, num_groups)
 
     @cute.kernel
-    def quantize_kernel(self, mX: cute.Tensor, mOffsets: cute.Tensor, mPadded: cute.Tensor, mGlobal: cute.Tensor,
-                        mAmax: cute.Tensor, mPacked: cute.Tensor, mScale: cute.Tensor, mGlobalOut: cute.Tensor,
-                        m: Int32, num_groups: Int32, capacity: Int32):
-        """Pass 2: quantize the token row behind scale row p and store codes and its swizzled scales;
-        padding rows and columns get zero scales. CTA (0, 0) also writes every group's global scale."""
+    def quantize_kernel(self, mX: cute.Tensor, mOffsets: cute.Tensor, mPadded: cute.Tensor, mBandGroup: cute.Tensor,
+                        mGlobal: cute.Tensor, mAmax: cute.Tensor, mPacked: cute.Tensor, mScale: cute.Tensor,
+                        mGlobalOut: cute.Tensor, m: Int32, num_groups: Int32, capacity: Int32):
+        """Pass 2: quantize the token rows behind scale rows p0 .. p0 + rows_per_cta - 1 and store their
+        codes and swizzled scales; padding rows and columns get zero scales. CTA (0, 0) also writes every
+        group's global scale."""
         tidx, _, _ = cute.arch.thread_idx()
-        p, chunk, _ = cute.arch.block_idx()
-        if (p == 0) & (chunk == 0):
+        row_block, chunk, _ = cute.arch.block_idx()
+        kb = chunk * self.threads + tidx
+        first_p = row_block * self.rows_per_cta
+        if (row_block == 0) & (chunk == 0):
             for g in range(tidx, num_groups, self.threads):
                 mGlobalOut[g] = self._global_scale(mGlobal, mAmax, g)
-        kb = chunk * self.threads + tidx
+
         group = Int32(0)
-        token_row = p
-        valid = p < m
+        group_start = Int32(0)  # first scale row of the group
+        first_token = Int32(0)  # first token row of the group
+        rows_kept = m
         if cutlass.const_expr(self.grouped):
-            group = self._last_at_or_below(mPadded, p, num_groups)
+            group = mBandGroup[first_p // ATOM_ROWS]
             safe_group = cutlass.min(group, num_groups - 1)
-            local = p - mPadded[safe_group]
-            rows_kept = cutlass.min(mOffsets[safe_group + 1] - mOffsets[safe_group], capacity)
-            valid = (group < num_groups) & (local < rows_kept)
-            token_row = mOffsets[safe_group] + local
+            group_start = mPadded[safe_group]
+            first_token = mOffsets[safe_group]
+            rows_kept = cutlass.select_(group < num_groups,
+                                        cutlass.min(mOffsets[safe_group + 1] - first_token, capacity), Int32(0))
+            rows_kept = Int32(rows_kept)
+            group = safe_group
+        in_columns = kb < self.k16
+        # 1) all loads first: rows_per_cta blocks in flight per thread
+        words = cute.make_rmem_tensor(cute.make_ordered_layout((self.rows_per_cta, BLOCK_SIZE), order=(1, 0)), cutlass.BFloat16)
+        for r in cutlass.range_constexpr(self.rows_per_cta):
+            local = first_p + r - group_start
+            if (local < rows_kept) & in_columns:
+                cute.autovec_copy(mX[first_token + local, kb, None], words[r, None])
+        # 2) quantize and store
         if kb < self.k16p:
-            # 128x4 swizzle of (p, kb): ((p // 128) * atoms + kb // 4) * 512 + (p % 32) * 16 + ((p % 128) // 32) * 4 + kb % 4
-            offset = ((p // ATOM_ROWS) * self.atoms_per_band + kb // 4) * 512 + (p % 32) * 16 + ((p % ATOM_ROWS) // 32) * 4 + kb % 4
-            scale_byte = Int32(0)
-            if valid & (kb < self.k16):
-                words = self._load_block_words(mX, token_row, kb)
-                amax = Float32(self._block_amax_bits(words).bitcast(Float32))
+            global_scale = Float32(1.0)
+            inverse_global = Float32(1.0)
+            if (rows_kept > first_p - group_start) & in_columns:
                 global_scale = self._global_scale(mGlobal, mAmax, group)
-                ratio = (amax / Float32(6.0)) / global_scale
-                ratio = cute.arch.fmin(cute.arch.fmax(ratio, Float32(2.0 ** -6)), Float32(448.0))
-                bits = ratio.bitcast(Int32)
-                rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & Int32(-(1 << 20))
-                block_scale = Float32(rounded.bitcast(Float32))
-                scale_byte = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
-                reciprocal = (Float32(1.0) / global_scale) / block_scale
-                out = cute.make_rmem_tensor((2,), Int32)
-                for half in cutlass.range_constexpr(2):
-                    packed_word = Int32(0)
-                    for j in cutlass.range_constexpr(4):
-                        word = words[half * 4 + j]
-                        low = self._e2m1_code(Float32(((word & 0x7FFF) << 16).bitcast(Float32)) * reciprocal, (word >> 15) & 1)
-                        high = self._e2m1_code(Float32((word & 0x7FFF0000).bitcast(Float32)) * reciprocal, (word >> 31) & 1)
-                        packed_word = packed_word | ((low | (high << 4)) << (8 * j))
-                    out[half] = packed_word
-                cute.autovec_copy(out, mPacked[token_row, kb, None])
-            mScale[offset] = Uint8(scale_byte)
+                inverse_global = Float32(1.0) / global_scale
+            for r in cutlass.range_constexpr(self.rows_per_cta):
+                p = first_p + r
+                local = p - group_start
+                # 128x4 swizzle of (p, kb)
+                offset = ((p // ATOM_ROWS) * self.atoms_per_band + kb // 4) * 512 + (p % 32) * 16 + ((p % ATOM_ROWS) // 32) * 4 + kb % 4
+                scale_byte = Int32(0)
+                if (local < rows_kept) & in_columns:
+                    block = words[r, None].load().bitcast(Int32)
+                    amax = Float32(self._block_amax_bits(block).bitcast(Float32))
+                    ratio = (amax / Float32(6.0)) / global_scale
+                    ratio = cute.arch.fmin(cute.arch.fmax(ratio, Float32(2.0 ** -6)), Float32(448.0))
+                    bits = ratio.bitcast(Int32)
+                    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & Int32(-(1 << 20))
+                    scale_byte = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+                    reciprocal = inverse_global / Float32(rounded.bitcast(Float32))
+                    out = cute.make_rmem_tensor((2,), Int32)
+                    for half in cutlass.range_constexpr(2):
+                        packed_word = Int32(0)
+                        for j in cutlass.range_constexpr(4):
+                            word = block[half * 4 + j]
+                            low = self._e2m1_magnitude_code((word & 0x7FFF) << 16, reciprocal) | ((word >> 12) & 8)
+                            high = self._e2m1_magnitude_code(word & 0x7FFF0000, reciprocal) | ((word >> 28) & 8)
+                            packed_word = packed_word | ((low | (high << 4)) << (8 * j))
+                        out[half] = packed_word
+                    cute.autovec_copy(out, mPacked[first_token + local, kb, None])
+                mScale[offset] = Uint8(scale_byte)
 
 
 # ----------------------------------------------------------------------------------------------
 # compile (fake pointers: works without a GPU) and launch
 # ----------------------------------------------------------------------------------------------
-def _pointers(x=None, offsets=None, padded=None, global_scales=None, amax=None, packed=None, scales=None, global_out=None):
+def _pointers(x=None, offsets=None, padded=None, band_group=None, row_group=None, global_scales=None, amax=None,
+              packed=None, scales=None, global_out=None):
+    """cute pointers in the order of ScaleAssemblyKernel.__call__ (address 0 for None: compile only)."""
     from cutlass.cute.runtime import make_ptr
 
     gmem = cute.AddressSpace.gmem
 
-    def address(t):
-        return 0 if t is None else t.data_ptr()
+    def pointer(dtype, t, align):
+        return make_ptr(dtype, 0 if t is None else t.data_ptr(), gmem, assumed_align=align)
 
     return (
-        make_ptr(cutlass.BFloat16, address(x), gmem, assumed_align=16),
-        make_ptr(Int32, address(offsets), gmem, assumed_align=4),
-        make_ptr(Int32, address(padded), gmem, assumed_align=4),
-        make_ptr(Float32, address(global_scales), gmem, assumed_align=4),
-        make_ptr(Int32, address(amax), gmem, assumed_align=4),
-        make_ptr(Int32, address(packed), gmem, assumed_align=16),
-        make_ptr(Uint8, address(scales), gmem, assumed_align=16),
-        make_ptr(Float32, address(global_out), gmem, assumed_align=4),
+        pointer(cutlass.BFloat16, x, 16),
+        pointer(Int32, offsets, 4),
+        pointer(Int32, padded, 4),
+        pointer(Int32, band_group, 4),
+        pointer(Int32, row_group, 4),
+        pointer(Float32, global_scales, 4),
+        pointer(Int32, amax, 4),
+        pointer(Int32, packed, 16),
+        pointer(Uint8, scales, 16),
+        pointer(Float32, global_out, 4),
     )
 
 
-def compile_scale_assembly(k: int, grouped: bool, dynamic: bool, arch: str | None = None, keep_ptx: bool = False,
-                           max_groups: int = DEFAULT_MAX_GROUPS):
+def rows_per_cta_for(m: int) -> int:
+    """Scale rows per CTA: 1 for small M (latency: more CTAs), 4 for large M (fewer, fuller CTAs)."""
+    return 1 if m <= 512 else 4
+
+
+def compile_scale_assembly(k: int, grouped: bool, dynamic: bool, rows_per_cta: int = 4, arch: str | None = None,
+                           keep_ptx: bool = False):
     """Compile (cached) the kernel for rows of k elements. Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
-    kernel = ScaleAssemblyKernel(k, grouped, dynamic, max_groups)
+    kernel = ScaleAssemblyKernel(k, grouped, dynamic, rows_per_cta)
     sizes = (Int32(1), Int32(1), Int32(128), Int32(1))
-    key = ("ScaleAssemblyKernel", k, grouped, dynamic, kernel.max_groups)
+    key = ("ScaleAssemblyKernel", k, grouped, dynamic, rows_per_cta)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -261,27 +302,24 @@ def _current_stream():
     return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
 
 
-def _launch(x, offsets, padded, global_scales, amax, packed, scales, global_out, num_groups, scale_rows, capacity, grouped):
-    """Launch on the current stream (CUDA-graph capturable: no host sync, no allocation)."""
-    compiled = compile_scale_assembly(x.shape[1], grouped, amax is not None)
-    unused = global_out  # a valid address for pointers this configuration never dereferences
-    pointers = _pointers(
-        x,
-        offsets if offsets is not None else unused,
-        padded if padded is not None else unused,
-        global_scales if global_scales is not None else unused,
-        amax if amax is not None else unused,
-        packed,
-        scales,
-        global_out,
-    )
-    compiled(*pointers, Int32(x.shape[0]), Int32(num_groups), Int32(scale_rows), Int32(capacity), _current_stream())
-
-
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """Contiguous with a 16-byte aligned start (the kernel's vector loads assume it)."""
     x = x.contiguous()
     return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _launch(x, packed, scales, global_out, num_groups, scale_rows, capacity, grouped, offsets=None, padded=None,
+            band_group=None, row_group=None, global_scales=None, amax=None):
+    """Launch on the current stream (CUDA-graph capturable: no host sync, no allocation)."""
+    compiled = compile_scale_assembly(x.shape[1], grouped, amax is not None, rows_per_cta_for(x.shape[0]))
+    unused = global_out  # a valid address for pointers this configuration never dereferences
+
+    def given(t):
+        return unused if t is None else t
+
+    pointers = _pointers(x, given(offsets), given(padded), given(band_group), given(row_group), given(global_scales),
+                         given(amax), packed, scales, global_out)
+    compiled(*pointers, Int32(x.shape[0]), Int32(num_groups), Int32(scale_rows), Int32(capacity), _current_stream())
 
 
 def run_single(x: torch.Tensor, input_scale):
@@ -299,9 +337,12 @@ def run_single(x: torch.Tensor, input_scale):
     else:
         global_scales = input_scale.reshape(1).to(torch.float32).contiguous()
     if m == 0:  # no CTA would run: the reference's answer for an empty input
-        global_out.fill_(1.0) if amax is not None else global_out.copy_(global_scales)
+        if amax is None:
+            global_out.copy_(global_scales)
+        else:
+            global_out.fill_(1.0)
     else:
-        _launch(x, None, None, global_scales, amax, packed, scales, global_out, 1, rows, m, grouped=False)
+        _launch(x, packed, scales, global_out, 1, rows, m, grouped=False, global_scales=global_scales, amax=amax)
     return packed, scales.view(torch.float8_e4m3fn), global_out.reshape(())
 
 
@@ -314,23 +355,28 @@ def run_grouped(x: torch.Tensor, offsets: torch.Tensor, input_scale, capacity: i
     x = _aligned(x)
     m, k = x.shape
     num_groups = offsets.numel() - 1
-    if num_groups > DEFAULT_MAX_GROUPS:
-        raise ValueError(f"the kernel handles at most {DEFAULT_MAX_GROUPS} groups, got {num_groups}")
     rows = grouped_scale_rows(m, num_groups, capacity)
-    bounds = sanitized_offsets(offsets, m).to(torch.int32)
+    bounds = sanitized_offsets(offsets, m)
     padded = padded_group_offsets(offsets, m, capacity)
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(rows * padded_scale_cols(k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     global_out = torch.empty(num_groups, dtype=torch.float32, device=x.device)
-    amax = global_scales = None
+    amax = global_scales = row_group = None
     if input_scale is None:
         amax = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
+        row_group = torch.searchsorted(bounds[1:], torch.arange(m, device=x.device), right=True).to(torch.int32)
     else:
         global_scales = input_scale.to(torch.float32).reshape(-1).expand(num_groups).contiguous()
-    if rows == 0 or m == 0:  # no rows: every group empty
-        global_out.fill_(1.0) if amax is not None else global_out.copy_(global_scales)
+    if rows == 0 or m == 0:  # no rows: every group is empty
+        if amax is None:
+            global_out.copy_(global_scales)
+        else:
+            global_out.fill_(1.0)
         packed.zero_()
         scales.zero_()
     else:
-        _launch(x, bounds, padded, global_scales, amax, packed, scales, global_out, num_groups, rows, capacity, grouped=True)
+        band_starts = torch.arange(0, rows, ATOM_ROWS, device=x.device, dtype=torch.int32)
+        band_group = torch.searchsorted(padded[1:], band_starts, right=True).to(torch.int32)
+        _launch(x, packed, scales, global_out, num_groups, rows, capacity, grouped=True, offsets=bounds.to(torch.int32),
+                padded=padded, band_group=band_group, row_group=row_group, global_scales=global_scales, amax=amax)
     return packed, scales.view(torch.float8_e4m3fn), padded, global_out
