@@ -233,7 +233,10 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
-    payload = harness.run_metadata(METHOD.format(sets=args.sets, replays=args.replays, reps=args.reps))
+    method = METHOD.format(sets=args.sets, replays=args.replays, reps=args.reps)
+    if args.device != "cuda":
+        method = "CPU dry run: correctness of every case against the fp32 reference, no timing"
+    payload = harness.run_metadata(method)
     payload.update(
         copy_bandwidth_gbs=None if bandwidth is None else bandwidth / 1e9,
         shapes="tiny (--small)" if args.small else "DeepSeek-V4-Pro",
