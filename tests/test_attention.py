@@ -193,3 +193,34 @@ def test_grouped_fp8_scaled_mm_matches_emulation(fresh_seed):
     cpu = GroupedFP8Projection(linear, 16)(x)
     gpu = GroupedFP8Projection(linear, 16, device="cuda")(x.cuda()).cpu()
     assert rel_err(gpu, cpu) <= 1e-2
+
+
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_full_size_projections_on_gpu(fresh_seed, m):
+    """DeepSeek-V4-Pro shapes through the CUDA dispatch against the fp32 reference (rel err <= 1e-2,
+    cosine >= 0.9999): fused_wqa_wkv with two scales, wo_a (loop and diagonal), wo_b."""
+    from nvfp4lib.bench.attention import decoded, random_nvfp4
+    from nvfp4lib.synthetic import DEEPSEEK_V4_PRO as dims
+
+    def check(out, reference):
+        assert rel_err(out, reference) <= 1e-2
+        assert float(torch.nn.functional.cosine_similarity(out.float().flatten(), reference.flatten(), dim=0)) >= 0.9999
+
+    wq_a = random_nvfp4("wq_a", dims.q_lora_rank, dims.hidden, "cuda")
+    wkv = random_nvfp4("wkv", dims.head_dim, dims.hidden, "cuda", global_scale=float(wq_a.weight_scale_2) * 37)
+    x = torch.randn(m, dims.hidden, dtype=torch.bfloat16, device="cuda")
+    q_latent, kv = FusedWqaWkv(wq_a, wkv, device="cuda")(x)
+    check(q_latent, x.float() @ decoded(wq_a, torch.float32).t())
+    check(kv, x.float() @ decoded(wkv, torch.float32).t())
+
+    wo_a = random_nvfp4("wo_a", dims.o_groups * dims.o_lora_rank, dims.wo_a_group_k, "cuda")
+    o = torch.randn(m, dims.o_groups, dims.wo_a_group_k, dtype=torch.bfloat16, device="cuda")
+    reference = torch.einsum("tgk,gnk->tgn", o.float(), decoded(wo_a, torch.float32).view(dims.o_groups, dims.o_lora_rank, -1))
+    module = GroupedNVFP4Projection(wo_a, dims.o_groups, device="cuda")
+    check(module(o), reference)
+    check(module.forward_diagonal(o), reference)
+
+    wo_b = random_nvfp4("wo_b", *dims.shapes()["attn.wo_b"], "cuda")
+    z = torch.randn(m, dims.o_groups * dims.o_lora_rank, dtype=torch.bfloat16, device="cuda")
+    check(NVFP4Projection(wo_b, device="cuda")(z), z.float() @ decoded(wo_b, torch.float32).t())
