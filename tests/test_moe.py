@@ -6,7 +6,7 @@ from nvfp4lib import moe, quantize, swizzle_scales
 from nvfp4lib.layout import padded_scale_cols
 from nvfp4lib.ops import moe as moe_ops  # noqa: F401  (registers the ops)
 
-from conftest import requires_hopper
+from conftest import requires_cute, requires_hopper
 
 HIDDEN, INTER = 256, 128
 
@@ -282,12 +282,12 @@ def test_swizzled_weight_scales_are_computed_once(fresh_seed):
     assert torch.equal(first.view(torch.uint8), swizzle_scales(weights.gate_up.block_scale).view(torch.uint8))
 
 
+@requires_cute
 def test_blackwell_dispatch_passes_the_scale_assembly_output_to_the_kernel_runner(fresh_seed, monkeypatch):
     """moe_block on a (pretend) compute-capability-10 device: the W4A4 path must hand the kernel runner
     the scale assembly's packed codes, swizzled scales, global scales and padded offsets, the routing
     offsets and the expert weights with swizzled scales, in the runner's order. The runner (it needs a
     Blackwell GPU) is replaced by a fake that checks its arguments and computes the exact reference."""
-    pytest.importorskip("cutlass")
     import nvfp4lib.kernels.sm100.grouped_blockscaled_gemm as sm100_grouped
     from nvfp4lib.layout import unswizzle_scales
     from nvfp4lib.scales import GroupedScaleAssembly
