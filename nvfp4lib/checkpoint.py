@@ -13,7 +13,8 @@ Per NVFP4 linear ``<prefix>`` (ModelOpt names; N output features, K input featur
 - ``<prefix>.weight``          uint8 ``[N, K/2]``, two E2M1 codes per byte, element 2i in the low nibble
 - ``<prefix>.weight_scale``    float8_e4m3fn ``[N, K/16]``, row-major (not swizzled)
 - ``<prefix>.weight_scale_2``  fp32 scalar, the weight's global decode multiplier (amax / 2688)
-- ``<prefix>.input_scale``     fp32 scalar, the activation's global decode multiplier (unused by W4A16)
+- ``<prefix>.input_scale``     fp32 scalar, the activation's global decode multiplier (unused by W4A16);
+  required when quant_algo is "NVFP4" (W4A4 exports), optional for "W4A16_NVFP4" (weight-only exports)
 
 A linear kept in FP8 (listed in ``exclude_modules``; the ModelOpt FP8 per-tensor format) has
 ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` fp32 scalar (amax / 448) and optionally
@@ -42,7 +43,9 @@ QUANT_CONFIG_FILE = "hf_quant_config.json"
 MODEL_CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-QUANT_ALGO = "NVFP4"
+QUANT_ALGO = "NVFP4"  # W4A4 export: every linear carries an input_scale
+QUANT_ALGO_W4A16 = "W4A16_NVFP4"  # weight-only export: no input_scale (validated when present)
+QUANT_ALGOS = (QUANT_ALGO, QUANT_ALGO_W4A16)
 GROUP_SIZE = BLOCK_SIZE
 
 FORMAT_NVFP4 = "nvfp4"
@@ -246,30 +249,34 @@ def validate_fp8_linear(prefix: str, tensors: Mapping[str, Optional[torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-def quant_config(exclude_modules: Iterable[str] = (), extra: Optional[dict] = None, producer: Optional[dict] = None) -> dict:
+def quant_config(exclude_modules: Iterable[str] = (), extra: Optional[dict] = None, producer: Optional[dict] = None, quant_algo: str = QUANT_ALGO) -> dict:
     """The ``hf_quant_config.json`` content for an NVFP4 checkpoint (``extra`` merges into "quantization")."""
     from . import __version__
 
-    quantization = {"quant_algo": QUANT_ALGO, "kv_cache_quant_algo": None, "group_size": GROUP_SIZE, "exclude_modules": sorted(exclude_modules)}
+    if quant_algo not in QUANT_ALGOS:
+        raise ValueError(f"quant_algo must be one of {QUANT_ALGOS}, got {quant_algo!r}")
+    quantization = {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "group_size": GROUP_SIZE, "exclude_modules": sorted(exclude_modules)}
     quantization.update(extra or {})
     return {"producer": producer or {"name": "nvfp4lib", "version": __version__}, "quantization": quantization}
 
 
-def save_checkpoint(directory: str, tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable[str] = (), model_config: Optional[dict] = None, quant_extra: Optional[dict] = None, max_shard_bytes: Optional[int] = None, validate: bool = True) -> str:
+def save_checkpoint(directory: str, tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable[str] = (), model_config: Optional[dict] = None, quant_extra: Optional[dict] = None, max_shard_bytes: Optional[int] = None, validate: bool = True, quant_algo: str = QUANT_ALGO) -> str:
     """Write ``tensors`` (full name -> tensor) as a ModelOpt NVFP4 checkpoint directory; returns it.
     Safetensors files and an index already in ``directory`` are removed first (other files are kept).
 
     exclude_modules: module names (fnmatch patterns) not quantized to NVFP4 (FP8 or bf16 linears).
     model_config: written to ``config.json`` when given. max_shard_bytes: split into shards with an
     index file once the data exceeds it (one ``model.safetensors`` otherwise). validate: check every
-    NVFP4 / FP8 linear first (tests that need a corrupt file pass False).
+    NVFP4 / FP8 linear first (tests that need a corrupt file pass False). quant_algo: "NVFP4" (every
+    NVFP4 linear needs an input_scale) or "W4A16_NVFP4" (weight-only: input_scale optional).
     """
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    config = quant_config(exclude_modules, quant_extra, quant_algo=quant_algo)
     if validate:
-        _validate_all(tensors, exclude_modules)
+        _validate_all(tensors, exclude_modules, require_input_scale=quant_algo == QUANT_ALGO)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, QUANT_CONFIG_FILE), "w") as f:
-        json.dump(quant_config(exclude_modules, quant_extra), f, indent=2)
+        json.dump(config, f, indent=2)
     if model_config is not None:
         with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
             json.dump(model_config, f, indent=2)
@@ -318,7 +325,7 @@ def _is_excluded(prefix: str, exclude_modules: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for pattern in exclude_modules)
 
 
-def _validate_all(tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable[str]) -> None:
+def _validate_all(tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable[str], require_input_scale: bool = True) -> None:
     for prefix in _linear_prefixes(tensors):
         if f"{prefix}.weight" not in tensors:
             raise CheckpointError(f"{prefix}.weight: missing from the checkpoint (its scales are there)")
@@ -326,7 +333,7 @@ def _validate_all(tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable
         if dtype == torch.uint8 or f"{prefix}.weight_scale_2" in tensors:
             if _is_excluded(prefix, exclude_modules):
                 raise CheckpointError(f"{prefix}.weight: packed NVFP4 (uint8) but the module is in exclude_modules")
-            validate_nvfp4_linear(prefix, tensors)
+            validate_nvfp4_linear(prefix, tensors, require_input_scale=require_input_scale)
         elif dtype == torch.float8_e4m3fn:
             validate_fp8_linear(prefix, tensors)
 
@@ -352,8 +359,9 @@ class Checkpoint:
         quantization = self.quant_config.get("quantization")
         if not isinstance(quantization, dict):
             raise CheckpointError(f"{config_path}: no 'quantization' section")
-        if quantization.get("quant_algo") != QUANT_ALGO:
-            raise CheckpointError(f"{config_path}: quant_algo is {quantization.get('quant_algo')!r}, expected {QUANT_ALGO!r}")
+        self.quant_algo = quantization.get("quant_algo")
+        if self.quant_algo not in QUANT_ALGOS:
+            raise CheckpointError(f"{config_path}: quant_algo is {self.quant_algo!r}, expected one of {QUANT_ALGOS}")
         if quantization.get("group_size", GROUP_SIZE) != GROUP_SIZE:
             raise CheckpointError(f"{config_path}: group_size is {quantization.get('group_size')}, NVFP4 needs {GROUP_SIZE}")
         self.exclude_modules: List[str] = list(quantization.get("exclude_modules") or [])
@@ -434,8 +442,11 @@ class Checkpoint:
     def _maybe(self, name: str) -> Optional[torch.Tensor]:
         return self.tensor(name) if name in self._file_of else None
 
-    def nvfp4_linear(self, prefix: str, shape: Optional[Sequence[int]] = None, require_input_scale: bool = True) -> NVFP4Linear:
-        """Read and validate ``<prefix>.{weight, weight_scale, weight_scale_2, input_scale}``."""
+    def nvfp4_linear(self, prefix: str, shape: Optional[Sequence[int]] = None, require_input_scale: Optional[bool] = None) -> NVFP4Linear:
+        """Read and validate ``<prefix>.{weight, weight_scale, weight_scale_2, input_scale}``; input_scale is
+        required unless the checkpoint is W4A16_NVFP4 (or require_input_scale=False)."""
+        if require_input_scale is None:
+            require_input_scale = self.quant_algo == QUANT_ALGO
         if self.is_excluded(prefix):
             raise CheckpointError(f"{prefix}.weight: the module is in exclude_modules, not an NVFP4 linear")
         parts = ("weight", "weight_scale", "weight_scale_2", "input_scale")

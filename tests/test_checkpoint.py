@@ -246,13 +246,28 @@ def test_fp8_linear_validation(fresh_seed):
         checkpoint_module.validate_fp8_linear(fp8.prefix, {**fp8.tensors(), "layers.0.attn.wo_a.weight": fp8.weight.float()})
 
 
+def test_weight_only_export_needs_no_input_scale(tmp_path, fresh_seed):
+    tensors = random_linear().tensors()
+    del tensors[f"{PREFIX}.input_scale"]
+    with pytest.raises(CheckpointError, match=f"^{PREFIX}.input_scale: missing"):
+        save_checkpoint(str(tmp_path / "w4a4"), tensors)
+    save_checkpoint(str(tmp_path / "w4a16"), tensors, quant_algo="W4A16_NVFP4")
+    ckpt = Checkpoint(str(tmp_path / "w4a16"))
+    assert ckpt.quant_algo == "W4A16_NVFP4"
+    assert ckpt.nvfp4_linear(PREFIX).input_scale is None
+    assert all(row["status"] == "ok" for row in ckpt.audit())
+    bad = {**random_linear().tensors(), f"{PREFIX}.input_scale": torch.tensor(float("nan"))}
+    with pytest.raises(CheckpointError, match=f"^{PREFIX}.input_scale: is NaN"):
+        save_checkpoint(str(tmp_path / "w4a16bad"), bad, quant_algo="W4A16_NVFP4")
+
+
 def test_checkpoint_level_errors(tmp_path, fresh_seed):
     with pytest.raises(CheckpointError, match="hf_quant_config.json: missing"):
         Checkpoint(str(tmp_path))
     save_checkpoint(str(tmp_path), random_linear().tensors())
     config_path = tmp_path / QUANT_CONFIG_FILE
     config = json.load(open(config_path))
-    for key, value, message in (("quant_algo", "FP8", "quant_algo is 'FP8'"), ("group_size", 32, "group_size is 32")):
+    for key, value, message in (("quant_algo", "FP8", "quant_algo is 'FP8', expected one of"), ("group_size", 32, "group_size is 32")):
         broken = json.loads(json.dumps(config))
         broken["quantization"][key] = value
         json.dump(broken, open(config_path, "w"))
