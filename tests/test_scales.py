@@ -235,3 +235,18 @@ def test_op_passes_torch_library_opcheck(fresh_seed):
     x = activations(40, 64, torch.Generator().manual_seed(fresh_seed))
     torch.library.opcheck(torch.ops.nvfp4lib.assemble_scales.default, (x, torch.tensor(0.003)))
     torch.library.opcheck(torch.ops.nvfp4lib.assemble_scales_grouped.default, (x, torch.tensor([0, 10, 40]), None, 40))
+
+
+def test_non_finite_blocks_are_visible_never_silent(fresh_seed):
+    """A NaN block gets the E4M3 NaN scale byte (0x7f); an Inf saturates its block at 448 and code +-6;
+    dynamic mode with a NaN amax falls back to global scale 1.0 (documented; audit.py reports it)."""
+    from nvfp4lib import unswizzle_scales
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    x = activations(3, 64, gen)
+    x[0, 5], x[1, 20], x[2, 40] = -float("nan"), float("nan"), float("inf")
+    got = assemble_scales(x, 0.01)
+    scales = unswizzle_scales(got.swizzled_scale, 3, 64).view(torch.uint8)
+    assert scales[0, 0] == 0x7F and scales[1, 1] == 0x7F and scales[2, 2] == 0x7E
+    assert (got.packed[2, 20] & 0x0F) == 0x7  # +inf -> +6
+    assert float(assemble_scales(x).global_scale) == 1.0

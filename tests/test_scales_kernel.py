@@ -185,3 +185,24 @@ def test_graph_replay_with_new_data_equals_eager(grouped, fresh_seed):
         graph.replay()
         torch.cuda.synchronize()
         assert_outputs_equal(captured, step(), f"replay {trial}")
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("static", [False, True])
+def test_kernel_non_finite_blocks_match_the_reference(static, fresh_seed):
+    """Scale bytes and global scale equal the reference with NaN and Inf in the input; packed codes are
+    compared on the rows without NaN (a NaN block's codes are unspecified)."""
+    from nvfp4lib.scales import assemble_scales, reference_assemble
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    x = activations(300, 7168, gen)
+    x[3, 100], x[77, 5000], x[299, 7167] = float("nan"), -float("nan"), float("inf")
+    x[150, 16:32] = -float("inf")
+    scale = torch.tensor(0.01) if static else None
+    got = assemble_scales(x.cuda(), None if scale is None else scale.cuda())
+    expected = reference_assemble(x, scale)
+    assert_outputs_equal(got[1:], expected[1:], "scales / global scale with NaN and Inf")
+    finite_rows = torch.ones(300, dtype=torch.bool)
+    finite_rows[[3, 77]] = False
+    assert torch.equal(got[0].cpu()[finite_rows], expected[0][finite_rows])

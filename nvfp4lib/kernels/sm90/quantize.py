@@ -28,6 +28,10 @@ each thread keeps a running max while its rows stay in one group (rows are sorte
 warp flushes it with one ``atom.max`` on the fp32 bits of the group's amax when the group changes and
 at the end. The quantize kernel then derives ``g = amax / 2688`` (1.0 when amax is 0). No host sync.
 
+Non-finite input: an Inf gives what the reference gives (scale 448, code +-6); a block holding NaN
+gets the E4M3 NaN scale byte 0x7f like the reference (its codes are unspecified), and in dynamic mode a
+NaN amax yields the global scale 1.0, as ``torch.where(amax > 0, ...)`` does.
+
 Out-of-bounds safety: a CTA's scale rows are < R (the grid), its token rows are ``offsets[g] + local``
 with ``local < min(offsets[g+1] - offsets[g], capacity)``, and the offsets, band and row tables the
 host passes are computed on the device from sanitised offsets (:func:`nvfp4lib.scales.sanitized_offsets`),
@@ -47,6 +51,7 @@ from cutlass import Float32, Int32, Uint8  # noqa: E402
 
 MAX_THREADS = 256
 AMAX_ROWS_PER_CTA = 16
+AMAX_LOAD_BATCH = 4  # rows whose loads a thread issues before reducing them
 HALF_STEPS_MAGIC = 4194304.0  # 2**22: fp32 spacing 0.5 in [2**22, 2**23)
 HALF_STEPS_MAGIC_BITS = 0x4A800000
 
@@ -168,19 +173,23 @@ class ScaleAssemblyKernel:
         if cutlass.const_expr(self.grouped):
             current = mRowGroup[first_row]
         best = Int32(0)
-        for r in cutlass.range_constexpr(AMAX_ROWS_PER_CTA):
-            row = first_row + r
-            if row < m:
-                if cutlass.const_expr(self.grouped):
-                    group = mRowGroup[row]
-                    if group != current:  # uniform across the CTA: rows are shared
-                        self._flush_amax(mAmax, current, best, num_groups)
-                        best = Int32(0)
-                        current = group
-                if kb < self.k16:
-                    fragment = cute.make_rmem_tensor((BLOCK_SIZE,), cutlass.BFloat16)
-                    cute.autovec_copy(mX[row, kb, None], fragment)
-                    best = cutlass.max(best, self._block_amax_bits(fragment.load().bitcast(Int32)))
+        batch = AMAX_LOAD_BATCH
+        words = cute.make_rmem_tensor(cute.make_ordered_layout((batch, BLOCK_SIZE), order=(1, 0)), cutlass.BFloat16)
+        for start in cutlass.range_constexpr(0, AMAX_ROWS_PER_CTA, batch):
+            for r in cutlass.range_constexpr(batch):  # loads of `batch` rows in flight
+                if (first_row + start + r < m) & (kb < self.k16):
+                    cute.autovec_copy(mX[first_row + start + r, kb, None], words[r, None])
+            for r in cutlass.range_constexpr(batch):
+                row = first_row + start + r
+                if row < m:
+                    if cutlass.const_expr(self.grouped):
+                        group = mRowGroup[row]
+                        if group != current:  # uniform across the CTA: every thread walks the same rows
+                            self._flush_amax(mAmax, current, best, num_groups)
+                            best = Int32(0)
+                            current = group
+                    if kb < self.k16:
+                        best = cutlass.max(best, self._block_amax_bits(words[r, None].load().bitcast(Int32)))
         self._flush_amax(mAmax, current, best, num_groups)
 
     @cute.kernel
@@ -233,12 +242,15 @@ class ScaleAssemblyKernel:
                 scale_byte = Int32(0)
                 if (local < rows_kept) & in_columns:
                     block = words[r, None].load().bitcast(Int32)
-                    amax = Float32(self._block_amax_bits(block).bitcast(Float32))
+                    amax_bits = self._block_amax_bits(block)
+                    amax = Float32(amax_bits.bitcast(Float32))
                     ratio = (amax / Float32(6.0)) / global_scale
                     ratio = cute.arch.fmin(cute.arch.fmax(ratio, Float32(2.0 ** -6)), Float32(448.0))
                     bits = ratio.bitcast(Int32)
                     rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & Int32(-(1 << 20))
                     scale_byte = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+                    # a block holding NaN gets the E4M3 NaN scale (0x7f), as the reference's clamp and cast do
+                    scale_byte = Int32(cutlass.select_(amax_bits > 0x7F800000, Int32(0x7F), scale_byte))
                     reciprocal = inverse_global / Float32(rounded.bitcast(Float32))
                     out = cute.make_rmem_tensor((2,), Int32)
                     for half in cutlass.range_constexpr(2):
