@@ -28,9 +28,10 @@ each thread keeps a running max while its rows stay in one group (rows are sorte
 warp flushes it with one ``atom.max`` on the fp32 bits of the group's amax when the group changes and
 at the end. The quantize kernel then derives ``g = amax / 2688`` (1.0 when amax is 0). No host sync.
 
-Non-finite input: an Inf gives what the reference gives (scale 448, code +-6); a block holding NaN
-gets the E4M3 NaN scale byte 0x7f like the reference (its codes are unspecified), and in dynamic mode a
-NaN amax yields the global scale 1.0, as ``torch.where(amax > 0, ...)`` does.
+Non-finite input: scale bytes and global scales equal the reference's. With a static scale an Inf
+gives scale 448 and code +-6; a block whose scale ratio is NaN (a NaN in it, or an Inf divided by the
+Inf global scale of dynamic mode) gets the E4M3 NaN byte 0x7f; a NaN amax gives global scale 1.0, as
+``torch.where(amax > 0, ...)`` does. Codes of elements whose scaled value is NaN are unspecified.
 
 Out-of-bounds safety: a CTA's scale rows are < R (the grid), its token rows are ``offsets[g] + local``
 with ``local < min(offsets[g+1] - offsets[g], capacity)``, and the offsets, band and row tables the
@@ -242,15 +243,16 @@ class ScaleAssemblyKernel:
                 scale_byte = Int32(0)
                 if (local < rows_kept) & in_columns:
                     block = words[r, None].load().bitcast(Int32)
-                    amax_bits = self._block_amax_bits(block)
-                    amax = Float32(amax_bits.bitcast(Float32))
-                    ratio = (amax / Float32(6.0)) / global_scale
-                    ratio = cute.arch.fmin(cute.arch.fmax(ratio, Float32(2.0 ** -6)), Float32(448.0))
+                    amax = Float32(self._block_amax_bits(block).bitcast(Float32))
+                    unclamped = (amax / Float32(6.0)) / global_scale
+                    ratio = cute.arch.fmin(cute.arch.fmax(unclamped, Float32(2.0 ** -6)), Float32(448.0))
                     bits = ratio.bitcast(Int32)
                     rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & Int32(-(1 << 20))
                     scale_byte = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
-                    # a block holding NaN gets the E4M3 NaN scale (0x7f), as the reference's clamp and cast do
-                    scale_byte = Int32(cutlass.select_(amax_bits > 0x7F800000, Int32(0x7F), scale_byte))
+                    # a NaN ratio (NaN in the block, or Inf / Inf) gets the E4M3 NaN scale 0x7f, as the
+                    # reference's clamp and cast do (fmax/fmin would drop the NaN)
+                    is_nan = (unclamped.bitcast(Int32) & 0x7FFFFFFF) > 0x7F800000
+                    scale_byte = Int32(cutlass.select_(is_nan, Int32(0x7F), scale_byte))
                     reciprocal = inverse_global / Float32(rounded.bitcast(Float32))
                     out = cute.make_rmem_tensor((2,), Int32)
                     for half in cutlass.range_constexpr(2):
