@@ -250,14 +250,18 @@ def validate_fp8_linear(prefix: str, tensors: Mapping[str, Optional[torch.Tensor
 # Writing
 # ----------------------------------------------------------------------------------------------
 def quant_config(exclude_modules: Iterable[str] = (), extra: Optional[dict] = None, producer: Optional[dict] = None, quant_algo: str = QUANT_ALGO) -> dict:
-    """The ``hf_quant_config.json`` content for an NVFP4 checkpoint (``extra`` merges into "quantization")."""
+    """The ``hf_quant_config.json`` content for an NVFP4 checkpoint (``extra`` merges into "quantization").
+
+    The producer is named "modelopt" by default: vLLM 0.33 reads ``hf_quant_config.json`` as a ModelOpt
+    config only under that name, and would otherwise load the checkpoint as unquantized.
+    """
     from . import __version__
 
     if quant_algo not in QUANT_ALGOS:
         raise ValueError(f"quant_algo must be one of {QUANT_ALGOS}, got {quant_algo!r}")
     quantization = {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "group_size": GROUP_SIZE, "exclude_modules": sorted(exclude_modules)}
     quantization.update(extra or {})
-    return {"producer": producer or {"name": "nvfp4lib", "version": __version__}, "quantization": quantization}
+    return {"producer": producer or {"name": "modelopt", "writer": f"nvfp4lib {__version__}"}, "quantization": quantization}
 
 
 def save_checkpoint(directory: str, tensors: Mapping[str, torch.Tensor], exclude_modules: Iterable[str] = (), model_config: Optional[dict] = None, quant_extra: Optional[dict] = None, max_shard_bytes: Optional[int] = None, validate: bool = True, quant_algo: str = QUANT_ALGO) -> str:

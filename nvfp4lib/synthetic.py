@@ -227,10 +227,11 @@ def generate_checkpoint(directory: str, dims: DSV4Dims = TINY, seed: int = 0, wk
 
 def main(argv=None) -> int:
     """``python -m nvfp4lib.synthetic [directory]``: (re)write the committed tiny checkpoint."""
-    import sys
+    import argparse
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    directory = argv[0] if argv else TINY_CHECKPOINT
+    parser = argparse.ArgumentParser(prog="python -m nvfp4lib.synthetic", description="Write the tiny synthetic DeepSeek-V4 NVFP4 checkpoint.")
+    parser.add_argument("directory", nargs="?", default=TINY_CHECKPOINT, help=f"output directory (default: {TINY_CHECKPOINT})")
+    directory = parser.parse_args(argv).directory
     generate_checkpoint(directory)
     print(f"wrote {directory}")
     return 0

@@ -63,7 +63,7 @@ def main() -> int:
         print(f"[run-notebooks] {name} ...", flush=True)
         try:
             papermill.execute_notebook(
-                notebook, executed, parameters=parameters, kernel_name="python3",
+                notebook, executed, parameters=parameters, kernel_name="python3", language="python",
                 cwd=os.path.dirname(os.path.abspath(notebook)), execution_timeout=args.timeout, progress_bar=False,
             )
             status = "ok"
