@@ -178,10 +178,10 @@ def sanitized_offsets(offsets: torch.Tensor, m: int) -> torch.Tensor:
     return torch.cummax(clamped, dim=0).values
 
 
-def padded_group_offsets(offsets: torch.Tensor, m: int, capacity: int) -> torch.Tensor:
+def padded_group_offsets(offsets: torch.Tensor, m: int, capacity: int, sanitized: bool = False) -> torch.Tensor:
     """int32 [E+1]: 0, then the running sum of every group's kept rows (at most ``capacity``) rounded up
-    to 128. Computed on the device from ``offsets`` [E+1] (sanitised first)."""
-    bounds = sanitized_offsets(offsets, m)
+    to 128. Computed on the device from ``offsets`` [E+1] (sanitised first unless ``sanitized``)."""
+    bounds = offsets if sanitized else sanitized_offsets(offsets, m)
     kept = (bounds[1:] - bounds[:-1]).clamp(max=capacity)
     padded = (kept + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
     return torch.cat((bounds.new_zeros(1), torch.cumsum(padded, 0))).to(torch.int32)
@@ -196,7 +196,7 @@ def reference_assemble_grouped(x: torch.Tensor, offsets: torch.Tensor, input_sca
     num_groups = offsets.numel() - 1
     total_rows = grouped_scale_rows(m, num_groups, capacity)
     bounds = sanitized_offsets(offsets, m)
-    padded_offsets = padded_group_offsets(offsets, m, capacity)
+    padded_offsets = padded_group_offsets(bounds, m, capacity, sanitized=True)
 
     rows = torch.arange(m, device=x.device)
     group = torch.searchsorted(bounds[1:], rows, right=True)  # E for rows outside every group

@@ -371,7 +371,7 @@ def run_grouped(x: torch.Tensor, offsets: torch.Tensor, input_scale, capacity: i
     num_groups = offsets.numel() - 1
     rows = grouped_scale_rows(m, num_groups, capacity)
     bounds = sanitized_offsets(offsets, m)
-    padded = padded_group_offsets(offsets, m, capacity)
+    padded = padded_group_offsets(bounds, m, capacity, sanitized=True)
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(rows * padded_scale_cols(k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     global_out = torch.empty(num_groups, dtype=torch.float32, device=x.device)
