@@ -12,18 +12,20 @@ Data flow for T tokens, hidden H, E local experts, top-k routing, expert interme
    :func:`clamped_swiglu` (limit 10: gate clamped above at 10, up to [-10, 10]) -> [T*k, I];
    down GEMM per group -> [T*k, H]; the weighted combine sums each token's k rows in fp32 -> bf16 [T, H].
 
-The per-expert GEMMs go through one function, :func:`grouped_gemm_w4a16` (torch op
-``nvfp4lib::grouped_gemm_w4a16``), whose dispatch is:
+Each projection of every expert goes through :func:`expert_gemm`, the one dispatch point:
 
-- CPU: the exact reference (:func:`reference_grouped_gemm_w4a16`): fp32 ``x @ (e2m1*block)^T * alpha``
-  per group, rounded once to bf16.
 - CUDA, compute capability 10.x (Blackwell) with CuTeDSL: W4A4 on the tcgen05 block-scaled MMA
-  (:mod:`nvfp4lib.kernels.sm100`). The activations are quantized per expert group exactly as
-  :func:`nvfp4lib.quantize` would (one global scale per group). **This path is compile-verified only:
-  it has never run on hardware here (no Blackwell GPU exists in this workbook's environment).**
-- Other CUDA GPUs (Hopper): a loop over experts calling :func:`nvfp4lib.ops.gemm.nvfp4_linear`. It reads
-  the offsets on the host (one synchronisation), so it is *not* CUDA-graph safe; a one-launch Hopper
-  grouped kernel is not written yet.
+  (:mod:`nvfp4lib.kernels.sm100`, op ``nvfp4lib::grouped_gemm_nvfp4_sm100``). The activations are
+  quantized per expert group by the scale assembly (:func:`quantize_groups` ->
+  :func:`nvfp4lib.scales.assemble_scales_grouped`: exactly :func:`nvfp4lib.quantize` per group, one global
+  scale per group), and the kernel reads its swizzled scales and padded offsets as they are. **This path
+  is compile-verified only: it has never run on hardware here (no Blackwell GPU exists in this
+  workbook's environment).** :func:`moe_block_w4a4_reference` is what it must equal.
+- Everything else: :func:`grouped_gemm_w4a16` (op ``nvfp4lib::grouped_gemm_w4a16``, weight-only). On CPU
+  the exact reference (:func:`reference_grouped_gemm_w4a16`: fp32 ``x @ (e2m1*block)^T * alpha`` per group,
+  rounded once to bf16); on other CUDA GPUs (Hopper) a loop over experts calling
+  :func:`nvfp4lib.ops.gemm.nvfp4_linear`. The loop reads the offsets on the host (one synchronisation), so
+  it is *not* CUDA-graph safe; a one-launch Hopper grouped kernel is not written yet.
 
 Weights are held by :class:`GroupedWeight` (E experts of one projection, ModelOpt layout, a per-column
 fp32 ``alpha`` [E, N] so gate and up may carry different ``weight_scale_2``).
