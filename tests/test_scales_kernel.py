@@ -84,6 +84,100 @@ def test_kernel_e2m1_encode_equals_formats_encode(fresh_seed):
     assert torch.equal(kernel_e2m1_magnitude(values), expected)
 
 
+def emulate_kernel_row_mapping(offsets, m, capacity, rows_per_cta):
+    """The kernel's index arithmetic in Python: for every scale row p of the grouped buffer, the token row
+    it quantizes (or -1 for padding), walking CTAs of rows_per_cta rows the way quantize_kernel does."""
+    from nvfp4lib.scales import grouped_scale_rows, padded_group_offsets, sanitized_offsets
+
+    num_groups = offsets.numel() - 1
+    rows = grouped_scale_rows(m, num_groups, capacity)
+    bounds = sanitized_offsets(offsets, m)
+    padded = padded_group_offsets(bounds, m, capacity, sanitized=True)
+    band_group = torch.searchsorted(padded[1:], torch.arange(0, rows, 128, dtype=torch.int32), right=True)
+    token_of_row = torch.full((rows,), -1)
+    for row_block in range(rows // rows_per_cta):
+        first_p = row_block * rows_per_cta
+        group = int(band_group[first_p // 128])
+        safe = min(group, num_groups - 1)
+        group_start, first_token = int(padded[safe]), int(bounds[safe])
+        kept = min(int(bounds[safe + 1]) - first_token, capacity) if group < num_groups else 0
+        for r in range(rows_per_cta):
+            local = first_p + r - group_start
+            if local < kept:
+                token_of_row[first_p + r] = first_token + local
+    return token_of_row, padded
+
+
+def emulate_kernel_group_amax(x, offsets, m):
+    """The amax kernel's running-group flushes in Python (per CTA of 16 rows) -> amax per group."""
+    from nvfp4lib.scales import sanitized_offsets
+
+    num_groups = offsets.numel() - 1
+    bounds = sanitized_offsets(offsets, m)
+    row_group = torch.searchsorted(bounds[1:], torch.arange(m), right=True)
+    row_amax = x.float().abs().amax(dim=1)
+    amax = torch.zeros(num_groups)
+    for first_row in range(0, m, 16):
+        current, best = int(row_group[first_row]), 0.0
+        for row in range(first_row, min(first_row + 16, m)):
+            if int(row_group[row]) != current:
+                if current < num_groups:
+                    amax[current] = max(float(amax[current]), best)
+                current, best = int(row_group[row]), 0.0
+            best = max(best, float(row_amax[row]))
+        if current < num_groups:
+            amax[current] = max(float(amax[current]), best)
+    return amax
+
+
+@pytest.mark.parametrize("rows_per_cta", [1, 4])
+def test_kernel_row_mapping_matches_the_reference(rows_per_cta, fresh_seed):
+    """Every real row's scales land where the reference puts them; every other scale row is padding."""
+    from test_scales import random_offsets
+
+    from nvfp4lib import quantize, unswizzle_scales
+    from nvfp4lib.scales import reference_assemble_grouped
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    for case in range(20):
+        m = int(torch.randint(1, 900, (1,), generator=gen))
+        groups = int(torch.randint(1, 40, (1,), generator=gen))
+        offsets = random_offsets(m, groups, gen)
+        sizes = offsets[1:] - offsets[:-1]
+        capacity = int(sizes.max()) if case % 2 else m
+        token_of_row, padded = emulate_kernel_row_mapping(offsets, m, capacity, rows_per_cta)
+        # one block per row whose amax is a row signature: its scale byte tells which token row it came from
+        x = torch.zeros(m, 16, dtype=torch.bfloat16)
+        x[:, 1] = (torch.arange(m) % 251 + 1).to(torch.bfloat16)
+        scale = torch.tensor(0.1)  # ratios 1.7 .. 418: inside the E4M3 range, no saturation
+        reference = reference_assemble_grouped(x, offsets, scale, capacity)
+        assert torch.equal(padded.int(), reference.padded_offsets)
+        scales = unswizzle_scales(reference.swizzled_scale, token_of_row.numel(), 16).view(torch.uint8)[:, 0]
+        expected = torch.zeros_like(scales)
+        real = token_of_row >= 0
+        row_scales = quantize(x, scale).block_scale.view(torch.uint8)[:, 0]
+        expected[real] = row_scales[token_of_row[real]]
+        assert torch.equal(scales, expected), f"case {case}: the emulated kernel mapping differs from the reference"
+        assert int(real.sum()) == int(sizes.clamp(max=capacity).sum())
+
+
+def test_kernel_amax_flushes_match_the_reference(fresh_seed):
+    from test_scales import random_offsets
+
+    from nvfp4lib.scales import reference_assemble_grouped
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    for case in range(10):
+        m = int(torch.randint(1, 600, (1,), generator=gen))
+        groups = int(torch.randint(1, 30, (1,), generator=gen))
+        offsets = random_offsets(m, groups, gen)
+        x = activations(m, 32, gen)
+        expected = reference_assemble_grouped(x, offsets, None, m).global_scales
+        amax = emulate_kernel_group_amax(x, offsets, m)
+        got = torch.where(amax > 0, amax / torch.tensor(2688.0), torch.ones_like(amax))
+        assert torch.equal(got, expected)
+
+
 @requires_cute
 def test_kernel_rejects_bad_k():
     from nvfp4lib.kernels.sm90.quantize import ScaleAssemblyKernel
