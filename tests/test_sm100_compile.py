@@ -28,6 +28,9 @@ def _check_ptx(ptx):
     assert "tcgen05.ld" in ptx  # accumulator read back in the epilogue
     assert "cp.async.bulk.tensor" in ptx  # TMA loads
     assert "tcgen05.alloc" in ptx and "tcgen05.dealloc" in ptx
+    # the epilogue stores each thread's bf16 row fragment with 16-byte vector stores, never element-wise
+    stores = re.findall(r"st\.global[\w.]*", ptx)
+    assert stores and all(".v4." in store for store in stores), sorted(set(stores))
 
 
 def _check_cubin(compiled):

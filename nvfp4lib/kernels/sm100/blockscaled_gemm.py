@@ -18,8 +18,9 @@ Computes ``C[M, N] = ((A x SFA) @ (B x SFB)^T) * alpha[N]`` rounded to bf16, whe
 Design (one output tile per CTA, warp-specialised, no cluster): warp 5 issues TMA loads of A, B,
 SFA, SFB into a multi-stage shared-memory ring (``PipelineTmaUmma``); warp 4 copies the scales to
 tensor memory (``tcgen05.cp``) and issues ``tcgen05.mma.kind::mxf4nvf4.block_scale`` (tile 128 x
-``tile_n`` x 256, fp32 accumulator in tensor memory); warps 0-3 load the accumulator (``tcgen05.ld``),
-multiply by the per-column alpha, convert to bf16 and store with a row predicate. The shared per-tile
+``tile_n`` x 256, fp32 accumulator in tensor memory); warps 0-3 load the accumulator (``tcgen05.ld``: one row per thread),
+multiply by the per-column alpha, convert to bf16 and store each thread's row fragment with 16-byte
+vector stores under a row predicate. The shared per-tile
 body (:meth:`BlockScaledGemmSm100.gemm_tile`) takes the tile's placement (row start, scale tile, valid
 rows, group), so the grouped kernel reuses it unchanged.
 
@@ -366,14 +367,17 @@ class BlockScaledGemmSm100:
             n_cols = cute.size(mC, mode=[1])
             acc_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
             acc_pipeline.consumer_wait(acc_state)
+            tTR_rC = cute.make_rmem_tensor(tTR_rAcc.shape, self.c_dtype)
             for subtile in cutlass.range(cute.size(tTR_tAcc, mode=[3])):
                 cute.copy(tiled_copy_t2r, tTR_tAcc[(None, None, None, subtile)], tTR_rAcc)
                 gC_sub = tTR_gC[(None, None, None, subtile)]
                 cC_sub = tTR_cC[(None, None, None, subtile)]
+                # a thread holds consecutive columns of ONE row (tcgen05.ld 32x32b: lane = row), and N is
+                # a multiple of the epilogue tile, so one predicate covers the thread's whole fragment
                 for i in cutlass.range(cute.size(tTR_rAcc), unroll_full=True):
-                    row, col = cC_sub[i][0], cC_sub[i][1]
-                    if row < rows_valid and col < n_cols:
-                        gC_sub[i] = (tTR_rAcc[i] * (row_scale * mAlpha[col, group])).to(self.c_dtype)
+                    tTR_rC[i] = (tTR_rAcc[i] * (row_scale * mAlpha[cC_sub[i][1], group])).to(self.c_dtype)
+                if cC_sub[0][0] < rows_valid and cC_sub[0][1] < n_cols:
+                    cute.autovec_copy(tTR_rC, gC_sub)
             cute.arch.fence_view_async_tmem_load()
             acc_pipeline.consumer_release(acc_state)
 
