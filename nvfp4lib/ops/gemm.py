@@ -21,6 +21,8 @@ import torch
 from ..formats import BLOCK_SIZE, check_global_scale, check_nvfp4_tensors, e2m1_decode, unpack_nibbles
 
 LAYOUT_MODELOPT = "modelopt"  # weight uint8 [N, K/2], block scales e4m3 [N, K/16], row-major
+LAYOUT_SM90 = "sm90"  # kernels/sm90/dequant.py: int32 words [RG, K/64, 32, 4], scale words [RG, K/256, 32, 2]
+DECODE_MAX_M = 64  # M up to this runs the memory-bound decode kernel; larger M the prefill path
 
 
 @dataclass
@@ -55,12 +57,28 @@ def alpha_per_column(global_scales: Sequence, segment_sizes: Sequence[int], devi
     return torch.repeat_interleave(torch.stack(scales), counts).to(device=device, dtype=torch.float32)
 
 
-def prepare_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None) -> PreparedWeight:
+def sm90_layout_usable(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """True when the weight lives on a Hopper GPU with CuTeDSL installed and the sm90 decode layout can
+    hold it exactly (K a multiple of 256, no NaN or subnormal block scale)."""
+    from ..kernels.cute_compile import cute_available
+
+    if not (weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] == 9 and cute_available()):
+        return False
+    from ..kernels.sm90 import dequant
+
+    return weight.shape[1] * 2 % dequant.QUAD_K == 0 and dequant.decode_layout_supported(weight_scale)
+
+
+def prepare_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None,
+                   layout: Optional[str] = None) -> PreparedWeight:
     """Prepare a ModelOpt NVFP4 linear for :func:`nvfp4_linear`.
 
     weight: uint8 [N, K/2]; weight_scale: float8_e4m3fn [N, K/16] (row-major, not swizzled);
     weight_scale_2: one fp32 scalar, or a sequence / 1-D tensor with one scalar per segment;
-    segment_sizes: row counts of the fused parts (sum N), required when several scales are given.
+    segment_sizes: row counts of the fused parts (sum N), required when several scales are given;
+    layout: None picks ``"sm90"`` (repacked for the Hopper kernels, the ModelOpt copy is not kept) when
+    :func:`sm90_layout_usable`, else ``"modelopt"``; naming a layout forces it (``"sm90"`` raises a
+    ValueError naming the constraint it breaks).
     """
     check_nvfp4_tensors(weight, weight_scale, "weight")
     if weight.dim() != 2:
@@ -77,6 +95,15 @@ def prepare_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scal
     if sum(segment_sizes) != n or any(s <= 0 for s in segment_sizes):
         raise ValueError(f"segment_sizes {segment_sizes} must be positive and sum to N={n}")
     alpha = alpha_per_column(scales, segment_sizes, device=weight.device)
+    if layout is None:
+        layout = LAYOUT_SM90 if sm90_layout_usable(weight, weight_scale) else LAYOUT_MODELOPT
+    if layout == LAYOUT_SM90:
+        from ..kernels.sm90 import dequant
+
+        words, scale_words = dequant.repack_weight(weight, weight_scale)
+        return PreparedWeight(words, scale_words, alpha, n, k, segment_sizes, LAYOUT_SM90)
+    if layout != LAYOUT_MODELOPT:
+        raise ValueError(f"unknown layout {layout!r}: expected {LAYOUT_MODELOPT!r} or {LAYOUT_SM90!r}")
     return PreparedWeight(weight.contiguous(), weight_scale.contiguous(), alpha, n, k, segment_sizes)
 
 
@@ -109,11 +136,22 @@ def _check_gemm_args(x, weight, weight_scale, alpha, bias):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
 
 
+def _dense_gemm(x: torch.Tensor, dequantized: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """GPU path through a bf16 weight (exact values e2m1 * block scale): cuBLAS, then alpha and bias in fp32."""
+    acc = torch.nn.functional.linear(x, dequantized.to(torch.bfloat16)).float() * alpha
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(torch.bfloat16)
+
+
 @torch.library.custom_op("nvfp4lib::gemm_w4a16", mutates_args=())
 def gemm_w4a16(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x bf16 [M, K]; weight uint8 [N, K/2]; weight_scale e4m3 [N, K/16]; alpha fp32 [N]; bias [N] or None
-    -> bf16 [M, N]."""
+    -> bf16 [M, N]. CPU: the exact reference. CUDA (ModelOpt layout, i.e. not prepared for sm90): through a
+    bf16 dequantized weight and cuBLAS (correct, not the fast path)."""
     _check_gemm_args(x, weight, weight_scale, alpha, bias)
+    if x.is_cuda:
+        return _dense_gemm(x, dequantize_rows(weight, weight_scale), alpha, bias)
     return reference_gemm(x, weight, weight_scale, alpha, bias)
 
 
@@ -122,8 +160,67 @@ def _(x, weight, weight_scale, alpha, bias=None):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
 
 
+def _check_sm90_args(x, words, scale_words, alpha, bias, n):
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be bf16 (weight-only NVFP4 keeps activations in bf16), got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if words.dim() != 4 or words.dtype != torch.int32 or scale_words.dim() != 4 or scale_words.dtype != torch.int32:
+        raise ValueError("words / scale_words must be the int32 sm90 layout (kernels/sm90/dequant.repack_weight)")
+    k = words.shape[1] * 64
+    if x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but the weight has K={k}")
+    if not (words.shape[0] - 1) * 16 < n <= words.shape[0] * 16:
+        raise ValueError(f"n={n} does not match {words.shape[0]} row groups of 16")
+    if alpha.shape != (n,) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [{n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+
+
+def dequantize_sm90(words: torch.Tensor, scale_words: torch.Tensor, n: int) -> torch.Tensor:
+    """fp32 [N, K] = e2m1 * block scale from the sm90 layout (exact; torch ops on the tensors' device)."""
+    from ..kernels.sm90 import dequant
+
+    codes, scale_bits = dequant.unpack_repacked(words, scale_words, n, words.shape[1] * 64)
+    values = e2m1_decode(codes).reshape(n, -1, BLOCK_SIZE)
+    scales = scale_bits.view(torch.float8_e4m3fn).float().unsqueeze(-1)
+    return (values * scales).reshape(n, -1)
+
+
+@torch.library.custom_op("nvfp4lib::gemm_w4a16_sm90", mutates_args=())
+def gemm_w4a16_sm90(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """The same GEMM as ``gemm_w4a16`` with the weight in the sm90 layout -> bf16 [M, n].
+    CUDA: M <= DECODE_MAX_M runs the CuTeDSL decode kernel, larger M the prefill path. CPU: the exact
+    reference (the layout is unpacked first)."""
+    _check_sm90_args(x, words, scale_words, alpha, bias, n)
+    if x.is_cuda:
+        if x.shape[0] == 0:
+            return x.new_empty((0, n))
+        if x.shape[0] <= DECODE_MAX_M:
+            from ..kernels.sm90 import gemm_decode
+
+            return gemm_decode.run_decode(x.contiguous(), words, scale_words, alpha, n, bias)
+        from ..kernels.sm90 import gemm_prefill
+
+        return gemm_prefill.run_prefill(x.contiguous(), words, scale_words, alpha, n, bias)
+    acc = x.float() @ dequantize_sm90(words, scale_words, n).t() * alpha.float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(torch.bfloat16)
+
+
+@gemm_w4a16_sm90.register_fake
+def _(x, words, scale_words, alpha, bias, n):
+    return x.new_empty((x.shape[0], n), dtype=torch.bfloat16)
+
+
 def nvfp4_linear(x: torch.Tensor, prepared: PreparedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x[..., K]`` bf16 @ the prepared NVFP4 weight -> bf16 ``[..., N]`` (leading dims flattened for the op)."""
     lead = x.shape[:-1]
-    y = torch.ops.nvfp4lib.gemm_w4a16(x.reshape(-1, x.shape[-1]), prepared.weight, prepared.block_scale, prepared.alpha, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if prepared.layout == LAYOUT_SM90:
+        y = torch.ops.nvfp4lib.gemm_w4a16_sm90(x2, prepared.weight, prepared.block_scale, prepared.alpha, bias, prepared.n)
+    else:
+        y = torch.ops.nvfp4lib.gemm_w4a16(x2, prepared.weight, prepared.block_scale, prepared.alpha, bias)
     return y.reshape(*lead, prepared.n)

@@ -1,0 +1,306 @@
+"""Decode (small M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha (+ bias)``.
+
+Memory-bound design (the weights are 4.5 bits per element; everything else is small):
+
+- Swap AB: ``mma.sync.m16n8k16`` bf16 -> fp32 with 16 weight rows as operand A (decoded in registers)
+  and 8 tokens as operand B; ``tiles`` (1 or 2) token tiles of 8 share each decoded A fragment.
+- One warp owns a row group of 16 weight rows and a K range; a CTA holds ``WARPS`` warps on consecutive
+  row groups and the same K range, so the activations a warp loads come from L1 for the other warps.
+- Per 256 k a lane issues four 16-byte weight loads (one per 64-k chunk, coalesced: 512 contiguous bytes
+  per warp and chunk) and one 8-byte scale load, prefetched one step ahead (register double buffer).
+- Register decode (see :mod:`.dequant`): 5 rotations + 7 logic ops + 4 ``mul.rn.bf16x2`` per MMA turn one
+  word of E2M1 codes and two E4M3 scales into the exact bf16 products ``v * s * 2**-7``.
+- Split K: grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
+  workspace and the last warp to arrive (per row group, counted with a gpu-scope acq_rel atomic) sums
+  the others (L2 loads) and runs the epilogue; it resets its counter, so the kernel is replayable in a
+  CUDA graph. Epilogue: ``acc * alpha[n] * 2**7 (+ bias[n])`` rounded once to bf16.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..cute_compile import compile_kernel, import_cute
+from . import dequant as D
+
+cutlass, cute = import_cute()
+
+from cutlass import Boolean, Float32, Int32  # noqa: E402
+from cutlass._mlir.dialects import llvm  # noqa: E402
+from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
+
+WARPS = 8
+THREADS = 32 * WARPS
+TOKENS_PER_TILE = 8
+MAX_TILES = 2
+
+
+@dsl_user_op
+def prmt(a: Int32, b: Int32, selector: int, *, loc=None, ip=None) -> Int32:
+    """``prmt.b32 d, a, b, selector`` (byte permute)."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Int32(a).ir_value(loc=loc, ip=ip), Int32(b).ir_value(loc=loc, ip=ip)],
+        f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
+def decode_word(word: Int32, scale_g: Int32, scale_g8: Int32, *, loc=None, ip=None):
+    """One word of repacked E2M1 codes -> the four bf16x2 A registers (rows g, g+8) times their scales.
+    ``scale_g`` / ``scale_g8``: bf16x2 pairs ``(s * 2**119, s * 2**119)``."""
+    em, sg = f"{D.EM_MASK:#x}", f"{D.SIGN_MASK:#x}"
+    em_sg = f"{D.EM_MASK | D.SIGN_MASK:#x}"
+    asm = (
+        "{\n.reg .b32 r1, r4, r10, r14, r15, t0, t1, t2, t3;\n"
+        "shf.l.wrap.b32 r1, $4, $4, 1;\n"
+        "shf.l.wrap.b32 r4, $4, $4, 4;\n"
+        "shf.l.wrap.b32 r10, $4, $4, 10;\n"
+        "shf.l.wrap.b32 r14, $4, $4, 14;\n"
+        "shf.l.wrap.b32 r15, $4, $4, 15;\n"
+        f"and.b32 t0, r1, {em};\n"
+        f"lop3.b32 t0, t0, $4, {sg}, 0xF8;\n"
+        f"and.b32 t1, r4, {em_sg};\n"
+        f"and.b32 t2, r10, {em};\n"
+        f"lop3.b32 t2, t2, r14, {sg}, 0xF8;\n"
+        f"and.b32 t3, r14, {em};\n"
+        f"lop3.b32 t3, t3, r15, {sg}, 0xF8;\n"
+        "mul.rn.bf16x2 $0, t0, $5;\n"
+        "mul.rn.bf16x2 $1, t1, $6;\n"
+        "mul.rn.bf16x2 $2, t2, $5;\n"
+        "mul.rn.bf16x2 $3, t3, $6;\n}"
+    )
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32()] * 4),
+        [Int32(word).ir_value(loc=loc, ip=ip), Int32(scale_g).ir_value(loc=loc, ip=ip),
+         Int32(scale_g8).ir_value(loc=loc, ip=ip)],
+        asm, "=r,=r,=r,=r,r,r,r", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT)
+    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
+def mma_bf16_16816(a, b0: Int32, b1: Int32, c, *, loc=None, ip=None):
+    """``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32``: a = 4 Int32 (bf16x2), c = 4 Float32."""
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.f32()] * 4),
+        [Int32(v).ir_value(loc=loc, ip=ip) for v in a] + [Int32(b0).ir_value(loc=loc, ip=ip), Int32(b1).ir_value(loc=loc, ip=ip)]
+        + [Float32(v).ir_value(loc=loc, ip=ip) for v in c],
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};",
+        "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT)
+    return [Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+class GemmDecodeKernel:
+    """Static configuration: k (a multiple of 256), tiles (token tiles of 8 per CTA: 1 or 2), has_bias.
+    Dynamic: m, n, row groups, quads (of 256 k) per split, splits."""
+
+    def __init__(self, k: int, tiles: int, has_bias: bool):
+        D.check_decode_shape(16, k)
+        if tiles not in range(1, MAX_TILES + 1):
+            raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
+        self.k = k
+        self.chunks = k // D.CHUNK_K
+        self.quads = k // D.QUAD_K
+        self.tiles = tiles
+        self.has_bias = has_bias
+
+    @cute.jit
+    def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
+                 bias_ptr: cute.Pointer, y_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer,
+                 m: Int32, n: Int32, row_groups: Int32, quads_per_split: Int32, splits: Int32, stream):
+        """x_ptr: int32 view of bf16 x [m, k]; w_ptr: int32 [RG, k/64, 32, 4]; s_ptr: int32 [RG, k/256, 32, 2];
+        alpha_ptr: fp32 [n]; bias_ptr: fp32 [n] (read only with has_bias); y_ptr: bf16 [m, n];
+        ws_ptr: fp32 workspace [token blocks, splits, RG, 32, 4*tiles]; cnt_ptr: int32 [token blocks, RG],
+        zero before the first launch (the kernel leaves it zero)."""
+        tpb = self.tiles * TOKENS_PER_TILE
+        token_blocks = (m + tpb - 1) // tpb
+        mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks, 4, 8), stride=(self.k // 2, 32, 8, 1)))
+        mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
+        mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
+        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
+        mBias = cute.make_tensor(bias_ptr, cute.make_layout((n,)))
+        mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
+        frag = 4 * self.tiles
+        mWs = cute.make_tensor(ws_ptr, cute.make_layout((token_blocks, splits, row_groups, 32, frag),
+                                                        stride=(splits * row_groups * 32 * frag, row_groups * 32 * frag, 32 * frag, frag, 1)))
+        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((token_blocks, row_groups), stride=(row_groups, 1)))
+        self.kernel(mX, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, row_groups, quads_per_split, splits).launch(
+            grid=[token_blocks, (row_groups + WARPS - 1) // WARPS, splits], block=[THREADS, 1, 1], stream=stream)
+
+    @cute.jit
+    def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor):
+        for ci in cutlass.range_constexpr(4):
+            cute.autovec_copy(mW[rg, 4 * q + ci, lane, None], wreg[ci, None])
+        cute.autovec_copy(mS[rg, q, lane, None], sreg)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
+               mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, m: Int32, n: Int32, row_groups: Int32,
+               quads_per_split: Int32, splits: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        tb, rgb, split = cute.arch.block_idx()
+        lane = tidx % 32
+        warp = tidx // 32
+        rg = rgb * WARPS + warp
+        g = lane // 4
+        t = lane % 4
+        tpb = self.tiles * TOKENS_PER_TILE
+        if rg < row_groups:
+            q_begin = split * quads_per_split
+            q_end = cutlass.min(q_begin + quads_per_split, self.quads)
+            acc = cute.make_rmem_tensor((self.tiles, 4), Float32)
+            for i in cutlass.range_constexpr(self.tiles * 4):
+                acc[i // 4, i % 4] = Float32(0.0)
+            wcur = cute.make_rmem_tensor(cute.make_ordered_layout((4, 4), order=(1, 0)), Int32)
+            wnxt = cute.make_rmem_tensor(cute.make_ordered_layout((4, 4), order=(1, 0)), Int32)
+            scur = cute.make_rmem_tensor((2,), Int32)
+            snxt = cute.make_rmem_tensor((2,), Int32)
+            xr = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
+            if q_begin < q_end:
+                self._load_quad(mW, mS, rg, q_begin, lane, wcur, scur)
+            for q in cutlass.range(q_begin, q_end, 1):
+                if q + 1 < q_end:
+                    self._load_quad(mW, mS, rg, q + 1, lane, wnxt, snxt)
+                for tau in cutlass.range_constexpr(self.tiles):
+                    row = tb * tpb + tau * TOKENS_PER_TILE + g
+                    if row < m:
+                        for ci in cutlass.range_constexpr(4):
+                            cute.autovec_copy(mX[row, 4 * q + ci, t, None], xr[tau, ci, None])
+                    else:
+                        for i in cutlass.range_constexpr(32):
+                            xr[tau, i // 8, i % 8] = Int32(0)
+                for ci in cutlass.range_constexpr(4):
+                    word = scur[ci // 2]
+                    sel = (ci % 2) * 2
+                    scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x1010) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                    scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x1010) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                    for kk in cutlass.range_constexpr(4):
+                        a = decode_word(wcur[ci, kk], scale_g, scale_g8)
+                        for tau in cutlass.range_constexpr(self.tiles):
+                            c = mma_bf16_16816(a, xr[tau, ci, 2 * kk], xr[tau, ci, 2 * kk + 1],
+                                               [acc[tau, 0], acc[tau, 1], acc[tau, 2], acc[tau, 3]])
+                            for i in cutlass.range_constexpr(4):
+                                acc[tau, i] = c[i]
+                if q + 1 < q_end:
+                    for i in cutlass.range_constexpr(16):
+                        wcur[i // 4, i % 4] = wnxt[i // 4, i % 4]
+                    scur[0] = snxt[0]
+                    scur[1] = snxt[1]
+
+            last = Boolean(True)
+            if splits > 1:
+                frag = cute.make_rmem_tensor((4 * self.tiles,), Float32)
+                for i in cutlass.range_constexpr(4 * self.tiles):
+                    frag[i] = acc[i // 4, i % 4]
+                cute.autovec_copy(frag, mWs[tb, split, rg, lane, None])
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_warp()
+                arrived = Int32(0)
+                if lane == 0:
+                    arrived = cute.arch.atomic_add((mCnt.iterator + tb * row_groups + rg).llvm_ptr, Int32(1),
+                                                   sem="acq_rel", scope="gpu")
+                arrived = cute.arch.shuffle_sync(arrived, 0)
+                last = arrived == splits - 1
+                if last:
+                    cute.arch.fence_acq_rel_gpu()
+                    for other in cutlass.range(0, splits, 1):
+                        if other != split:
+                            base = mWs.iterator + cute.crd2idx((tb, other, rg, lane, 0), mWs.layout)
+                            for i in cutlass.range_constexpr(4 * self.tiles):
+                                acc[i // 4, i % 4] = acc[i // 4, i % 4] + cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")
+                    if lane == 0:
+                        mCnt[tb, rg] = Int32(0)
+            if last:
+                for tau in cutlass.range_constexpr(self.tiles):
+                    for i in cutlass.range_constexpr(4):
+                        tok = tb * tpb + tau * TOKENS_PER_TILE + 2 * t + (i % 2)
+                        col = rg * D.ROWS_PER_GROUP + g + 8 * (i // 2)
+                        if (tok < m) & (col < n):
+                            value = acc[tau, i] * (mAlpha[col] * Float32(2.0 ** D.MAGNITUDE_SHIFT))
+                            if cutlass.const_expr(self.has_bias):
+                                value = value + mBias[col]
+                            mY[tok, col] = value.to(cutlass.BFloat16)
+
+
+def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=None, ws=None, cnt=None):
+    from cutlass.cute.runtime import make_ptr
+
+    gmem = cute.AddressSpace.gmem
+
+    def pointer(dtype, t, align):
+        return make_ptr(dtype, 0 if t is None else t.data_ptr(), gmem, assumed_align=align)
+
+    return (pointer(Int32, x, 16), pointer(Int32, words, 16), pointer(Int32, scale_words, 8), pointer(Float32, alpha, 4),
+            pointer(Float32, bias, 4), pointer(cutlass.BFloat16, y, 2), pointer(Float32, ws, 16), pointer(Int32, cnt, 4))
+
+
+def compile_decode(k: int, tiles: int, has_bias: bool, arch: str | None = None, keep_ptx: bool = False):
+    """Compile (cached) the decode kernel for K = k. Works without a GPU (fake pointers)."""
+    from cutlass.cute.runtime import make_fake_stream
+
+    kernel = GemmDecodeKernel(k, tiles, has_bias)
+    sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1))
+    key = ("GemmDecodeKernel", k, tiles, has_bias)
+    return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+
+
+def tiles_for(m: int) -> int:
+    return 1 if m <= TOKENS_PER_TILE else MAX_TILES
+
+
+def splits_for(row_groups: int, quads: int, token_blocks: int, sm_count: int = 132, warps_per_sm: int = 16):
+    """(quads per split, splits): enough warps to keep every SM streaming, at least one quad each."""
+    want = max(1, -(-sm_count * warps_per_sm // (row_groups * token_blocks)))
+    per_split = max(1, -(-quads // want))
+    return per_split, -(-quads // per_split)
+
+
+_state: dict = {}
+
+
+def _counters(device, size: int) -> torch.Tensor:
+    """A zeroed int32 counter buffer per device, grown on demand (the kernel leaves it zero)."""
+    key = ("cnt", device)
+    buf = _state.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _state[key] = buf
+    return buf
+
+
+def _current_stream():
+    import cuda.bindings.driver as cuda_driver
+
+    return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               splits: tuple | None = None) -> torch.Tensor:
+    """x bf16 [M, K] (contiguous, 16-byte aligned) on the GPU; words / scale_words from
+    :func:`~.dequant.repack_weight`; alpha fp32 [n]; bias [n] or None -> bf16 [M, n]. No host sync, no
+    allocation outside torch's allocator (CUDA-graph capturable after a first eager call)."""
+    m, k = x.shape
+    row_groups = words.shape[0]
+    tiles = tiles_for(m)
+    tpb = tiles * TOKENS_PER_TILE
+    token_blocks = -(-m // tpb)
+    quads = k // D.QUAD_K
+    per_split, nsplit = splits or splits_for(row_groups, quads, token_blocks, _sm_count(x.device))
+    compiled = compile_decode(k, tiles, bias is not None)
+    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    ws = torch.empty(token_blocks * nsplit * row_groups * 32 * 4 * tiles if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
+    cnt = _counters(x.device, token_blocks * row_groups)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    compiled(*_pointers(x, words, scale_words, alpha, bias32 if bias32 is not None else alpha, y, ws, cnt),
+             Int32(m), Int32(n), Int32(row_groups), Int32(per_split), Int32(nsplit), _current_stream())
+    return y
+
+
+def _sm_count(device) -> int:
+    key = ("sms", device)
+    if key not in _state:
+        _state[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _state[key]
