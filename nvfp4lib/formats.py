@@ -134,22 +134,61 @@ def check_nvfp4_tensors(packed: torch.Tensor, block_scale: torch.Tensor, name: s
 # ----------------------------------------------------------------------------------------------
 # Quantize / dequantize
 # ----------------------------------------------------------------------------------------------
-def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's global scale, a decode multiplier: amax / (6 * 448), fp32 0-dim.
+def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim fp32 constant on like's device, made by a fill (no host-to-device copy: capturable).
 
-    An all-zero tensor (amax 0) gets 1.0: any positive multiplier decodes its zeros exactly.
+    Divisions use these instead of Python floats: on CUDA, torch turns ``t / 6.0`` into a multiply by
+    the rounded reciprocal, which is not bit-exact with the CPU; ``t / tensor`` is a true division.
     """
-    amax = amax.float().reshape(())
-    return torch.where(amax > 0, amax / GLOBAL_SCALE_DENOMINATOR, torch.ones_like(amax))
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
+def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's global scale, a decode multiplier: amax / (6 * 448), fp32, same shape as amax.
+
+    An all-zero tensor (amax 0) gets 1.0: any positive multiplier decodes its zeros exactly. Exact and
+    free of host synchronisation on every device.
+    """
+    amax = amax.float()
+    return torch.where(amax > 0, amax / _constant(GLOBAL_SCALE_DENOMINATOR, amax), torch.ones_like(amax))
 
 
 def block_scales_for(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 block scales from per-block amax (fp32 [..., K/16]) and the fp32 global scale.
+    """E4M3 block scales from per-block amax (fp32 [..., K/16]) and the fp32 global scale (broadcastable).
 
     E4M3(clamp(amax_block / 6 / global, [2**-6, 448])); the explicit clamp matters: older torch
     casts turned values >= 480 into NaN instead of saturating.
     """
-    return torch.clamp(block_amax / E2M1_MAX / global_scale, min=E4M3_MIN_NORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = block_amax / _constant(E2M1_MAX, block_amax) / global_scale
+    return torch.clamp(scale, min=E4M3_MIN_NORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_rows(x: torch.Tensor, row_global_scale: torch.Tensor):
+    """The NVFP4 recipe on the rows of x [M, K], each row with its own global scale; no value checks.
+
+    x: bf16/fp16/fp32 [M, K], K % 16 == 0; row_global_scale: fp32 [] (all rows) or [M], on x's device.
+    Returns (packed uint8 [M, K/2], block_scale float8_e4m3fn [M, K/16]), row-major. Bit-exact on every
+    device and free of host synchronisation (it can be captured in a CUDA graph). :func:`quantize` is
+    this plus validation; the activation scale assembly uses it per MoE group.
+    """
+    m, k = x.shape
+    k16 = k // BLOCK_SIZE
+    row_global_scale = row_global_scale.float()
+    per_row = row_global_scale.expand(m) if row_global_scale.dim() == 0 else row_global_scale
+    inverse_global = torch.reciprocal(per_row)
+    packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
+    block_scale = torch.empty(m, k16, dtype=torch.float8_e4m3fn, device=x.device)
+    # Rows in cache-sized chunks: each elementwise pass then reads cache, not DRAM (3x faster on a CPU).
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, m, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        blocks = x[rows].reshape(-1, k16, BLOCK_SIZE)
+        scale = block_scales_for(blocks.abs().amax(dim=-1).float(), per_row[rows, None])
+        reciprocal = inverse_global[rows, None] / scale.float()
+        codes = e2m1_encode(torch.clamp(blocks.float() * reciprocal.unsqueeze(-1), -E2M1_MAX, E2M1_MAX))
+        packed[rows] = pack_nibbles(codes.reshape(codes.shape[0], k))
+        block_scale[rows] = scale
+    return packed, block_scale
 
 
 def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
@@ -168,24 +207,15 @@ def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
     all-zero block gets scale 2**-6 (ModelOpt writes 1.0) and decodes to zero either way.
     """
     _check_float_input(x, "x")
-    blocks = x.reshape(-1, x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    block_amax = blocks.abs().amax(dim=-1).float()  # exact: max of values in x's own dtype
+    rows = x.reshape(-1, x.shape[-1])
+    block_amax = rows.reshape(rows.shape[0], -1, BLOCK_SIZE).abs().amax(dim=-1)  # exact in x's dtype
     _check_finite_blocks(block_amax, "x")
     if global_scale is None:
-        global_scale = global_scale_from_amax(block_amax.amax() if block_amax.numel() else torch.zeros(()))
+        amax = block_amax.amax().float() if block_amax.numel() else torch.zeros((), device=x.device)
+        global_scale = global_scale_from_amax(amax)
     else:
-        global_scale = check_global_scale(global_scale)
-    global_scale = global_scale.to(x.device)
-    block_scale = block_scales_for(block_amax, global_scale)
-    reciprocal = (1.0 / global_scale) / block_scale.float()
-    packed = torch.empty(blocks.shape[0], x.shape[-1] // 2, dtype=torch.uint8, device=x.device)
-    # Rows in cache-sized chunks: each elementwise pass then reads L2, not DRAM (3-4x faster on a CPU).
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // x.shape[-1])
-    for start in range(0, blocks.shape[0], rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        scaled = blocks[rows].float() * reciprocal[rows].unsqueeze(-1)
-        codes = e2m1_encode(torch.clamp(scaled, -E2M1_MAX, E2M1_MAX))
-        packed[rows] = pack_nibbles(codes.reshape(codes.shape[0], -1))
+        global_scale = check_global_scale(global_scale).to(x.device)
+    packed, block_scale = quantize_rows(rows, global_scale)
     lead = x.shape[:-1]
     return NVFP4Tensor(packed.reshape(*lead, -1), block_scale.reshape(*lead, -1), global_scale)
 

@@ -51,19 +51,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .formats import (
-    BLOCK_SIZE,
-    E2M1_MAX,
-    E4M3_MAX,
-    E4M3_MIN_NORMAL,
-    GLOBAL_SCALE_DENOMINATOR,
-    check_global_scale,
-    e2m1_encode,
-    pack_nibbles,
-)
+from .formats import BLOCK_SIZE, check_global_scale, global_scale_from_amax, quantize_rows
 from .layout import ATOM_ROWS, padded_rows, padded_scale_cols, scale_offset, swizzle_scales
 
-_ROWS_PER_CHUNK_ELEMENTS = 1 << 18  # reference works in chunks of ~1 MB fp32 (cache-resident on a CPU)
 BACKEND_ENV = "NVFP4LIB_SCALES_BACKEND"  # "reference" forces the torch reference on every device
 
 
@@ -118,55 +108,15 @@ def kernel_backend_available(x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The exact reference (any device, no host synchronisation)
 # ----------------------------------------------------------------------------------------------
-def _const(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim fp32 constant on like's device, made by a fill (no host-to-device copy: capturable)."""
-    return torch.full((), value, dtype=torch.float32, device=like.device)
-
-
-def global_scale_from_amax_exact(amax: torch.Tensor) -> torch.Tensor:
-    """``amax / 2688`` (1.0 where amax is 0), fp32, any shape; a true division on every device."""
-    amax = amax.float()
-    return torch.where(amax > 0, amax / _const(GLOBAL_SCALE_DENOMINATOR, amax), torch.ones_like(amax))
-
-
-def quantize_rows_reference(x: torch.Tensor, row_global_scale: torch.Tensor):
-    """Quantize every row of x [M, K] with its own global scale.
-
-    x: bf16/fp16/fp32 [M, K], K % 16 == 0; row_global_scale: fp32 [M] (or [] for all rows), on x's
-    device. Returns (packed uint8 [M, K/2], block_scale float8_e4m3fn [M, K/16]), row-major.
-    Recipe of :func:`nvfp4lib.formats.quantize`: s = E4M3(clamp(amax_block / 6 / g, [2**-6, 448])),
-    q = E2M1_RNE(clamp(x * ((1/g) / s), +-6)).
-    """
-    m, k = x.shape
-    k16 = k // BLOCK_SIZE
-    gs = row_global_scale.float().to(x.device).expand(m) if row_global_scale.dim() == 0 else row_global_scale.float()
-    six = _const(E2M1_MAX, x)
-    inverse_global = torch.reciprocal(gs)  # what ``1.0 / g`` computes in formats.quantize
-    packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    block_scale = torch.empty(m, k16, dtype=torch.float8_e4m3fn, device=x.device)
-    rows_per_chunk = max(1, _ROWS_PER_CHUNK_ELEMENTS // max(k, 1))
-    for start in range(0, m, rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        blocks = x[rows].reshape(-1, k16, BLOCK_SIZE)
-        block_amax = blocks.abs().amax(dim=-1).float()
-        scale = torch.clamp(block_amax / six / gs[rows, None], min=E4M3_MIN_NORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
-        reciprocal = inverse_global[rows, None] / scale.float()
-        scaled = blocks.float() * reciprocal.unsqueeze(-1)
-        codes = e2m1_encode(torch.clamp(scaled, -E2M1_MAX, E2M1_MAX))
-        packed[rows] = pack_nibbles(codes.reshape(codes.shape[0], k))
-        block_scale[rows] = scale
-    return packed, block_scale
-
-
 def reference_assemble(x: torch.Tensor, input_scale: Optional[torch.Tensor]) -> ScaleAssembly:
     """The exact one-group reference (see the module docstring for shapes). No value checks."""
     _check_shapes(x)
     if input_scale is None:
         amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
-        global_scale = global_scale_from_amax_exact(amax)
+        global_scale = global_scale_from_amax(amax)
     else:
         global_scale = input_scale.float().reshape(()).to(x.device)
-    packed, block_scale = quantize_rows_reference(x, global_scale)
+    packed, block_scale = quantize_rows(x, global_scale)
     return ScaleAssembly(packed, swizzle_scales(block_scale), global_scale.clone())
 
 
@@ -206,11 +156,11 @@ def reference_assemble_grouped(x: torch.Tensor, offsets: torch.Tensor, input_sca
     if input_scale is None:
         row_amax = x.abs().amax(dim=-1).float() if k else torch.zeros(m, device=x.device)
         group_amax = torch.zeros(num_groups + 1, device=x.device).scatter_reduce(0, group, row_amax, "amax")
-        global_scales = global_scale_from_amax_exact(group_amax[:num_groups])
+        global_scales = global_scale_from_amax(group_amax[:num_groups])
     else:
         global_scales = input_scale.float().to(x.device).reshape(-1).expand(num_groups).clone()
     row_global = torch.cat((global_scales, global_scales.new_ones(1)))[group]
-    packed, block_scale = quantize_rows_reference(x, row_global)
+    packed, block_scale = quantize_rows(x, row_global)
     packed = torch.where(kept[:, None], packed, torch.zeros_like(packed))
 
     # scatter the scale rows; dropped rows write into a trash row past the end (sliced off)
