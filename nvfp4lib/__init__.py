@@ -12,8 +12,12 @@ from .formats import (
     global_scale_from_amax,
     pack_nibbles,
     quantize,
+    quantize_rows,
     unpack_nibbles,
 )
 from .layout import padded_rows, padded_scale_cols, scale_offset, swizzle_scales, swizzled_size, unswizzle_scales
+from .scales import GroupedScaleAssembly, ScaleAssembly, assemble_scales, assemble_scales_grouped, grouped_scale_rows
+from .audit import audit_input_scale
+from .checkpoint import Checkpoint, CheckpointError, save_checkpoint
 
 __version__ = "0.1.0"
