@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The end-of-session GPU batch (H100 host, bundle extracted): every GPU test and every benchmark except
+# the GEMM sweep, each under its own time limit so one failure cannot eat the call. Results under $OUT:
+#   pytest_gpu.log, scales_h100.json, attention_h100.json, moe_h100.json, vllm_apply_graph.json
+# Usage there: source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> bash scripts/gpu/final_batch.sh [parts...]
+# parts (default all): tests scales attention moe vllm
+set -uo pipefail
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+parts=${*:-tests scales attention moe vllm}
+summary=()
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@"; local rc=$?
+  summary+=("$(printf '%-10s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+}
+for part in $parts; do
+  case $part in
+    tests)     step tests 240 bash -c "python3 -m pytest -q -rs -p no:cacheprovider tests > $OUT/pytest_gpu.log 2>&1; rc=\$?; tail -15 $OUT/pytest_gpu.log; exit \$rc" ;;
+    scales)    step scales 150 python3 scripts/gpu/scales_check.py ;;
+    attention) step attention 240 python3 -m nvfp4lib.bench attention --out "$OUT/attention_h100.json" ;;
+    moe)       step moe 240 python3 -m nvfp4lib.bench moe --out "$OUT/moe_h100.json" ;;
+    vllm)      step vllm 120 python3 scripts/gpu/vllm_apply_graph.py ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+echo; echo "=== summary"; printf '%s\n' "${summary[@]}"
