@@ -54,7 +54,7 @@ def alpha_per_column(global_scales: Sequence, segment_sizes: Sequence[int], devi
         raise ValueError(f"{len(global_scales)} global scales for {len(segment_sizes)} segments")
     scales = [check_global_scale(g, f"weight_scale_2[{i}]") for i, g in enumerate(global_scales)]
     counts = torch.tensor([int(s) for s in segment_sizes])
-    return torch.repeat_interleave(torch.stack(scales), counts).to(device=device, dtype=torch.float32)
+    return torch.repeat_interleave(torch.stack([s.detach().cpu() for s in scales]), counts).to(device=device, dtype=torch.float32)
 
 
 def sm90_layout_usable(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:

@@ -172,8 +172,8 @@ class GemmDecodeKernel:
                 for ci in cutlass.range_constexpr(4):
                     word = scur[ci // 2]
                     sel = (ci % 2) * 2
-                    scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x1010) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                    scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x1010) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                    scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                    scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
                     for kk in cutlass.range_constexpr(4):
                         a = decode_word(wcur[ci, kk], scale_g, scale_g8)
                         for tau in cutlass.range_constexpr(self.tiles):
@@ -202,9 +202,15 @@ class GemmDecodeKernel:
                 arrived = cute.arch.shuffle_sync(arrived, 0)
                 last = arrived == splits - 1
                 if last:
+                    # sum the splits in a fixed order (deterministic whichever warp arrives last)
                     cute.arch.fence_acq_rel_gpu()
+                    for i in cutlass.range_constexpr(4 * self.tiles):
+                        acc[i // 4, i % 4] = Float32(0.0)
                     for other in cutlass.range(0, splits, 1):
-                        if other != split:
+                        if other == split:
+                            for i in cutlass.range_constexpr(4 * self.tiles):
+                                acc[i // 4, i % 4] = acc[i // 4, i % 4] + frag[i]
+                        else:
                             base = mWs.iterator + cute.crd2idx((tb, other, rg, lane, 0), mWs.layout)
                             for i in cutlass.range_constexpr(4 * self.tiles):
                                 acc[i // 4, i % 4] = acc[i // 4, i % 4] + cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")

@@ -86,8 +86,8 @@ class DequantKernel:
             for ci in cutlass.range_constexpr(4):
                 word = sreg[ci // 2]
                 sel = (ci % 2) * 2
-                scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x1010) * 16 + bias_bits
-                scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x1010) * 16 + bias_bits
+                scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + bias_bits
+                scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + bias_bits
                 out_g = cute.make_rmem_tensor((8,), Int32)
                 out_g8 = cute.make_rmem_tensor((8,), Int32)
                 for kk in cutlass.range_constexpr(4):

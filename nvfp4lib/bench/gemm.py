@@ -1,0 +1,175 @@
+"""``python -m nvfp4lib.bench gemm``: the NVFP4 W4A16 GEMM (ours) against cuBLAS BF16 on the dequantized
+weight and QuACK ``gemm_w4a16`` (nvfp4) where importable, at DeepSeek-V4-Pro shapes, on one GPU.
+
+Method (the team's): every time is the median per call under CUDA-graph replay of ``--sets`` (>= 4)
+rotating weight sets, so the 50 MB L2 cannot hold the weights; all baselines run in the same process on
+the same card; the HBM floor ``(N*K*9/16 + 2*M*K + 2*M*N) / copy bandwidth`` (or the bf16 compute floor
+``2*M*N*K / measured peak``, whichever is larger) stands beside each time. Accuracy per point: relative
+Frobenius error and cosine of our output (written into a NaN-poisoned buffer on the decode path) against
+the fp32 reference over the same dequantized weight, and separately the quantization error against the
+original bf16 weight; the graph-replayed output must equal the eager one.
+
+Usage: ``python -m nvfp4lib.bench gemm [--shapes gate_up,down,fused_wqa_wkv|NxK,...] [--ms 1,4,...]
+[--sets 4] [--out data/bench/gemm_h100.json] [--no-quack]``. Without a GPU it says so and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+SHAPES = {"gate_up": (6144, 7168), "down": (7168, 3072), "fused_wqa_wkv": (2048, 7168)}
+MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+
+
+def parse_shapes(text: str) -> dict:
+    """'gate_up,down' or '6144x7168' -> {name: (N, K)}."""
+    shapes = {}
+    for item in filter(None, text.split(",")):
+        if item in SHAPES:
+            shapes[item] = SHAPES[item]
+        elif "x" in item:
+            n, k = (int(v) for v in item.split("x"))
+            shapes[item] = (n, k)
+        else:
+            raise ValueError(f"unknown shape {item!r}: use one of {sorted(SHAPES)} or NxK")
+    return shapes
+
+
+def bf16_peak_flops(size: int = 8192) -> float:
+    """Measured bf16 matmul throughput (FLOP/s) of a size^3 GEMM, median of 10."""
+    from .harness import time_graph
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    us = time_graph([lambda: a @ b], reps_in_graph=2, replays=10)
+    return 2 * size**3 / (us * 1e-6)
+
+
+def _quack():
+    try:
+        from quack.blockscaled import nvfp4_utils
+        from quack.gemm_w4 import gemm_w4a16, prepare_w4_weight
+    except Exception as exc:  # not installed, or broken: recorded as absent
+        return None, f"{type(exc).__name__}: {exc}"
+    return (gemm_w4a16, prepare_w4_weight, nvfp4_utils), None
+
+
+def _weight_sets(n: int, k: int, sets: int, quack):
+    """Per set: the original bf16 weight's prepared NVFP4 form, its bf16 dequantization (cuBLAS) and QuACK's."""
+    from ..formats import dequantize, quantize
+    from ..ops.gemm import prepare_weight
+
+    out = []
+    for _ in range(sets):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q = quantize(w)
+        item = dict(original=w, prepared=prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90"),
+                    dequantized=dequantize(q.packed, q.block_scale, q.global_scale, torch.bfloat16))
+        if quack is not None:
+            gemm_w4a16, prepare_w4_weight, utils = quack
+            qq, sf = utils.quantize_nvfp4_reference(w)
+            item["quack"] = prepare_w4_weight(qq, sf, wformat="nvfp4")
+        out.append(item)
+    return out
+
+
+def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
+    from ..kernels.sm90 import gemm_decode
+    from ..ops.gemm import DECODE_MAX_M, dequantize_sm90, nvfp4_linear
+    from .harness import cosine, hbm_floor_us, rel_error, time_graph
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    first = weights[0]["prepared"]
+    ref = (x.float() @ dequantize_sm90(first.weight, first.block_scale, n).t()) * first.alpha
+    if m <= DECODE_MAX_M:
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gemm_decode.run_decode(x, first.weight, first.block_scale, first.alpha, n, out=y)
+    else:
+        y = nvfp4_linear(x, first)
+    torch.cuda.synchronize()
+    original = x.float() @ weights[0]["original"].float().t()
+    row = dict(shape=name, M=m, N=n, K=k, path="decode" if m <= DECODE_MAX_M else "prefill",
+               rel_err=rel_error(y, ref), cosine=cosine(y, ref), finite=bool(torch.isfinite(y).all()),
+               quant_rel_err_vs_bf16=rel_error(y, original))
+    # graph replay must reproduce the eager output
+    static_y = {}
+
+    def ours(i):
+        def call():
+            static_y[i] = nvfp4_linear(x, weights[i]["prepared"])
+        return call
+
+    fns = [ours(i) for i in range(len(weights))]
+    row["ours_us"] = time_graph(fns, replays=replays)
+    row["graph_equals_eager"] = bool(torch.equal(static_y[0], y))
+    row["cublas_bf16_us"] = time_graph([(lambda w=w: torch.nn.functional.linear(x, w["dequantized"])) for w in weights], replays=replays)
+    if quack is not None:
+        gemm_w4a16 = quack[0]
+        try:
+            for w in weights:
+                gemm_w4a16(x, *w["quack"], wformat="nvfp4", n_out=n)
+            row["quack_us"] = time_graph([(lambda w=w: gemm_w4a16(x, *w["quack"], wformat="nvfp4", n_out=n)) for w in weights], replays=replays)
+        except Exception as exc:
+            row["quack_us"] = None
+            row["quack_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    bytes_moved = n * k * 9 / 16 + 2 * m * k + 2 * m * n
+    row["hbm_floor_us"] = hbm_floor_us(bytes_moved, bw)
+    row["compute_floor_us"] = 2 * m * n * k / peak * 1e6
+    row["floor_us"] = max(row["hbm_floor_us"], row["compute_floor_us"])
+    row["speedup_vs_cublas"] = row["cublas_bf16_us"] / row["ours_us"]
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nvfp4lib.bench gemm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="gate_up,down,fused_wqa_wkv")
+    parser.add_argument("--ms", default=",".join(str(m) for m in MS))
+    parser.add_argument("--sets", type=int, default=4)
+    parser.add_argument("--replays", type=int, default=30)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "data/bench"), "gemm_h100.json"))
+    parser.add_argument("--no-quack", action="store_true")
+    args = parser.parse_args(argv)
+    shapes = parse_shapes(args.shapes)
+    ms = [int(v) for v in args.ms.split(",")]
+    if args.sets < 4:
+        raise ValueError("--sets must be at least 4 (the weights must not fit in L2)")
+    if not torch.cuda.is_available():
+        print("gemm benchmark: no CUDA GPU here; nothing measured (recorded results: data/bench/gemm_*.json)", file=sys.stderr)
+        return 1
+    from tqdm import tqdm
+
+    from .harness import copy_bandwidth, run_metadata, write_result
+
+    quack, quack_error = (None, "disabled") if args.no_quack else _quack()
+    bw = copy_bandwidth()
+    peak = bf16_peak_flops()
+    rows = []
+    started = time.time()
+    with tqdm(total=len(shapes) * len(ms), desc="gemm", file=sys.stdout) as bar:
+        for name, (n, k) in shapes.items():
+            weights = _weight_sets(n, k, args.sets, quack)
+            for m in ms:
+                row = measure_point(name, n, k, m, weights, quack, bw, peak, args.replays)
+                rows.append(row)
+                bar.set_postfix_str(f"{name} M={m} ours {row['ours_us']:.1f}us cublas {row['cublas_bf16_us']:.1f}us")
+                bar.update()
+            del weights
+            torch.cuda.empty_cache()
+    method = ("CUDA-graph replay of calls over %d rotating weight sets (harness.time_graph, %d replays, median per call); "
+              "cuBLAS BF16 = F.linear on the dequantized bf16 weight; QuACK gemm_w4a16 nvfp4 through its Python "
+              "frontend; floor = max(HBM bytes / copy bandwidth, 2MNK / measured bf16 peak); accuracy vs fp32 "
+              "reference over the same dequantized weight" % (args.sets, args.replays))
+    payload = dict(run_metadata(method), copy_GBps=bw / 1e9, bf16_peak_TFLOPs=peak / 1e12, quack=quack is not None,
+                   quack_error=quack_error, wall_s=time.time() - started, rows=rows)
+    write_result(args.out, payload)
+    print(f"{'shape':14s} {'M':>5s} {'path':8s} {'ours':>8s} {'cublas':>8s} {'quack':>8s} {'floor':>8s} {'x_cub':>6s} {'rel_err':>8s} {'cos':>8s} graph")
+    for r in rows:
+        q = r.get("quack_us")
+        print(f"{r['shape']:14s} {r['M']:5d} {r['path']:8s} {r['ours_us']:8.1f} {r['cublas_bf16_us']:8.1f} {(q or 0):8.1f} "
+              f"{r['floor_us']:8.1f} {r['speedup_vs_cublas']:6.2f} {r['rel_err']:8.1e} {r['cosine']:8.6f} {r['graph_equals_eager']}")
+    print("wrote", args.out)
+    return 0
