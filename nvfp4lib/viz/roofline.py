@@ -1,0 +1,150 @@
+"""Tables and plots of the recorded NVFP4 W4A16 GEMM benchmark (``data/bench/gemm_h100.json``, written by
+``python -m nvfp4lib.bench gemm``) and of the shared-expert run (``data/bench/shared_expert_h100.json``).
+
+A GEMM row holds ``shape, M, N, K, path, ours_us, cublas_bf16_us, quack_us (or None), hbm_floor_us,
+compute_floor_us, floor_us, rel_err, cosine, quant_rel_err_vs_bf16`` (times in microseconds); the payload
+holds ``copy_GBps`` and ``bf16_peak_TFLOPs`` (measured in the same process) and the run metadata.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pandas as pd
+
+# issue 4 targets (H100)
+DECODE_TARGET_US = {"gate_up": 12.0, "down": 6.5}  # M <= 16
+PREFILL_RATIO_TARGET = 0.95  # M = 8192: at least 0.95x cuBLAS BF16 throughput
+EXPERT_FLOOR_RATIO_TARGET = 1.3  # whole shared expert at M = 1 vs the sum of its two GEMM floors
+ACCURACY_TARGET = {"rel_err": 1e-2, "cosine": 0.9999}
+
+BASELINES = (("ours_us", "ours"), ("cublas_bf16_us", "cuBLAS BF16"), ("quack_us", "QuACK w4a16"), ("humming_us", "humming"))
+
+
+def gemm_bytes(n: int, k: int, m: int) -> float:
+    """HBM bytes of one W4A16 GEMM: NVFP4 weight (4.5 bits per element) + bf16 activations in and out."""
+    return n * k * 9 / 16 + 2 * m * k + 2 * m * n
+
+
+def gemm_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """One line per (shape, M): times, floor, speed-ups against each baseline present, accuracy."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    out = df[["shape", "M", "N", "K"]].copy()
+    if "path" in df:
+        out["path"] = df["path"]
+    for column, label in BASELINES:
+        if column in df and df[column].notna().any():
+            out[f"{label} us"] = df[column]
+    out["floor us"] = df["floor_us"]
+    out["ours / floor"] = df["ours_us"] / df["floor_us"]
+    for column, label in BASELINES[1:]:
+        if column in df and df[column].notna().any():
+            out[f"x vs {label}"] = df[column] / df["ours_us"]
+    out["rel err"] = df["rel_err"]
+    out["cosine"] = df["cosine"]
+    if "quant_rel_err_vs_bf16" in df:
+        out["quant err vs bf16"] = df["quant_rel_err_vs_bf16"]
+    return out.reset_index(drop=True)
+
+
+def _status(ok: Optional[bool]) -> str:
+    return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def targets_table(rows: Sequence[dict], expert_rows: Sequence[dict] = ()) -> pd.DataFrame:
+    """The issue's targets, each with the measured number and met / NOT met."""
+    df = pd.DataFrame(list(rows))
+    lines = []
+    if not df.empty:
+        for shape, limit in DECODE_TARGET_US.items():
+            sel = df[(df["shape"] == shape) & (df["M"] <= 16)]
+            if len(sel):
+                worst = float(sel["ours_us"].max())
+                lines.append(dict(target=f"{shape}, M <= 16: <= {limit} us", measured=f"{worst:.1f} us (worst M)", status=_status(worst <= limit)))
+        for column, label in BASELINES[1:]:
+            if column in df and df[column].notna().any():
+                sel = df[df[column].notna()]
+                slower = sel[sel["ours_us"] > sel[column]]
+                where = ", ".join(f"{s} M={m}" for s, m in zip(slower["shape"], slower["M"])) or "none"
+                lines.append(dict(target=f"every M no slower than {label}", measured=f"slower at: {where}", status=_status(slower.empty)))
+        big = df[df["M"] == 8192]
+        if len(big):
+            ratio = big["cublas_bf16_us"] / big["ours_us"]
+            lines.append(dict(target=f"M = 8192: >= {PREFILL_RATIO_TARGET}x cuBLAS BF16",
+                              measured=", ".join(f"{s} {r:.3f}x" for s, r in zip(big["shape"], ratio)),
+                              status=_status(bool((ratio >= PREFILL_RATIO_TARGET).all()))))
+        worst_err, worst_cos = float(df["rel_err"].max()), float(df["cosine"].min())
+        lines.append(dict(target=f"accuracy: rel err <= {ACCURACY_TARGET['rel_err']}, cosine >= {ACCURACY_TARGET['cosine']}",
+                          measured=f"worst rel err {worst_err:.2e}, worst cosine {worst_cos:.6f}",
+                          status=_status(worst_err <= ACCURACY_TARGET["rel_err"] and worst_cos >= ACCURACY_TARGET["cosine"])))
+    one = [r for r in expert_rows if r.get("M") == 1]
+    if one:
+        ratio = one[0]["expert_us"] / one[0]["floor_sum_us"]
+        lines.append(dict(target=f"shared expert, M = 1: <= {EXPERT_FLOOR_RATIO_TARGET}x the sum of its GEMM floors",
+                          measured=f"{one[0]['expert_us']:.1f} us = {ratio:.2f}x", status=_status(ratio <= EXPERT_FLOOR_RATIO_TARGET)))
+    return pd.DataFrame(lines, columns=["target", "measured", "status"])
+
+
+def plot_times(rows: Sequence[dict], label: str = "", axes=None):
+    """Time per call against M (log-log), one panel per shape: each implementation and the floor."""
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(list(rows))
+    shapes = list(dict.fromkeys(df["shape"]))
+    if axes is None:
+        _, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+        axes = axes[0]
+    for ax, shape in zip(axes, shapes):
+        sel = df[df["shape"] == shape].sort_values("M")
+        for column, name in BASELINES:
+            if column in sel and sel[column].notna().any():
+                ax.plot(sel["M"], sel[column], marker="o", label=name)
+        ax.plot(sel["M"], sel["floor_us"], "k--", label="floor (HBM or bf16 peak)")
+        n, k = int(sel["N"].iloc[0]), int(sel["K"].iloc[0])
+        ax.set(xscale="log", yscale="log", xlabel="tokens M", ylabel="us per call", title=f"{shape} [{n} x {k}]")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if label:
+        axes[0].figure.suptitle(label, fontsize=9)
+    return axes
+
+
+def plot_roofline(rows: Sequence[dict], bandwidth_GBps: float, peak_TFLOPs: float, label: str = "", ax=None):
+    """Achieved TFLOP/s against arithmetic intensity (FLOP per HBM byte of the W4A16 GEMM), with the
+    roof ``min(peak, intensity * bandwidth)`` of the measured copy bandwidth and bf16 peak."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    df = pd.DataFrame(list(rows))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5))
+    intensity = 2 * df["M"] * df["N"] * df["K"] / gemm_bytes(df["N"], df["K"], df["M"])
+    grid = np.logspace(np.log10(intensity.min() / 2), np.log10(intensity.max() * 2), 200)
+    ax.plot(grid, np.minimum(peak_TFLOPs, grid * bandwidth_GBps / 1e3), "k-", lw=2,
+            label=f"roof: {bandwidth_GBps:.0f} GB/s, {peak_TFLOPs:.0f} TFLOP/s")
+    markers = {"gate_up": "o", "down": "s", "fused_wqa_wkv": "^"}
+    colors = {"ours_us": "C0", "cublas_bf16_us": "C1", "quack_us": "C2", "humming_us": "C3"}
+    for column, name in BASELINES:
+        if column not in df or not df[column].notna().any():
+            continue
+        for shape in dict.fromkeys(df["shape"]):
+            sel = df[(df["shape"] == shape) & df[column].notna()]
+            tflops = 2 * sel["M"] * sel["N"] * sel["K"] / (sel[column] * 1e-6) / 1e12
+            ax.scatter(intensity[sel.index], tflops, marker=markers.get(shape, "x"), color=colors[column],
+                       label=f"{name} {shape}", s=30, alpha=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="FLOP per HBM byte (NVFP4 weight + bf16 activations)", ylabel="TFLOP/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if label:
+        ax.set_title(label, fontsize=9)
+    return ax
+
+
+def expert_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """The shared-expert run: total and parts per M against the floors."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    cols = ["M", "expert_us", "gate_up_us", "swiglu_us", "down_us", "floor_sum_us", "x_floor_sum", "rel_err", "cosine"]
+    return df[[c for c in cols if c in df]]
