@@ -124,6 +124,76 @@ def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
     return row
 
 
+def measure_variants(name, n, k, m, weights, replays):
+    """Decode-kernel tuning alternatives at one point: {variant: us} (correctness checked for each)."""
+    from ..kernels.sm90 import gemm_decode
+    from ..ops.gemm import dequantize_sm90
+    from .harness import cosine, rel_error, time_graph
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    first = weights[0]["prepared"]
+    ref = (x.float() @ dequantize_sm90(first.weight, first.block_scale, n).t()) * first.alpha
+    out = {}
+    for prefetch_x in (True, False):
+        for warps_per_sm in (8, 16, 32):
+            kw = dict(prefetch_x=prefetch_x, warps_per_sm=warps_per_sm)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            gemm_decode.run_decode(x, first.weight, first.block_scale, first.alpha, n, out=y, **kw)
+            ok = rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+            us = time_graph([(lambda w=w: gemm_decode.run_decode(x, w["prepared"].weight, w["prepared"].block_scale,
+                                                                  w["prepared"].alpha, n, **kw)) for w in weights], replays=replays)
+            out[f"prefetch_x={prefetch_x},warps_per_sm={warps_per_sm}"] = dict(us=us, correct=bool(ok))
+    return dict(shape=name, M=m, N=n, K=k, variants=out)
+
+
+def measure_shared_expert(ms, sets, bw, replays, limit=10.0):
+    """DeepSeek-V4-Pro shared expert (gate_up 6144x7168 with the fused clamped SwiGLU, down 7168x3072):
+    the fused op against gate_up GEMM + torch SwiGLU, the whole expert, the sum of the two GEMM floors,
+    and the accuracy of the whole expert against fp32 over the same dequantized weights."""
+    from ..formats import quantize
+    from ..ops.gemm import clamped_swiglu_reference, dequantize_sm90, nvfp4_linear, prepare_weight
+    from .harness import cosine, hbm_floor_us, rel_error, time_graph
+
+    hidden, inter = 7168, 3072
+    experts = []
+    for _ in range(sets):
+        gate, up = (torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))
+        down = torch.randn(hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+        qg, qu, qd = quantize(gate), quantize(up), quantize(down)
+        gate_up = prepare_weight(torch.cat([qg.packed, qu.packed]), torch.cat([qg.block_scale, qu.block_scale]),
+                                 [qg.global_scale, qu.global_scale], [inter, inter], layout="sm90")
+        experts.append((gate_up, prepare_weight(qd.packed, qd.block_scale, qd.global_scale, layout="sm90")))
+    op = torch.ops.nvfp4lib.gemm_w4a16_swiglu
+
+    def fused(x, e):
+        return nvfp4_linear(op(x, e[0].weight, e[0].block_scale, e[0].alpha, e[0].n, limit), e[1])
+
+    def unfused(x, e):
+        h = clamped_swiglu_reference(nvfp4_linear(x, e[0]), limit).to(torch.bfloat16)
+        return nvfp4_linear(h, e[1])
+
+    rows = []
+    gu, dn = experts[0]
+    w_gu = dequantize_sm90(gu.weight, gu.block_scale, gu.n) * gu.alpha[:, None]
+    w_dn = dequantize_sm90(dn.weight, dn.block_scale, dn.n) * dn.alpha[:, None]
+    for m in ms:
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16)
+        ref_h = clamped_swiglu_reference(x.float() @ w_gu.t(), limit)
+        ref = ref_h @ w_dn.t()
+        h = op(x, gu.weight, gu.block_scale, gu.alpha, gu.n, limit)
+        y = fused(x, experts[0])
+        floor_sum = hbm_floor_us(2 * inter * hidden * 9 / 16 + 2 * m * hidden, bw) + hbm_floor_us(hidden * inter * 9 / 16 + 2 * m * inter + 2 * m * hidden, bw)
+        row = dict(M=m, swiglu_rel_err=rel_error(h, ref_h), swiglu_cosine=cosine(h, ref_h), expert_rel_err=rel_error(y, ref),
+                   expert_cosine=cosine(y, ref), floor_sum_us=floor_sum)
+        row["gate_up_swiglu_fused_us"] = time_graph([(lambda e=e: op(x, e[0].weight, e[0].block_scale, e[0].alpha, e[0].n, limit)) for e in experts], replays=replays)
+        row["gate_up_then_torch_swiglu_us"] = time_graph([(lambda e=e: clamped_swiglu_reference(nvfp4_linear(x, e[0]), limit).to(torch.bfloat16)) for e in experts], replays=replays)
+        row["expert_fused_us"] = time_graph([(lambda e=e: fused(x, e)) for e in experts], replays=replays)
+        row["expert_unfused_us"] = time_graph([(lambda e=e: unfused(x, e)) for e in experts], replays=replays)
+        row["expert_over_floor_sum"] = row["expert_fused_us"] / floor_sum
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nvfp4lib.bench gemm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="gate_up,down,fused_wqa_wkv")
@@ -132,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "data/bench"), "gemm_h100.json"))
     parser.add_argument("--no-quack", action="store_true")
+    parser.add_argument("--variants", default="1,16,64", help="decode M values at which to time the tuning alternatives ('' for none)")
+    parser.add_argument("--expert-ms", default="1,16,64,256", help="M values for the shared-expert timing ('' for none)")
     args = parser.parse_args(argv)
     shapes = parse_shapes(args.shapes)
     ms = [int(v) for v in args.ms.split(",")]
@@ -147,7 +219,7 @@ def main(argv=None) -> int:
     quack, quack_error = (None, "disabled") if args.no_quack else _quack()
     bw = copy_bandwidth()
     peak = bf16_peak_flops()
-    rows = []
+    rows, variants = [], []
     started = time.time()
     with tqdm(total=len(shapes) * len(ms), desc="gemm", file=sys.stdout) as bar:
         for name, (n, k) in shapes.items():
@@ -157,19 +229,36 @@ def main(argv=None) -> int:
                 rows.append(row)
                 bar.set_postfix_str(f"{name} M={m} ours {row['ours_us']:.1f}us cublas {row['cublas_bf16_us']:.1f}us")
                 bar.update()
+            for m in [int(v) for v in args.variants.split(",") if v]:
+                try:
+                    variants.append(measure_variants(name, n, k, m, weights, args.replays))
+                except Exception as exc:  # recorded, the other measurements go on
+                    variants.append(dict(shape=name, M=m, error=f"{type(exc).__name__}: {exc}"[:300], variants={}))
             del weights
             torch.cuda.empty_cache()
     method = ("CUDA-graph replay of calls over %d rotating weight sets (harness.time_graph, %d replays, median per call); "
               "cuBLAS BF16 = F.linear on the dequantized bf16 weight; QuACK gemm_w4a16 nvfp4 through its Python "
               "frontend; floor = max(HBM bytes / copy bandwidth, 2MNK / measured bf16 peak); accuracy vs fp32 "
               "reference over the same dequantized weight" % (args.sets, args.replays))
+    expert_ms = [int(v) for v in args.expert_ms.split(",") if v]
+    try:
+        expert = measure_shared_expert(expert_ms, args.sets, bw, args.replays) if expert_ms else []
+    except Exception as exc:  # recorded, the GEMM rows are still written
+        import traceback
+
+        traceback.print_exc()
+        expert = [dict(error=f"{type(exc).__name__}: {exc}"[:300])]
     payload = dict(run_metadata(method), copy_GBps=bw / 1e9, bf16_peak_TFLOPs=peak / 1e12, quack=quack is not None,
-                   quack_error=quack_error, wall_s=time.time() - started, rows=rows)
+                   quack_error=quack_error, wall_s=time.time() - started, rows=rows, variants=variants, shared_expert=expert)
     write_result(args.out, payload)
     print(f"{'shape':14s} {'M':>5s} {'path':8s} {'ours':>8s} {'cublas':>8s} {'quack':>8s} {'floor':>8s} {'x_cub':>6s} {'rel_err':>8s} {'cos':>8s} graph")
     for r in rows:
         q = r.get("quack_us")
         print(f"{r['shape']:14s} {r['M']:5d} {r['path']:8s} {r['ours_us']:8.1f} {r['cublas_bf16_us']:8.1f} {(q or 0):8.1f} "
               f"{r['floor_us']:8.1f} {r['speedup_vs_cublas']:6.2f} {r['rel_err']:8.1e} {r['cosine']:8.6f} {r['graph_equals_eager']}")
+    for v in variants:
+        print(v["shape"], v["M"], " ".join(f"{key}:{val['us']:.1f}{'' if val['correct'] else '(WRONG)'}" for key, val in v["variants"].items()))
+    for r in expert:
+        print("shared expert", " ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}" for key, val in r.items()))
     print("wrote", args.out)
     return 0

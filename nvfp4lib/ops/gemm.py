@@ -215,6 +215,44 @@ def _(x, words, scale_words, alpha, bias, n):
     return x.new_empty((x.shape[0], n), dtype=torch.bfloat16)
 
 
+def clamped_swiglu_reference(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """fp32 ``silu(min(gate, limit)) * clamp(up, -limit, limit)`` of h [M, 2I] = [gate | up]."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+@torch.library.custom_op("nvfp4lib::gemm_w4a16_swiglu", mutates_args=())
+def gemm_w4a16_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, n: int, limit: float) -> torch.Tensor:
+    """gate_up GEMM with the clamped SwiGLU fused: weight rows [gate (n/2); up (n/2)] in the ModelOpt or the
+    sm90 layout (int32 words), alpha fp32 [n] -> bf16 [M, n/2] = ``silu(min(gate, limit)) *
+    clamp(up, -limit, limit)`` (``limit = inf``: no clamp). CUDA + sm90 layout + M <= DECODE_MAX_M + n/2 a
+    multiple of 16: the decode kernel with the SwiGLU in its epilogue (fp32 accumulators, one bf16
+    rounding); otherwise the GEMM (bf16 out on the GPU, fp32 on CPU) then the SwiGLU in fp32."""
+    if n % 2:
+        raise ValueError(f"gate_up must have an even number of rows, got n={n}")
+    sm90 = weight.dtype == torch.int32
+    if sm90:
+        _check_sm90_args(x, weight, weight_scale, alpha, None, n)
+    else:
+        _check_gemm_args(x, weight, weight_scale, alpha, None)
+    half = n // 2
+    if x.is_cuda:
+        if sm90 and 0 < x.shape[0] <= DECODE_MAX_M and half % 16 == 0:
+            from ..kernels.sm90 import gemm_decode
+
+            return gemm_decode.run_decode(x.contiguous(), weight, weight_scale, alpha, half, swiglu_limit=float(limit))
+        h = gemm_w4a16_sm90(x, weight, weight_scale, alpha, None, n) if sm90 else gemm_w4a16(x, weight, weight_scale, alpha, None)
+    else:
+        rows = dequantize_sm90(weight, weight_scale, n) if sm90 else dequantize_rows(weight, weight_scale)
+        h = x.float() @ rows.t() * alpha.float()
+    return clamped_swiglu_reference(h, float(limit)).to(torch.bfloat16)
+
+
+@gemm_w4a16_swiglu.register_fake
+def _(x, weight, weight_scale, alpha, n, limit):
+    return x.new_empty((x.shape[0], n // 2), dtype=torch.bfloat16)
+
+
 def nvfp4_linear(x: torch.Tensor, prepared: PreparedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x[..., K]`` bf16 @ the prepared NVFP4 weight -> bf16 ``[..., N]`` (leading dims flattened for the op)."""
     lead = x.shape[:-1]

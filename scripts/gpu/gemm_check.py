@@ -34,6 +34,11 @@ for (n, k), ms in cases:
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
                 gemm_decode.run_decode(x, prepared.weight, prepared.block_scale, prepared.alpha, n, bias, out=y)
                 y2 = nvfp4_linear(x, prepared, bias)
+                y3 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                gemm_decode.run_decode(x, prepared.weight, prepared.block_scale, prepared.alpha, n, bias, out=y3,
+                                       prefetch_x=not gemm_decode.DEFAULTS["prefetch_x"], warps_per_sm=32)
+                r3 = rel_error(y3, ref)
+                failures += not (r3 <= 1e-2 and bool(torch.isfinite(y3).all()))
                 same = torch.equal(y, y2)
             else:
                 y = nvfp4_linear(x, prepared, bias)
@@ -43,6 +48,25 @@ for (n, k), ms in cases:
             ok = r <= 1e-2 and c >= 0.9999 and same and bool(torch.isfinite(y).all())
             failures += not ok
             print(f"{n}x{k} M={m:5d} bias={with_bias!s:5s} rel={r:.2e} cos={c:.6f} repeat_equal={same} {'OK' if ok else 'FAIL'}", flush=True)
+# fused gate_up + clamped SwiGLU (decode epilogue and the prefill fallback) against fp32
+from nvfp4lib.ops.gemm import clamped_swiglu_reference
+
+for n, k in ((6144, 7168), (64, 512)):
+    half = n // 2
+    w = torch.randn(n, k, device="cuda") * 0.02
+    qg, qu = quantize(w[:half]), quantize(w[half:] * 3)
+    prepared = prepare_weight(torch.cat([qg.packed, qu.packed]), torch.cat([qg.block_scale, qu.block_scale]),
+                              [qg.global_scale, qu.global_scale], [half, half], layout="sm90")
+    wref = torch.cat([dequantize_rows(qg.packed, qg.block_scale), dequantize_rows(qu.packed, qu.block_scale)]) * prepared.alpha[:, None]
+    for m in (1, 7, 16, 64, 100):
+        for limit in (10.0, float("inf")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 4
+            ref = clamped_swiglu_reference(x.float() @ wref.t(), limit)
+            y = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, prepared.weight, prepared.block_scale, prepared.alpha, n, limit)
+            r, c = rel_error(y, ref), cosine(y, ref)
+            ok = r <= 1e-2 and c >= 0.9999 and bool(torch.isfinite(y).all())
+            failures += not ok
+            print(f"swiglu {n}x{k} M={m:4d} limit={limit} rel={r:.2e} cos={c:.6f} {'OK' if ok else 'FAIL'}", flush=True)
 print(f"correctness: {failures} failures ({time.time() - t0:.0f} s)", flush=True)
 if failures:
     sys.exit(1)

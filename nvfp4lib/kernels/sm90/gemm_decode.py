@@ -91,138 +91,177 @@ def mma_bf16_16816(a, b0: Int32, b1: Int32, c, *, loc=None, ip=None):
 
 
 class GemmDecodeKernel:
-    """Static configuration: k (a multiple of 256), tiles (token tiles of 8 per CTA: 1 or 2), has_bias.
-    Dynamic: m, n, row groups, quads (of 256 k) per split, splits."""
+    """Static configuration: k (a multiple of 256), tiles (token tiles of 8 per CTA: 1 or 2), has_bias,
+    swiglu (gate_up with the clamped SwiGLU in the epilogue), prefetch_x (load the next 256-k step's
+    activations together with its weights). Dynamic: m, n (output columns), warp row groups, quads (of
+    256 k) per split, splits, swiglu limit.
 
-    def __init__(self, k: int, tiles: int, has_bias: bool):
+    With swiglu the weight's rows are [gate (I rows); up (I rows)], I a multiple of 16: each warp owns gate
+    row group rg and up row group rg + I/16, so the gate and up accumulators of an output column sit in
+    the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
+
+    def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True):
         D.check_decode_shape(16, k)
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
+        if swiglu and has_bias:
+            raise ValueError("the SwiGLU epilogue takes no bias")
         self.k = k
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
         self.tiles = tiles
         self.has_bias = has_bias
+        self.swiglu = swiglu
+        self.groups = 2 if swiglu else 1
+        self.prefetch_x = prefetch_x
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
                  bias_ptr: cute.Pointer, y_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer,
-                 m: Int32, n: Int32, row_groups: Int32, quads_per_split: Int32, splits: Int32, stream):
-        """x_ptr: int32 view of bf16 x [m, k]; w_ptr: int32 [RG, k/64, 32, 4]; s_ptr: int32 [RG, k/256, 32, 2];
-        alpha_ptr: fp32 [n]; bias_ptr: fp32 [n] (read only with has_bias); y_ptr: bf16 [m, n];
-        ws_ptr: fp32 workspace [token blocks, splits, RG, 32, 4*tiles]; cnt_ptr: int32 [token blocks, RG],
-        zero before the first launch (the kernel leaves it zero)."""
+                 m: Int32, n: Int32, warp_groups: Int32, quads_per_split: Int32, splits: Int32, limit: Float32, stream):
+        """x_ptr: int32 view of bf16 x [m, k]; w_ptr: int32 [RG, k/64, 32, 4]; s_ptr: int32 [RG, k/256, 32, 2]
+        (RG = warp_groups * groups); alpha_ptr: fp32 [RG*16]; bias_ptr: fp32 [n] (read only with has_bias);
+        y_ptr: bf16 [m, n]; ws_ptr: fp32 workspace [token blocks, splits, warp_groups, 32, 4*tiles*groups];
+        cnt_ptr: int32 [token blocks, warp_groups], zero before the first launch (the kernel leaves it zero)."""
         tpb = self.tiles * TOKENS_PER_TILE
         token_blocks = (m + tpb - 1) // tpb
+        row_groups = warp_groups * self.groups
         mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks, 4, 8), stride=(self.k // 2, 32, 8, 1)))
         mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
         mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
-        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
+        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((row_groups * D.ROWS_PER_GROUP,)))
         mBias = cute.make_tensor(bias_ptr, cute.make_layout((n,)))
         mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
-        frag = 4 * self.tiles
-        mWs = cute.make_tensor(ws_ptr, cute.make_layout((token_blocks, splits, row_groups, 32, frag),
-                                                        stride=(splits * row_groups * 32 * frag, row_groups * 32 * frag, 32 * frag, frag, 1)))
-        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((token_blocks, row_groups), stride=(row_groups, 1)))
-        self.kernel(mX, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, row_groups, quads_per_split, splits).launch(
-            grid=[token_blocks, (row_groups + WARPS - 1) // WARPS, splits], block=[THREADS, 1, 1], stream=stream)
+        frag = 4 * self.tiles * self.groups
+        mWs = cute.make_tensor(ws_ptr, cute.make_layout((token_blocks, splits, warp_groups, 32, frag),
+                                                        stride=(splits * warp_groups * 32 * frag, warp_groups * 32 * frag, 32 * frag, frag, 1)))
+        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((token_blocks, warp_groups), stride=(warp_groups, 1)))
+        self.kernel(mX, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, warp_groups, quads_per_split, splits, limit).launch(
+            grid=[token_blocks, (warp_groups + WARPS - 1) // WARPS, splits], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
-    def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor):
+    def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
         for ci in cutlass.range_constexpr(4):
-            cute.autovec_copy(mW[rg, 4 * q + ci, lane, None], wreg[ci, None])
-        cute.autovec_copy(mS[rg, q, lane, None], sreg)
+            cute.autovec_copy(mW[rg, 4 * q + ci, lane, None], wreg[j, ci, None])
+        cute.autovec_copy(mS[rg, q, lane, None], sreg[j, None])
+
+    @cute.jit
+    def _load_x(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, m: Int32, xr: cute.Tensor):
+        for tau in cutlass.range_constexpr(self.tiles):
+            row = first_row + tau * TOKENS_PER_TILE + g
+            if row < m:
+                for ci in cutlass.range_constexpr(4):
+                    cute.autovec_copy(mX[row, 4 * q + ci, t, None], xr[tau, ci, None])
+            else:
+                for i in cutlass.range_constexpr(32):
+                    xr[tau, i // 8, i % 8] = Int32(0)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
-               mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, m: Int32, n: Int32, row_groups: Int32,
-               quads_per_split: Int32, splits: Int32):
+               mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
+               quads_per_split: Int32, splits: Int32, limit: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         tb, rgb, split = cute.arch.block_idx()
         lane = tidx % 32
         warp = tidx // 32
-        rg = rgb * WARPS + warp
+        wg = rgb * WARPS + warp  # this warp's row group (gate row group with swiglu)
         g = lane // 4
         t = lane % 4
         tpb = self.tiles * TOKENS_PER_TILE
-        if rg < row_groups:
+        first_row = tb * tpb
+        G = self.groups
+        if wg < warp_groups:
             q_begin = split * quads_per_split
             q_end = cutlass.min(q_begin + quads_per_split, self.quads)
-            acc = cute.make_rmem_tensor((self.tiles, 4), Float32)
-            for i in cutlass.range_constexpr(self.tiles * 4):
-                acc[i // 4, i % 4] = Float32(0.0)
-            wcur = cute.make_rmem_tensor(cute.make_ordered_layout((4, 4), order=(1, 0)), Int32)
-            wnxt = cute.make_rmem_tensor(cute.make_ordered_layout((4, 4), order=(1, 0)), Int32)
-            scur = cute.make_rmem_tensor((2,), Int32)
-            snxt = cute.make_rmem_tensor((2,), Int32)
+            acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
+            for i in cutlass.range_constexpr(G * self.tiles * 4):
+                acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
+            wcur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
+            wnxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
+            scur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
+            snxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
             xr = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
+            xnxt = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
             if q_begin < q_end:
-                self._load_quad(mW, mS, rg, q_begin, lane, wcur, scur)
+                for j in cutlass.range_constexpr(G):
+                    self._load_quad(mW, mS, wg + j * warp_groups, q_begin, lane, wcur, scur, j)
+                if cutlass.const_expr(self.prefetch_x):
+                    self._load_x(mX, first_row, g, t, q_begin, m, xr)
             for q in cutlass.range(q_begin, q_end, 1):
                 if q + 1 < q_end:
-                    self._load_quad(mW, mS, rg, q + 1, lane, wnxt, snxt)
-                for tau in cutlass.range_constexpr(self.tiles):
-                    row = tb * tpb + tau * TOKENS_PER_TILE + g
-                    if row < m:
-                        for ci in cutlass.range_constexpr(4):
-                            cute.autovec_copy(mX[row, 4 * q + ci, t, None], xr[tau, ci, None])
-                    else:
-                        for i in cutlass.range_constexpr(32):
-                            xr[tau, i // 8, i % 8] = Int32(0)
-                for ci in cutlass.range_constexpr(4):
-                    word = scur[ci // 2]
-                    sel = (ci % 2) * 2
-                    scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                    scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                    for kk in cutlass.range_constexpr(4):
-                        a = decode_word(wcur[ci, kk], scale_g, scale_g8)
-                        for tau in cutlass.range_constexpr(self.tiles):
-                            c = mma_bf16_16816(a, xr[tau, ci, 2 * kk], xr[tau, ci, 2 * kk + 1],
-                                               [acc[tau, 0], acc[tau, 1], acc[tau, 2], acc[tau, 3]])
-                            for i in cutlass.range_constexpr(4):
-                                acc[tau, i] = c[i]
+                    for j in cutlass.range_constexpr(G):
+                        self._load_quad(mW, mS, wg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
+                    if cutlass.const_expr(self.prefetch_x):
+                        self._load_x(mX, first_row, g, t, q + 1, m, xnxt)
+                if cutlass.const_expr(not self.prefetch_x):
+                    self._load_x(mX, first_row, g, t, q, m, xr)
+                for j in cutlass.range_constexpr(G):
+                    for ci in cutlass.range_constexpr(4):
+                        word = scur[j, ci // 2]
+                        sel = (ci % 2) * 2
+                        scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                        scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                        for kk in cutlass.range_constexpr(4):
+                            a = decode_word(wcur[j, ci, kk], scale_g, scale_g8)
+                            for tau in cutlass.range_constexpr(self.tiles):
+                                c = mma_bf16_16816(a, xr[tau, ci, 2 * kk], xr[tau, ci, 2 * kk + 1],
+                                                   [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
+                                for i in cutlass.range_constexpr(4):
+                                    acc[j, tau, i] = c[i]
                 if q + 1 < q_end:
-                    for i in cutlass.range_constexpr(16):
-                        wcur[i // 4, i % 4] = wnxt[i // 4, i % 4]
-                    scur[0] = snxt[0]
-                    scur[1] = snxt[1]
+                    for i in cutlass.range_constexpr(G * 16):
+                        wcur[i // 16, (i // 4) % 4, i % 4] = wnxt[i // 16, (i // 4) % 4, i % 4]
+                    for i in cutlass.range_constexpr(G * 2):
+                        scur[i // 2, i % 2] = snxt[i // 2, i % 2]
+                    if cutlass.const_expr(self.prefetch_x):
+                        for i in cutlass.range_constexpr(self.tiles * 32):
+                            xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
 
+            nfrag = G * self.tiles * 4
             last = Boolean(True)
             if splits > 1:
-                frag = cute.make_rmem_tensor((4 * self.tiles,), Float32)
-                for i in cutlass.range_constexpr(4 * self.tiles):
-                    frag[i] = acc[i // 4, i % 4]
-                cute.autovec_copy(frag, mWs[tb, split, rg, lane, None])
+                frag = cute.make_rmem_tensor((nfrag,), Float32)
+                for i in cutlass.range_constexpr(nfrag):
+                    frag[i] = acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4]
+                cute.autovec_copy(frag, mWs[tb, split, wg, lane, None])
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.sync_warp()
                 arrived = Int32(0)
                 if lane == 0:
-                    arrived = cute.arch.atomic_add((mCnt.iterator + tb * row_groups + rg).llvm_ptr, Int32(1),
+                    arrived = cute.arch.atomic_add((mCnt.iterator + tb * warp_groups + wg).llvm_ptr, Int32(1),
                                                    sem="acq_rel", scope="gpu")
                 arrived = cute.arch.shuffle_sync(arrived, 0)
                 last = arrived == splits - 1
                 if last:
                     # sum the splits in a fixed order (deterministic whichever warp arrives last)
                     cute.arch.fence_acq_rel_gpu()
-                    for i in cutlass.range_constexpr(4 * self.tiles):
-                        acc[i // 4, i % 4] = Float32(0.0)
+                    for i in cutlass.range_constexpr(nfrag):
+                        acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
                     for other in cutlass.range(0, splits, 1):
                         if other == split:
-                            for i in cutlass.range_constexpr(4 * self.tiles):
-                                acc[i // 4, i % 4] = acc[i // 4, i % 4] + frag[i]
+                            for i in cutlass.range_constexpr(nfrag):
+                                idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
+                                acc[idx] = acc[idx] + frag[i]
                         else:
-                            base = mWs.iterator + cute.crd2idx((tb, other, rg, lane, 0), mWs.layout)
-                            for i in cutlass.range_constexpr(4 * self.tiles):
-                                acc[i // 4, i % 4] = acc[i // 4, i % 4] + cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")
+                            base = mWs.iterator + cute.crd2idx((tb, other, wg, lane, 0), mWs.layout)
+                            for i in cutlass.range_constexpr(nfrag):
+                                idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
+                                acc[idx] = acc[idx] + cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")
                     if lane == 0:
-                        mCnt[tb, rg] = Int32(0)
+                        mCnt[tb, wg] = Int32(0)
             if last:
+                shift = Float32(2.0 ** D.MAGNITUDE_SHIFT)
                 for tau in cutlass.range_constexpr(self.tiles):
                     for i in cutlass.range_constexpr(4):
-                        tok = tb * tpb + tau * TOKENS_PER_TILE + 2 * t + (i % 2)
-                        col = rg * D.ROWS_PER_GROUP + g + 8 * (i // 2)
+                        tok = first_row + tau * TOKENS_PER_TILE + 2 * t + (i % 2)
+                        col = wg * D.ROWS_PER_GROUP + g + 8 * (i // 2)
                         if (tok < m) & (col < n):
-                            value = acc[tau, i] * (mAlpha[col] * Float32(2.0 ** D.MAGNITUDE_SHIFT))
+                            value = acc[0, tau, i] * (mAlpha[col] * shift)
+                            if cutlass.const_expr(self.swiglu):
+                                up = acc[1, tau, i] * (mAlpha[col + n] * shift)
+                                gate = cute.arch.fmin(value, limit)
+                                up = cute.arch.fmax(cute.arch.fmin(up, limit), -limit)
+                                value = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
                             if cutlass.const_expr(self.has_bias):
                                 value = value + mBias[col]
                             mY[tok, col] = value.to(cutlass.BFloat16)
@@ -240,14 +279,20 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
             pointer(Float32, bias, 4), pointer(cutlass.BFloat16, y, 2), pointer(Float32, ws, 16), pointer(Int32, cnt, 4))
 
 
-def compile_decode(k: int, tiles: int, has_bias: bool, arch: str | None = None, keep_ptx: bool = False):
+def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
+                   arch: str | None = None, keep_ptx: bool = False):
     """Compile (cached) the decode kernel for K = k. Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
-    kernel = GemmDecodeKernel(k, tiles, has_bias)
-    sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias)
+    prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x)
+    sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0))
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+
+
+# Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
+DEFAULTS = dict(prefetch_x=True, warps_per_sm=16)
 
 
 def tiles_for(m: int) -> int:
@@ -281,27 +326,36 @@ def _current_stream():
 
 
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
-               bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-               splits: tuple | None = None) -> torch.Tensor:
-    """x bf16 [M, K] (contiguous, 16-byte aligned) on the GPU; words / scale_words from
-    :func:`~.dequant.repack_weight`; alpha fp32 [n]; bias [n] or None -> bf16 [M, n]. No host sync, no
-    allocation outside torch's allocator (CUDA-graph capturable after a first eager call)."""
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
+               prefetch_x: bool | None = None, warps_per_sm: int | None = None) -> torch.Tensor:
+    """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
+    alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
+    the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
+    (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
     m, k = x.shape
+    swiglu = swiglu_limit is not None
+    groups = 2 if swiglu else 1
     row_groups = words.shape[0]
+    if swiglu and (n % D.ROWS_PER_GROUP or row_groups != 2 * n // D.ROWS_PER_GROUP):
+        raise ValueError(f"the fused SwiGLU needs gate_up of 2*I rows with I a multiple of 16, got I={n} and {row_groups} row groups")
+    warp_groups = row_groups // groups
     tiles = tiles_for(m)
     tpb = tiles * TOKENS_PER_TILE
     token_blocks = -(-m // tpb)
     quads = k // D.QUAD_K
-    per_split, nsplit = splits or splits_for(row_groups, quads, token_blocks, _sm_count(x.device))
-    compiled = compile_decode(k, tiles, bias is not None)
+    per_split, nsplit = splits_for(warp_groups, quads, token_blocks, _sm_count(x.device),
+                                   warps_per_sm or DEFAULTS["warps_per_sm"])
+    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    ws = torch.empty(token_blocks * nsplit * row_groups * 32 * 4 * tiles if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
-    cnt = _counters(x.device, token_blocks * row_groups)
+    frag = 4 * tiles * groups
+    ws = torch.empty(token_blocks * nsplit * warp_groups * 32 * frag if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
+    cnt = _counters(x.device, token_blocks * warp_groups)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
     compiled(*_pointers(x, words, scale_words, alpha, bias32 if bias32 is not None else alpha, y, ws, cnt),
-             Int32(m), Int32(n), Int32(row_groups), Int32(per_split), Int32(nsplit), _current_stream())
+             Int32(m), Int32(n), Int32(warp_groups), Int32(per_split), Int32(nsplit),
+             Float32(swiglu_limit if swiglu else 0.0), _current_stream())
     return y
 
 

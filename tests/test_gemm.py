@@ -1,0 +1,175 @@
+"""CPU tests of the W4A16 GEMM: the sm90 layout (repack, register-decode model), the ops' exact CPU
+reference (both layouts, fused segments, bias, fused SwiGLU), the fake ops under torch.compile, bad
+input, the CuTeDSL kernels' PTX (sm_90a, compiled here without a GPU) and the benchmark's CPU behaviour."""
+import re
+
+import pytest
+import torch
+
+from nvfp4lib.formats import e2m1_decode, quantize, unpack_nibbles
+from nvfp4lib.kernels.sm90 import dequant
+from nvfp4lib.ops.gemm import (LAYOUT_MODELOPT, LAYOUT_SM90, clamped_swiglu_reference, dequantize_rows,
+                               dequantize_sm90, nvfp4_linear, prepare_weight, reference_gemm)
+from tests.conftest import requires_cute
+
+
+def _quantized(n, k, scale=1.0):
+    w = torch.randn(n, k) * scale
+    w[0, :16] = 0  # an all-zero block
+    return quantize(w)
+
+
+def test_repack_roundtrip_and_exact_rewrites(fresh_seed):
+    q = _quantized(40, 512)
+    scales = q.block_scale.clone()
+    raw = scales.view(torch.uint8)
+    raw[1, 2] = 0x00  # zero scale: its block's codes must become 0
+    raw[2, 3] |= 0x80  # negative scale: its block's signs must flip
+    words, scale_words = dequant.repack_weight(q.packed, scales)
+    assert words.shape == (3, 8, 32, 4) and words.dtype == torch.int32
+    assert scale_words.shape == (3, 2, 32, 2) and scale_words.dtype == torch.int32
+    codes, scale_bits = dequant.unpack_repacked(words, scale_words, 40, 512)
+    # the rewrites leave every product e2m1 * scale unchanged
+    expected = dequantize_rows(q.packed, scales)
+    got = (e2m1_decode(codes).reshape(40, -1, 16) * scale_bits.view(torch.float8_e4m3fn).float().unsqueeze(-1)).reshape(40, -1)
+    assert torch.equal(got, expected)
+    untouched = torch.ones(40, 32, dtype=torch.bool)
+    untouched[1, 2] = untouched[2, 3] = False
+    assert torch.equal(scale_bits[untouched], raw[untouched])
+    assert torch.equal(dequantize_sm90(words, scale_words, 40), expected)
+
+
+def test_register_decode_model_matches_e2m1_times_scale(fresh_seed):
+    n, k = 32, 256
+    q = _quantized(n, k)
+    words, scale_words = dequant.repack_weight(q.packed, q.block_scale)
+    values = e2m1_decode(unpack_nibbles(q.packed)).float() * q.block_scale.float().repeat_interleave(16, 1)
+    sbytes = scale_words.view(torch.uint8).reshape(2, 1, 32, 4, 2)
+    for rg in range(2):
+        for c in range(4):
+            for lane in torch.randint(0, 32, (6,)).tolist():
+                g, t = lane // 4, lane % 4
+                for kk in range(4):
+                    regs = dequant.decode_word_reference(int(words[rg, c, lane, kk]), int(sbytes[rg, c // 4, lane, c % 4, 0]),
+                                                         int(sbytes[rg, c // 4, lane, c % 4, 1]))
+                    for j, pair in enumerate(regs):
+                        row = 16 * rg + 8 * (j % 2) + g
+                        for e, value in enumerate(pair):
+                            col = 64 * c + 16 * t + 4 * kk + 2 * (j // 2) + e
+                            assert value * 2**dequant.MAGNITUDE_SHIFT == float(values[row, col])
+
+
+def test_subnormal_scale_keeps_modelopt_layout():
+    q = _quantized(16, 256)
+    scales = q.block_scale.clone()
+    scales.view(torch.uint8)[3, 4] = 0x03  # an E4M3 subnormal
+    assert not dequant.decode_layout_supported(scales)
+    with pytest.raises(ValueError, match="subnormal"):
+        prepare_weight(q.packed, scales, q.global_scale, layout=LAYOUT_SM90)
+    assert prepare_weight(q.packed, scales, q.global_scale).layout == LAYOUT_MODELOPT  # CPU default too
+
+
+def test_sm90_shape_constraint_is_named():
+    q = _quantized(16, 128)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        prepare_weight(q.packed, q.block_scale, q.global_scale, layout=LAYOUT_SM90)
+
+
+@pytest.mark.parametrize("m", [1, 5, 70])
+def test_sm90_op_equals_reference_on_cpu(fresh_seed, m):
+    q = _quantized(48, 512)
+    x = torch.randn(m, 512).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    segments = (32, 16)
+    scales = [q.global_scale, q.global_scale * 3]
+    modelopt = prepare_weight(q.packed, q.block_scale, scales, segments)
+    sm90 = prepare_weight(q.packed, q.block_scale, scales, segments, layout=LAYOUT_SM90)
+    assert sm90.layout == LAYOUT_SM90 and sm90.nbytes < 48 * 512 * 9 / 16 + 48 * 4 + 1
+    ref = reference_gemm(x, q.packed, q.block_scale, modelopt.alpha, bias)
+    assert torch.equal(nvfp4_linear(x, modelopt, bias), ref)
+    assert torch.equal(nvfp4_linear(x, sm90, bias), ref)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT_MODELOPT, LAYOUT_SM90])
+def test_fused_swiglu_op_on_cpu(fresh_seed, layout):
+    gate, up = _quantized(32, 256), _quantized(32, 256, scale=4.0)
+    p = prepare_weight(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale]),
+                       [gate.global_scale, up.global_scale], [32, 32], layout=layout)
+    x = (torch.randn(3, 256) * 4).to(torch.bfloat16)
+    for limit in (10.0, float("inf")):
+        h = x.float() @ (dequantize_rows(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale])) * p.alpha[:, None]).t()
+        expected = clamped_swiglu_reference(h, limit).to(torch.bfloat16)
+        got = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, p.n, limit)
+        assert got.shape == (3, 32)
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="even"):
+        torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, 63, 10.0)
+
+
+def test_fake_ops_under_torch_compile(fresh_seed):
+    q = _quantized(32, 256)
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout=LAYOUT_SM90)
+    x = torch.randn(4, 256).to(torch.bfloat16)
+
+    def f(x):
+        y = nvfp4_linear(x, p)
+        s = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, p.n, 10.0)
+        return y, s
+
+    y, s = torch.compile(f, fullgraph=True, backend="eager")(x)
+    ye, se = f(x)
+    assert torch.equal(y, ye) and torch.equal(s, se) and s.shape == (4, 16)
+
+
+def test_bad_input_is_refused():
+    q = _quantized(32, 256)
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout=LAYOUT_SM90)
+    with pytest.raises(ValueError, match="K=512"):
+        nvfp4_linear(torch.randn(2, 512).to(torch.bfloat16), p)
+    with pytest.raises(ValueError, match="bf16"):
+        nvfp4_linear(torch.randn(2, 256), p)
+    with pytest.raises(ValueError, match="bias"):
+        nvfp4_linear(torch.randn(2, 256).to(torch.bfloat16), p, torch.zeros(5))
+
+
+@requires_cute
+@pytest.mark.parametrize("tiles,swiglu,prefetch_x", [(1, False, True), (2, False, False), (2, True, True)])
+def test_decode_kernel_ptx_sm90a(tiles, swiglu, prefetch_x):
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptx = ptx_of(gemm_decode.compile_decode(3072, tiles, False, swiglu, prefetch_x, arch="sm_90a", keep_ptx=True))
+    assert ".target sm_90a" in ptx
+    groups = 2 if swiglu else 1
+    # 4 chunks x 4 steps x tiles x groups MMAs per 256-k step, tensor-core bf16 with fp32 accumulate
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles * groups
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups  # the exact scale fold, 4 per word
+    assert "shf.l.wrap.b32" in ptx and "ld.global.v4" in ptx  # register decode, 16-byte weight loads
+    assert "atom" in ptx and "ld.global.cg" in ptx  # split-K: arrival counter, L2 reads of partials
+    assert ".local" not in ptx  # no spills to local memory
+    if swiglu:
+        assert "ex2.approx" in ptx
+
+
+@requires_cute
+def test_dequant_kernel_ptx_sm90a():
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_prefill
+
+    ptx = ptx_of(gemm_prefill.compile_dequant(3072, arch="sm_90a", keep_ptx=True))
+    assert ".target sm_90a" in ptx
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64
+    assert len(re.findall(r"cvt\.rn\.bf16x2\.f32", ptx)) == 64
+    assert len(re.findall(r"st\.global\.v4", ptx)) == 16 and ".local" not in ptx
+
+
+def test_bench_without_gpu_says_so(capsys):
+    from nvfp4lib.bench import gemm
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    assert gemm.main(["--shapes", "gate_up", "--ms", "1"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert gemm.parse_shapes("down,96x512") == {"down": (7168, 3072), "96x512": (96, 512)}
+    with pytest.raises(ValueError, match="unknown shape"):
+        gemm.parse_shapes("nope")

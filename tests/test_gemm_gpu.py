@@ -1,0 +1,55 @@
+"""GPU tests of the sm90 W4A16 GEMM (skipped without a Hopper GPU and CuTeDSL, with the reason): accuracy
+against the fp32 reference at every benchmarked shape on both paths, into NaN-poisoned outputs, CUDA-graph
+replay equal to eager, and the fused gate_up + clamped SwiGLU. The GPU runner is scripts/gpu/gemm_check.py."""
+import pytest
+import torch
+
+from nvfp4lib.bench.harness import cosine, rel_error
+from nvfp4lib.formats import quantize
+from nvfp4lib.ops.gemm import LAYOUT_SM90, clamped_swiglu_reference, dequantize_rows, nvfp4_linear, prepare_weight
+from tests.conftest import requires_cute, requires_hopper
+
+pytestmark = [requires_hopper, requires_cute]
+SHAPES = [(6144, 7168), (7168, 3072), (2048, 7168)]
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+def test_accuracy_and_graph_replay(fresh_seed, n, k, m):
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    q = quantize(torch.randn(n, k, device="cuda") * 0.02)
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale)
+    assert p.layout == LAYOUT_SM90
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ (dequantize_rows(q.packed, q.block_scale) * p.alpha[:, None]).t()
+    if m <= 64:
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, n, out=y)
+    else:
+        y = nvfp4_linear(x, p)
+    assert torch.isfinite(y).all()
+    assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+    nvfp4_linear(x, p)  # eager first: compile, counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = nvfp4_linear(x, p)
+    static.fill_(float("nan"))
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, nvfp4_linear(x, p))
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 200])
+def test_fused_swiglu(fresh_seed, m):
+    inter, hidden = 3072, 7168
+    gate, up = quantize(torch.randn(inter, hidden, device="cuda") * 0.02), quantize(torch.randn(inter, hidden, device="cuda") * 0.05)
+    p = prepare_weight(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale]),
+                       [gate.global_scale, up.global_scale], [inter, inter])
+    w = torch.cat([dequantize_rows(gate.packed, gate.block_scale), dequantize_rows(up.packed, up.block_scale)]) * p.alpha[:, None]
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) * 8
+    ref = clamped_swiglu_reference(x.float() @ w.t(), 10.0)
+    y = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, p.n, 10.0)
+    assert y.shape == (m, inter) and torch.isfinite(y).all()
+    assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
