@@ -134,15 +134,17 @@ def measure_variants(name, n, k, m, weights, replays):
     first = weights[0]["prepared"]
     ref = (x.float() @ dequantize_sm90(first.weight, first.block_scale, n).t()) * first.alpha
     out = {}
-    for prefetch_x in (True, False):
-        for warps_per_sm in (8, 16, 32):
-            kw = dict(prefetch_x=prefetch_x, warps_per_sm=warps_per_sm)
+    configs = [dict(prefetch_x=p, warps_per_sm=w) for p in (True, False) for w in (8, 16, 32)]
+    if m > gemm_decode.TOKENS_PER_TILE:
+        configs += [dict(prefetch_x=p, warps_per_sm=w, tiles=1) for p in (True, False) for w in (16, 32)]
+    for kw in configs:
+        if True:
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             gemm_decode.run_decode(x, first.weight, first.block_scale, first.alpha, n, out=y, **kw)
             ok = rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
             us = time_graph([(lambda w=w: gemm_decode.run_decode(x, w["prepared"].weight, w["prepared"].block_scale,
                                                                   w["prepared"].alpha, n, **kw)) for w in weights], replays=replays)
-            out[f"prefetch_x={prefetch_x},warps_per_sm={warps_per_sm}"] = dict(us=us, correct=bool(ok))
+            out[",".join(f"{key}={val}" for key, val in kw.items())] = dict(us=us, correct=bool(ok))
     return dict(shape=name, M=m, N=n, K=k, variants=out)
 
 

@@ -327,7 +327,7 @@ def _current_stream():
 
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
-               prefetch_x: bool | None = None, warps_per_sm: int | None = None) -> torch.Tensor:
+               prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -339,7 +339,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     if swiglu and (n % D.ROWS_PER_GROUP or row_groups != 2 * n // D.ROWS_PER_GROUP):
         raise ValueError(f"the fused SwiGLU needs gate_up of 2*I rows with I a multiple of 16, got I={n} and {row_groups} row groups")
     warp_groups = row_groups // groups
-    tiles = tiles_for(m)
+    tiles = tiles or tiles_for(m)
     tpb = tiles * TOKENS_PER_TILE
     token_blocks = -(-m // tpb)
     quads = k // D.QUAD_K
