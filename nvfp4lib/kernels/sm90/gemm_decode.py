@@ -292,11 +292,13 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=True, warps_per_sm=16)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16)  # chosen from the variants recorded at 15f0806 (H100)
 
 
 def tiles_for(m: int) -> int:
-    return 1 if m <= TOKENS_PER_TILE else MAX_TILES
+    """Token tiles of 8 per CTA: 1 up to M = 16 (two token blocks read the weights from L2 twice, still
+    faster than 2 tiles there on the H100), 2 above."""
+    return 1 if m <= 2 * TOKENS_PER_TILE else MAX_TILES
 
 
 def splits_for(row_groups: int, quads: int, token_blocks: int, sm_count: int = 132, warps_per_sm: int = 16):
