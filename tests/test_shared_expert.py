@@ -150,3 +150,21 @@ def test_gpu_shared_expert_deepseek_v4_pro_shapes(fresh_seed, t):
     ref = reference_shared_expert(x.cpu(), gate, up, down)
     assert torch.isfinite(out).all()
     assert rel_err(out.cpu(), ref) <= TOL_REL and cosine(out.cpu(), ref) >= TOL_COS
+
+
+def test_fused_swiglu_op_matches_the_module_activation(fresh_seed):
+    """The op SharedExpert uses on a GPU (gate_up GEMM with the SwiGLU fused) computes, on the prepared
+    gate_up weight, what the composed path computes: equal up to the composed path's extra bf16 rounding."""
+    op = getattr(torch.ops.nvfp4lib, "gemm_w4a16_swiglu", None)
+    if op is None:
+        pytest.skip("the GEMM package registers no fused gate_up + SwiGLU op")
+    (gate, up, down), _ = random_linears(256, 128, same_gate_up_scale=False)
+    expert = SharedExpert(gate, up, down)
+    x = activations(9, 256, scale=30.0)
+    p = expert.gate_up
+    fused = op(x, p.weight, p.block_scale, p.alpha, p.n, SWIGLU_LIMIT)
+    composed = expert.activation(x)
+    assert fused.shape == composed.shape == (9, 128) and fused.dtype == torch.bfloat16
+    assert rel_err(fused, composed) <= TOL_REL and cosine(fused, composed) >= TOL_COS
+    no_clamp = op(x, p.weight, p.block_scale, p.alpha, p.n, float("inf"))
+    assert rel_err(no_clamp, fused) > 0.05  # the limit is applied (activations are large enough to clamp)
