@@ -171,3 +171,15 @@ def expert_accuracy_ok(rows: Sequence[dict]) -> bool:
             if err_key in r and (r[err_key] > ACCURACY_TARGET["rel_err"] or r[cos_key] < ACCURACY_TARGET["cosine"]):
                 return False
     return True
+
+
+def variants_table(variants: Sequence[dict]) -> pd.DataFrame:
+    """The benchmark's decode-kernel tuning variants, one line per (shape, M), one column per variant (us;
+    NaN: not measured at that point, or its output was wrong)."""
+    lines = []
+    for entry in variants:
+        line = {"shape": entry["shape"], "M": entry["M"]}
+        for name, result in entry.get("variants", {}).items():
+            line[name] = result.get("us") if result.get("correct", True) else float("nan")
+        lines.append(line)
+    return pd.DataFrame(lines)
