@@ -138,18 +138,31 @@ def test_bad_input_and_move_refused(fresh_seed):
     assert expert.nbytes < n_params * 9 / 16 + 4 * (2 * 128 + 256) + 1
 
 
+@pytest.fixture(scope="module")
+def gpu_expert():
+    """A DeepSeek-V4-Pro-sized shared expert quantized on the GPU (hidden 7168, intermediate 3072)."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+    def weight(n, k):
+        return (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+
+    wg, wu, wd = weight(3072, 7168), weight(3072, 7168) * 3, weight(7168, 3072)
+    linears = (quantize_nvfp4_linear("se.w1", wg, 8.0), quantize_nvfp4_linear("se.w3", wu, 8.0), quantize_nvfp4_linear("se.w2", wd, 8.0))
+    return SharedExpert(*linears), linears
+
+
 @requires_gpu
 @requires_hopper
 @pytest.mark.parametrize("t", [1, 16, 128])
-def test_gpu_shared_expert_deepseek_v4_pro_shapes(fresh_seed, t):
-    (gate, up, down), _ = random_linears(7168, 3072)
-    expert = SharedExpert(gate, up, down, device="cuda")
+def test_gpu_shared_expert_deepseek_v4_pro_shapes(gpu_expert, t):
+    expert, linears = gpu_expert
+    assert expert.gate_up.layout == "sm90" and expert.down.layout == "sm90"
     x = activations(t, 7168).cuda()
     out = expert(x)
     torch.cuda.synchronize()
-    ref = reference_shared_expert(x.cpu(), gate, up, down)
+    ref = reference_shared_expert(x, *linears)
     assert torch.isfinite(out).all()
-    assert rel_err(out.cpu(), ref) <= TOL_REL and cosine(out.cpu(), ref) >= TOL_COS
+    assert rel_err(out, ref) <= TOL_REL and cosine(out, ref) >= TOL_COS
 
 
 def test_fused_swiglu_op_matches_the_module_activation(fresh_seed):
