@@ -134,17 +134,21 @@ def measure_variants(name, n, k, m, weights, replays):
     first = weights[0]["prepared"]
     ref = (x.float() @ dequantize_sm90(first.weight, first.block_scale, n).t()) * first.alpha
     out = {}
-    configs = [dict(prefetch_x=p, warps_per_sm=w) for p in (True, False) for w in (8, 16, 32)]
+    default_tiles = gemm_decode.tiles_for(m)
+    configs = [dict(x_smem=xs, warps_per_sm=w) for xs in (False, True) for w in (8, 16, 32)]
     if m > gemm_decode.TOKENS_PER_TILE:
-        configs += [dict(prefetch_x=p, warps_per_sm=w, tiles=1) for p in (True, False) for w in (16, 32)]
+        configs += [dict(x_smem=xs, warps_per_sm=w, tiles=3 - default_tiles) for xs in (False, True) for w in (8, 16)]
     for kw in configs:
-        if True:
+        key = ",".join(f"{name_}={val}" for name_, val in kw.items())
+        try:
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             gemm_decode.run_decode(x, first.weight, first.block_scale, first.alpha, n, out=y, **kw)
             ok = rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
             us = time_graph([(lambda w=w: gemm_decode.run_decode(x, w["prepared"].weight, w["prepared"].block_scale,
                                                                   w["prepared"].alpha, n, **kw)) for w in weights], replays=replays)
-            out[",".join(f"{key}={val}" for key, val in kw.items())] = dict(us=us, correct=bool(ok))
+            out[key] = dict(us=us, correct=bool(ok))
+        except Exception as exc:  # a variant that fails is recorded, the others go on
+            out[key] = dict(us=float("nan"), correct=False, error=f"{type(exc).__name__}: {exc}"[:200])
     return dict(shape=name, M=m, N=n, K=k, variants=out)
 
 

@@ -39,6 +39,13 @@ for (n, k), ms in cases:
                                        prefetch_x=not gemm_decode.DEFAULTS["prefetch_x"], warps_per_sm=32)
                 r3 = rel_error(y3, ref)
                 failures += not (r3 <= 1e-2 and bool(torch.isfinite(y3).all()))
+                try:  # the shared-memory activation variant (optional: reported, not counted)
+                    y4 = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    gemm_decode.run_decode(x, prepared.weight, prepared.block_scale, prepared.alpha, n, bias, out=y4, x_smem=True)
+                    r4 = rel_error(y4, ref)
+                    print(f"   x_smem variant rel={r4:.2e} {'OK' if r4 <= 1e-2 and bool(torch.isfinite(y4).all()) else 'FAIL'}")
+                except Exception as exc:
+                    print(f"   x_smem variant ERROR {type(exc).__name__}: {exc}"[:300])
                 same = torch.equal(y, y2)
             else:
                 y = nvfp4_linear(x, prepared, bias)

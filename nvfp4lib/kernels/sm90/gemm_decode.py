@@ -27,11 +27,13 @@ cutlass, cute = import_cute()
 from cutlass import Boolean, Float32, Int32  # noqa: E402
 from cutlass._mlir.dialects import llvm  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
+from cutlass.memory import SmemAllocator  # noqa: E402
 
 WARPS = 8
 THREADS = 32 * WARPS
 TOKENS_PER_TILE = 8
 MAX_TILES = 2
+MAX_SMEM_QUADS = 8  # with x_smem a split covers at most 8 x 256 k (the smem slice is sized for it)
 
 
 @dsl_user_op
@@ -100,7 +102,7 @@ class GemmDecodeKernel:
     row group rg and up row group rg + I/16, so the gate and up accumulators of an output column sit in
     the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
 
-    def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True):
+    def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False):
         D.check_decode_shape(16, k)
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
@@ -113,7 +115,9 @@ class GemmDecodeKernel:
         self.has_bias = has_bias
         self.swiglu = swiglu
         self.groups = 2 if swiglu else 1
-        self.prefetch_x = prefetch_x
+        self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
+        self.prefetch_x = prefetch_x and not x_smem
+        self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -127,6 +131,7 @@ class GemmDecodeKernel:
         token_blocks = (m + tpb - 1) // tpb
         row_groups = warp_groups * self.groups
         mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks, 4, 8), stride=(self.k // 2, 32, 8, 1)))
+        mXv = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks * 8, 4), stride=(self.k // 2, 4, 1)))
         mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
         mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
         mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((row_groups * D.ROWS_PER_GROUP,)))
@@ -136,7 +141,7 @@ class GemmDecodeKernel:
         mWs = cute.make_tensor(ws_ptr, cute.make_layout((token_blocks, splits, warp_groups, 32, frag),
                                                         stride=(splits * warp_groups * 32 * frag, warp_groups * 32 * frag, 32 * frag, frag, 1)))
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((token_blocks, warp_groups), stride=(warp_groups, 1)))
-        self.kernel(mX, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, warp_groups, quads_per_split, splits, limit).launch(
+        self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, warp_groups, quads_per_split, splits, limit).launch(
             grid=[token_blocks, (warp_groups + WARPS - 1) // WARPS, splits], block=[THREADS, 1, 1], stream=stream)
 
     @cute.jit
@@ -157,7 +162,7 @@ class GemmDecodeKernel:
                     xr[tau, i // 8, i % 8] = Int32(0)
 
     @cute.kernel
-    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
+    def kernel(self, mX: cute.Tensor, mXv: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
                mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
                quads_per_split: Int32, splits: Int32, limit: Float32):
         tidx, _, _ = cute.arch.thread_idx()
@@ -170,9 +175,25 @@ class GemmDecodeKernel:
         tpb = self.tiles * TOKENS_PER_TILE
         first_row = tb * tpb
         G = self.groups
+        q_begin = split * quads_per_split
+        q_end = cutlass.min(q_begin + quads_per_split, self.quads)
+        sX = None
+        if cutlass.const_expr(self.x_smem):
+            # the CTA's activations [tpb rows, its k range] -> shared memory (rows past m: zeros), once
+            smem = SmemAllocator()
+            sX = smem.allocate_tensor(Int32, cute.make_layout((tpb, MAX_SMEM_QUADS * 4, 4, 8), stride=(self.row_words, 32, 8, 1)), byte_alignment=16)
+            sXv = cute.make_tensor(sX.iterator, cute.make_layout((tpb, MAX_SMEM_QUADS * 32, 4), stride=(self.row_words, 4, 1)))
+            per_row = (q_end - q_begin) * 32
+            for idx in cutlass.range(tidx, tpb * per_row, THREADS):
+                r = idx // per_row
+                v = idx - r * per_row
+                if first_row + r < m:
+                    cute.autovec_copy(mXv[first_row + r, q_begin * 32 + v, None], sXv[r, v, None])
+                else:
+                    for i in cutlass.range_constexpr(4):
+                        sXv[r, v, i] = Int32(0)
+            cute.arch.sync_threads()
         if wg < warp_groups:
-            q_begin = split * quads_per_split
-            q_end = cutlass.min(q_begin + quads_per_split, self.quads)
             acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
             for i in cutlass.range_constexpr(G * self.tiles * 4):
                 acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
@@ -193,7 +214,11 @@ class GemmDecodeKernel:
                         self._load_quad(mW, mS, wg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
                     if cutlass.const_expr(self.prefetch_x):
                         self._load_x(mX, first_row, g, t, q + 1, m, xnxt)
-                if cutlass.const_expr(not self.prefetch_x):
+                if cutlass.const_expr(self.x_smem):
+                    for tau in cutlass.range_constexpr(self.tiles):
+                        for ci in cutlass.range_constexpr(4):
+                            cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
+                elif cutlass.const_expr(not self.prefetch_x):
                     self._load_x(mX, first_row, g, t, q, m, xr)
                 for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
@@ -280,19 +305,20 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
-                   arch: str | None = None, keep_ptx: bool = False):
+                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None):
     """Compile (cached) the decode kernel for K = k. Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x)
+    x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=False, warps_per_sm=16)  # chosen from the variants recorded at 15f0806 (H100)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False)  # chosen from the variants recorded at 15f0806 (H100)
 
 
 def tiles_for(m: int) -> int:
@@ -301,10 +327,14 @@ def tiles_for(m: int) -> int:
     return 1 if m <= 2 * TOKENS_PER_TILE else MAX_TILES
 
 
-def splits_for(row_groups: int, quads: int, token_blocks: int, sm_count: int = 132, warps_per_sm: int = 16):
-    """(quads per split, splits): enough warps to keep every SM streaming, at least one quad each."""
+def splits_for(row_groups: int, quads: int, token_blocks: int, sm_count: int = 132, warps_per_sm: int = 16,
+               max_per_split: int | None = None):
+    """(quads per split, splits): enough warps to keep every SM streaming, at least one quad each (and at
+    most ``max_per_split``)."""
     want = max(1, -(-sm_count * warps_per_sm // (row_groups * token_blocks)))
     per_split = max(1, -(-quads // want))
+    if max_per_split:
+        per_split = min(per_split, max_per_split)
     return per_split, -(-quads // per_split)
 
 
@@ -329,7 +359,8 @@ def _current_stream():
 
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
-               prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None) -> torch.Tensor:
+               prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
+               x_smem: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -345,9 +376,10 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     tpb = tiles * TOKENS_PER_TILE
     token_blocks = -(-m // tpb)
     quads = k // D.QUAD_K
+    x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     per_split, nsplit = splits_for(warp_groups, quads, token_blocks, _sm_count(x.device),
-                                   warps_per_sm or DEFAULTS["warps_per_sm"])
-    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x)
+                                   warps_per_sm or DEFAULTS["warps_per_sm"], MAX_SMEM_QUADS if x_smem else None)
+    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     ws = torch.empty(token_blocks * nsplit * warp_groups * 32 * frag if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
