@@ -14,13 +14,13 @@ Checkpoint names (the DeepSeek-V4 checkpoint, as :mod:`nvfp4lib.synthetic` write
 activations in bf16); ``prefix`` is ``layers.<i>.ffn.shared_experts``.
 
 Dispatch, honestly: the GEMMs are :func:`nvfp4lib.ops.gemm.nvfp4_linear` (exact reference on a CPU, the
-CuTeDSL sm_90 kernels on a Hopper GPU). The SwiGLU runs as torch ops on the gate_up output (bf16, as a
-separate pass); when the GEMM package registers the fused op ``torch.ops.nvfp4lib.gemm_w4a16_swiglu``
-(gate_up GEMM with the clamped SwiGLU in its epilogue; called as
-``op(x [M, K], prepared.weight, prepared.block_scale, prepared.alpha, n=2I, limit) -> bf16 [M, I]`` on the
-gate_up weight :func:`prepare_gate_up` builds, gate rows then up rows) :attr:`SharedExpert.fused` is True
-and it is used instead, saving the [T, 6144] round trip. :func:`reference_shared_expert` is the fp32 reference both are
-tested against.
+CuTeDSL sm_90 kernels on a Hopper GPU). gate_up and the SwiGLU go through the fused op
+``torch.ops.nvfp4lib.gemm_w4a16_swiglu(x [M, K], prepared.weight, prepared.block_scale, prepared.alpha,
+n=2I, limit) -> bf16 [M, I]`` whenever the GEMM package registers it and x is on a GPU
+(:attr:`SharedExpert.fused`): on Hopper with M <= 64 the decode kernel applies the SwiGLU to its fp32
+accumulators (one bf16 rounding, the [M, 2I] intermediate never reaches memory); otherwise the op runs the
+GEMM then the SwiGLU. On a CPU the module composes the GEMM (rounded to bf16) and the SwiGLU in fp32.
+:func:`reference_shared_expert` is the fp32 reference both are tested against.
 """
 from __future__ import annotations
 
