@@ -3,9 +3,19 @@
 Public API:
 - :func:`prepare_weight` takes a checkpoint linear (ModelOpt ``weight``, ``weight_scale``,
   ``weight_scale_2``), or a fused one whose contiguous row segments carry their own global scales, and
-  returns a :class:`PreparedWeight` (no bf16 copy of the weight is kept).
-- :func:`nvfp4_linear` runs ``torch.ops.nvfp4lib.gemm_w4a16``: an exact torch reference on CPU, the
-  CuTeDSL kernels on a GPU.
+  returns a :class:`PreparedWeight` (no bf16 copy of the weight is kept). On a Hopper GPU with CuTeDSL it
+  repacks into the ``"sm90"`` layout (``kernels/sm90/dequant.py``; N*K*9/16 bytes, the ModelOpt copy is not
+  kept); elsewhere, or for K not a multiple of 256 or an E4M3-subnormal/NaN block scale, it keeps the
+  ModelOpt layout.
+- :func:`nvfp4_linear` runs ``torch.ops.nvfp4lib.gemm_w4a16`` (ModelOpt layout) or
+  ``torch.ops.nvfp4lib.gemm_w4a16_sm90`` (sm90 layout); ``torch.ops.nvfp4lib.gemm_w4a16_swiglu`` is the
+  gate_up GEMM with the clamped SwiGLU fused (either layout).
+
+Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
+(``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K); larger M the
+prefill path (``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then
+cuBLAS). The ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
+every op is the exact reference: fp32 accumulation over the exact dequantized values, one bf16 rounding.
 
 The global scale is never folded into the E4M3 block scales: each output column n gets its own fp32
 ``alpha[n]`` (the global scale of the segment that row n of W belongs to), applied in the epilogue.

@@ -8,6 +8,10 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   row groups and the same K range, so the activations a warp loads come from L1 for the other warps.
 - Per 256 k a lane issues four 16-byte weight loads (one per 64-k chunk, coalesced: 512 contiguous bytes
   per warp and chunk) and one 8-byte scale load, prefetched one step ahead (register double buffer).
+  Activations: by default each step loads its 32 bytes per lane and token row (L1/L2 hits shared by the
+  CTA's warps); ``prefetch_x`` loads them one step ahead, ``x_smem`` stages the CTA's slice in shared
+  memory once. On the H100 neither option paid off by more than 10% (data/bench/gemm_h100*.json
+  "variants"), so both are off by default (``DEFAULTS``).
 - Register decode (see :mod:`.dequant`): 5 rotations + 7 logic ops + 4 ``mul.rn.bf16x2`` per MMA turn one
   word of E2M1 codes and two E4M3 scales into the exact bf16 products ``v * s * 2**-7``.
 - Split K: grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
