@@ -97,7 +97,7 @@ def test_fused_swiglu_op_on_cpu(fresh_seed, layout):
                        [gate.global_scale, up.global_scale], [32, 32], layout=layout)
     x = (torch.randn(3, 256) * 4).to(torch.bfloat16)
     for limit in (10.0, float("inf")):
-        h = x.float() @ (dequantize_rows(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale])) * p.alpha[:, None]).t()
+        h = (x.float() @ dequantize_rows(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale])).t()) * p.alpha
         expected = clamped_swiglu_reference(h, limit).to(torch.bfloat16)
         got = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, p.n, limit)
         assert got.shape == (3, 32)
