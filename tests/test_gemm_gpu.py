@@ -53,3 +53,19 @@ def test_fused_swiglu(fresh_seed, m):
     y = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, p.n, 10.0)
     assert y.shape == (m, inter) and torch.isfinite(y).all()
     assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+
+
+@pytest.mark.parametrize("m", [1, 300])
+def test_modelopt_layout_on_gpu_and_subnormal_fallback(fresh_seed, m):
+    """A weight the sm90 layout cannot hold (an E4M3-subnormal block scale) stays in the ModelOpt layout
+    and still gives the right answer on the GPU (dequantize + cuBLAS)."""
+    q = quantize(torch.randn(512, 1024, device="cuda") * 0.02)
+    scales = q.block_scale.clone()
+    scales.view(torch.uint8)[5, 7] = 0x02  # E4M3 subnormal
+    p = prepare_weight(q.packed, scales, q.global_scale)
+    assert p.layout == "modelopt"
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ (dequantize_rows(q.packed, scales) * p.alpha[:, None]).t() + bias.float()
+    y = nvfp4_linear(x, p, bias)
+    assert torch.isfinite(y).all() and rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
