@@ -145,7 +145,7 @@ def test_decode_kernel_ptx_sm90a(tiles, swiglu, prefetch_x, x_smem):
     # 4 chunks x 4 steps x tiles x groups MMAs per 256-k step, tensor-core bf16 with fp32 accumulate
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles * groups
     assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups  # the exact scale fold, 4 per word
-    assert "shf.l.wrap.b32" in ptx and "ld.global.v4" in ptx  # register decode, 16-byte weight loads
+    assert "shl.b32" in ptx and "shr.u32" in ptx and "ld.global.v4" in ptx  # register decode, 16-byte weight loads
     if x_smem:  # activations staged once per CTA, then 16-byte shared loads for the B fragments
         assert "bar.sync" in ptx and len(re.findall(r"ld\.shared\.v4", ptx)) == 8 * tiles
     assert "atom" in ptx and "ld.global.cg" in ptx  # split-K: arrival counter, L2 reads of partials

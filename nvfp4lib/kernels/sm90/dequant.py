@@ -13,10 +13,14 @@ actual k ``64c + 16t + 4kk + 2h + e``. Then:
 
 Weight layout (:func:`repack_weight`): int32 ``[RG, K/64, 32, 4]`` (row group of 16 rows, chunk, lane,
 step). Word bits: register j (j = rh + 2h: rows g + 8rh, k pair h) needs, per half e (element 0 / 1), the
-E2M1 bits (m, e0, e1) at bf16 bits 6..8 (+16e) and the sign at bit 15 (+16e); the repack stores them
-rotated right by ``EM_ROT[j]`` (magnitude) and ``SIGN_ROT[j]`` (sign), chosen so that each of the 32 bits
-of the word is used once and only 5 distinct rotations are needed: 5 rotations + 7 logic ops decode a
-word. The result is the bf16 pattern of ``v * 2**-126``, exactly (0.5 is the subnormal ``0x0040``).
+E2M1 bits (m, e0, e1) at bf16 bits 6..8 (+16e) and the sign at bit 15 (+16e). The repack stores them so
+that plain shifts and masks recover each register (:data:`EM_SOURCE`, :data:`SIGN_SOURCE`)::
+
+    a0 = w & 0x81C081C0                  a1 = (w << 3) & 0x81C081C0
+    a2 = (w << 6) & 0x81C081C0           a3 = ((w >> 4) & 0x00C000C0) | ((w >> 5) & 0x01000100) | ((w << 1) & 0x80008000)
+
+(11 integer ops per word, the left shifts can issue on the FMA pipe; each of the 32 bits is used once).
+The result is the bf16 pattern of ``v * 2**-126``, exactly (0.5 is the subnormal ``0x0040``).
 
 Scale layout (:func:`repack_weight`): uint8 ``[RG, K/256, 32, 4, 2]`` viewed as int32
 ``[RG, K/256, 32, 2]``: for lane (g, t) and chunk 4cq + ci, the scale bytes of (row g, block 4c + t) and
@@ -39,8 +43,10 @@ from ...formats import BLOCK_SIZE, unpack_nibbles
 ROWS_PER_GROUP = 16  # weight rows per MMA (operand A's M)
 CHUNK_K = 64  # k per 16-byte weight load of one lane
 QUAD_K = 256  # k per scale load (4 chunks)
-EM_ROT = (1, 4, 10, 14)  # rotate-left that brings register j's magnitude bits to bf16 bits 6..8
-SIGN_ROT = (0, 4, 14, 15)  # rotate-left that brings register j's sign bits to bits 15 / 31
+# source bit positions in the word of register j's lo half (e = 0; the hi half is +16):
+# magnitude bits (m, e0, e1) and sign
+EM_SOURCE = ((6, 7, 8), (3, 4, 5), (0, 1, 2), (10, 11, 13))
+SIGN_SOURCE = (15, 12, 9, 14)
 EM_MASK = 0x01C001C0
 SIGN_MASK = 0x80008000
 SCALE_BIAS_BITS = 0x7780  # (239 << 7): e4m3 bits << 4 plus this = bf16 of s * 2**119
@@ -48,19 +54,19 @@ MAGNITUDE_SHIFT = 7  # the decoded products are v * s * 2**-7
 E4M3_ONE = 0x38
 
 
-def _em_position(j: int, e: int) -> int:
-    return (6 - EM_ROT[j] + 16 * e) % 32
+def _em_positions(j: int, e: int):
+    return tuple(b + 16 * e for b in EM_SOURCE[j])
 
 
 def _sign_position(j: int, e: int) -> int:
-    return (15 - SIGN_ROT[j] + 16 * e) % 32
+    return SIGN_SOURCE[j] + 16 * e
 
 
 def _check_bit_plan() -> None:
     used = []
     for j in range(4):
         for e in range(2):
-            used += [_em_position(j, e) + i for i in range(3)] + [_sign_position(j, e)]
+            used += list(_em_positions(j, e)) + [_sign_position(j, e)]
     assert sorted(used) == list(range(32)), "the decode bit plan must use each word bit once"
 
 
@@ -127,7 +133,8 @@ def repack_weight(weight: torch.Tensor, weight_scale: torch.Tensor):
             j = rh + 2 * h
             for e in range(2):
                 code = c[..., rh, h, e]
-                words |= (code & 7) << _em_position(j, e)
+                for bit, position in enumerate(_em_positions(j, e)):
+                    words |= ((code >> bit) & 1) << position
                 words |= ((code >> 3) & 1) << _sign_position(j, e)
     words = words.reshape(rg, k // CHUNK_K, 32, 4)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -149,9 +156,10 @@ def unpack_repacked(words: torch.Tensor, scale_words: torch.Tensor, n: int, k: i
         for h in range(2):
             j = rh + 2 * h
             for e in range(2):
-                em = (w >> _em_position(j, e)) & 7
-                sign = (w >> _sign_position(j, e)) & 1
-                c[..., rh, h, e] = em | (sign << 3)
+                code = ((w >> _sign_position(j, e)) & 1) << 3
+                for bit, position in enumerate(_em_positions(j, e)):
+                    code |= ((w >> position) & 1) << bit
+                c[..., rh, h, e] = code
     c = c.permute(0, 5, 2, 1, 3, 4, 6, 7)  # [RG, rh, g, c, t, kk, h, e]
     codes = c.reshape(rg * ROWS_PER_GROUP, k)[:n].to(torch.uint8)
     s = scale_words.contiguous().view(torch.uint8).reshape(rg, k // QUAD_K, 8, 4, 4, 2)  # [RG, cq, g, t, ci, rh]
@@ -165,16 +173,16 @@ def decode_word_reference(word: int, scale_row_g: int, scale_row_g8: int):
     pairs of floats ``v * s * 2**-7`` (the tests compare them with E2M1 value x E4M3 scale)."""
     import struct
 
-    def rotl(x, r):
-        return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF if r else x
-
     def bf16(bits16):
         return struct.unpack("<f", struct.pack("<I", (bits16 & 0xFFFF) << 16))[0]
 
     word &= 0xFFFFFFFF
     out = []
+    full = EM_MASK | SIGN_MASK
+    registers = [word & full, (word << 3) & full, (word << 6) & full,
+                 ((word >> 4) & 0x00C000C0) | ((word >> 5) & 0x01000100) | ((word << 1) & 0x80008000)]
     for j in range(4):
-        bits = (rotl(word, EM_ROT[j]) & EM_MASK) | (rotl(word, SIGN_ROT[j]) & SIGN_MASK)
+        bits = registers[j] & 0xFFFFFFFF
         scale = bf16((scale_row_g if j % 2 == 0 else scale_row_g8) * 16 + SCALE_BIAS_BITS)
         out.append((bf16(bits) * scale, bf16(bits >> 16) * scale))
     return out

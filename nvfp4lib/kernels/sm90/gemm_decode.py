@@ -12,7 +12,7 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   CTA's warps); ``prefetch_x`` loads them one step ahead, ``x_smem`` stages the CTA's slice in shared
   memory once. On the H100 neither option paid off by more than 10% (data/bench/gemm_h100*.json
   "variants"), so both are off by default (``DEFAULTS``).
-- Register decode (see :mod:`.dequant`): 5 rotations + 7 logic ops + 4 ``mul.rn.bf16x2`` per MMA turn one
+- Register decode (see :mod:`.dequant`): 5 shifts + 6 logic ops + 4 ``mul.rn.bf16x2`` per MMA turn one
   word of E2M1 codes and two E4M3 scales into the exact bf16 products ``v * s * 2**-7``.
 - Split K: grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
   workspace and the last warp to arrive (per row group, counted with a gpu-scope acq_rel atomic) sums
@@ -53,26 +53,24 @@ def prmt(a: Int32, b: Int32, selector: int, *, loc=None, ip=None) -> Int32:
 def decode_word(word: Int32, scale_g: Int32, scale_g8: Int32, *, loc=None, ip=None):
     """One word of repacked E2M1 codes -> the four bf16x2 A registers (rows g, g+8) times their scales.
     ``scale_g`` / ``scale_g8``: bf16x2 pairs ``(s * 2**119, s * 2**119)``."""
-    em, sg = f"{D.EM_MASK:#x}", f"{D.SIGN_MASK:#x}"
-    em_sg = f"{D.EM_MASK | D.SIGN_MASK:#x}"
+    full = f"{D.EM_MASK | D.SIGN_MASK:#x}"
     asm = (
-        "{\n.reg .b32 r1, r4, r10, r14, r15, t0, t1, t2, t3;\n"
-        "shf.l.wrap.b32 r1, $4, $4, 1;\n"
-        "shf.l.wrap.b32 r4, $4, $4, 4;\n"
-        "shf.l.wrap.b32 r10, $4, $4, 10;\n"
-        "shf.l.wrap.b32 r14, $4, $4, 14;\n"
-        "shf.l.wrap.b32 r15, $4, $4, 15;\n"
-        f"and.b32 t0, r1, {em};\n"
-        f"lop3.b32 t0, t0, $4, {sg}, 0xF8;\n"
-        f"and.b32 t1, r4, {em_sg};\n"
-        f"and.b32 t2, r10, {em};\n"
-        f"lop3.b32 t2, t2, r14, {sg}, 0xF8;\n"
-        f"and.b32 t3, r14, {em};\n"
-        f"lop3.b32 t3, t3, r15, {sg}, 0xF8;\n"
-        "mul.rn.bf16x2 $0, t0, $5;\n"
-        "mul.rn.bf16x2 $1, t1, $6;\n"
-        "mul.rn.bf16x2 $2, t2, $5;\n"
-        "mul.rn.bf16x2 $3, t3, $6;\n}"
+        "{\n.reg .b32 t1, t2, t3, u, v;\n"
+        f"and.b32 u, $4, {full};\n"
+        "mul.rn.bf16x2 $0, u, $5;\n"
+        "shl.b32 t1, $4, 3;\n"
+        f"and.b32 u, t1, {full};\n"
+        "mul.rn.bf16x2 $1, u, $6;\n"
+        "shl.b32 t2, $4, 6;\n"
+        f"and.b32 u, t2, {full};\n"
+        "mul.rn.bf16x2 $2, u, $5;\n"
+        "shr.u32 t3, $4, 4;\n"
+        "and.b32 u, t3, 0x00C000C0;\n"
+        "shr.u32 t3, $4, 5;\n"
+        "lop3.b32 u, u, t3, 0x01000100, 0xF8;\n"
+        "shl.b32 v, $4, 1;\n"
+        "lop3.b32 u, u, v, 0x80008000, 0xF8;\n"
+        "mul.rn.bf16x2 $3, u, $6;\n}"
     )
     res = llvm.inline_asm(
         llvm.StructType.get_literal([T.i32()] * 4),
@@ -122,6 +120,9 @@ class GemmDecodeKernel:
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
         self.prefetch_x = prefetch_x and not x_smem
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
+        # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
+        self.warps = WARPS // 2 if swiglu else WARPS
+        self.threads = 32 * self.warps
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -146,7 +147,7 @@ class GemmDecodeKernel:
                                                         stride=(splits * warp_groups * 32 * frag, warp_groups * 32 * frag, 32 * frag, frag, 1)))
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((token_blocks, warp_groups), stride=(warp_groups, 1)))
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, warp_groups, quads_per_split, splits, limit).launch(
-            grid=[token_blocks, (warp_groups + WARPS - 1) // WARPS, splits], block=[THREADS, 1, 1], stream=stream)
+            grid=[token_blocks, (warp_groups + self.warps - 1) // self.warps, splits], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
@@ -173,7 +174,7 @@ class GemmDecodeKernel:
         tb, rgb, split = cute.arch.block_idx()
         lane = tidx % 32
         warp = tidx // 32
-        wg = rgb * WARPS + warp  # this warp's row group (gate row group with swiglu)
+        wg = rgb * self.warps + warp  # this warp's row group (gate row group with swiglu)
         g = lane // 4
         t = lane % 4
         tpb = self.tiles * TOKENS_PER_TILE
@@ -188,7 +189,7 @@ class GemmDecodeKernel:
             sX = smem.allocate_tensor(Int32, cute.make_layout((tpb, MAX_SMEM_QUADS * 4, 4, 8), stride=(self.row_words, 32, 8, 1)), byte_alignment=16)
             sXv = cute.make_tensor(sX.iterator, cute.make_layout((tpb, MAX_SMEM_QUADS * 32, 4), stride=(self.row_words, 4, 1)))
             per_row = (q_end - q_begin) * 32
-            for idx in cutlass.range(tidx, tpb * per_row, THREADS):
+            for idx in cutlass.range(tidx, tpb * per_row, self.threads):
                 r = idx // per_row
                 v = idx - r * per_row
                 if first_row + r < m:
@@ -322,7 +323,7 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False)  # chosen from the variants recorded at 15f0806 (H100)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12)  # chosen from the variants recorded at 15f0806 (H100)
 
 
 def tiles_for(m: int) -> int:
@@ -381,8 +382,9 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     token_blocks = -(-m // tpb)
     quads = k // D.QUAD_K
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
+    default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
     per_split, nsplit = splits_for(warp_groups, quads, token_blocks, _sm_count(x.device),
-                                   warps_per_sm or DEFAULTS["warps_per_sm"], MAX_SMEM_QUADS if x_smem else None)
+                                   warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
