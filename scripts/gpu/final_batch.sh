@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The end-of-session GPU batch (H100 host, bundle extracted): every GPU test and every benchmark except
 # the GEMM sweep, each under its own time limit so one failure cannot eat the call. Results under $OUT:
-#   pytest_gpu.log, scales_h100.json, attention_h100.json, moe_h100.json, vllm_apply_graph.json
+#   pytest_gpu.log, gemm_h100.json, shared_expert_h100.json, scales_h100.json, attention_h100.json,
+#   moe_h100.json, vllm_apply_graph.json, gpu_notebooks.tar.gz (full-size notebooks run on the GPU)
 # Usage there: source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> bash scripts/gpu/final_batch.sh [parts...]
-# parts (default all): tests scales attention moe vllm
+# parts (default all but notebooks): tests gemm expert scales attention moe vllm notebooks
 set -uo pipefail
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-parts=${*:-tests scales attention moe vllm}
+parts=${*:-tests gemm expert scales attention moe vllm}
 summary=()
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
@@ -19,10 +20,13 @@ step() {  # step NAME LIMIT_S COMMAND...
 for part in $parts; do
   case $part in
     tests)     step tests 240 bash -c "python3 -m pytest -q -rs -p no:cacheprovider tests > $OUT/pytest_gpu.log 2>&1; rc=\$?; tail -15 $OUT/pytest_gpu.log; exit \$rc" ;;
+    gemm)      step gemm 240 python3 -m nvfp4lib.bench gemm --out "$OUT/gemm_h100.json" ;;
+    expert)    step expert 120 python3 scripts/gpu/shared_expert_check.py ;;
     scales)    step scales 150 python3 scripts/gpu/scales_check.py ;;
     attention) step attention 240 python3 -m nvfp4lib.bench attention --out "$OUT/attention_h100.json" ;;
     moe)       step moe 240 python3 -m nvfp4lib.bench moe --out "$OUT/moe_h100.json" ;;
     vllm)      step vllm 120 python3 scripts/gpu/vllm_apply_graph.py ;;
+    notebooks) step notebooks 420 bash -c "python3 scripts/run_notebooks.py --out /tmp/gpu_reports -p device cuda -p full_size True notebooks/[0-9]*.ipynb; rc=\$?; tar czf $OUT/gpu_notebooks.tar.gz -C /tmp gpu_reports; exit \$rc" ;;
     *) echo "unknown part $part" ;;
   esac
 done
