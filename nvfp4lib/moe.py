@@ -39,7 +39,7 @@ import torch
 
 from . import scales as _scales
 from .formats import BLOCK_SIZE, check_global_scale, check_nvfp4_tensors
-from .layout import ATOM_ROWS, swizzle_scales, unswizzle_scales
+from .layout import swizzle_scales, unswizzle_scales
 from .ops.gemm import PreparedWeight, alpha_per_column, dequantize_rows, nvfp4_linear
 
 SWIGLU_LIMIT = 10.0

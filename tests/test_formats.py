@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from nvfp4lib import E2M1_MAX, E4M3_MAX, dequantize, e2m1_decode, e2m1_encode, pack_nibbles, quantize, unpack_nibbles
+from nvfp4lib import E4M3_MAX, dequantize, e2m1_decode, e2m1_encode, pack_nibbles, quantize, unpack_nibbles
 from nvfp4lib.formats import E4M3_MIN_NORMAL, global_scale_from_amax
 
 torchao_nvfp4 = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor", reason="torchao (the test extra) is the independent oracle")

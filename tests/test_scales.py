@@ -10,7 +10,6 @@ from nvfp4lib.scales import (
     assemble_scales_grouped,
     grouped_scale_rows,
     padded_group_offsets,
-    reference_assemble_grouped,
 )
 
 

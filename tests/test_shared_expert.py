@@ -8,7 +8,6 @@ import torch
 
 from conftest import requires_gpu, requires_hopper
 from nvfp4lib.checkpoint import Checkpoint, CheckpointError
-from nvfp4lib.formats import GLOBAL_SCALE_DENOMINATOR
 from nvfp4lib.modules.shared_expert import (
     SWIGLU_LIMIT,
     SharedExpert,
@@ -16,7 +15,7 @@ from nvfp4lib.modules.shared_expert import (
     reference_shared_expert,
     shared_expert_prefix,
 )
-from nvfp4lib.synthetic import GATE, TINY, TINY_CHECKPOINT, UP, DOWN, quantize_nvfp4_linear, synthetic_weight
+from nvfp4lib.synthetic import TINY, TINY_CHECKPOINT, UP, quantize_nvfp4_linear, synthetic_weight
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL_REL, TOL_COS = 1e-2, 0.9999  # issue 4: bf16 rounding only

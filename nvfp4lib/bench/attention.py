@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import asdict
 from typing import Callable, Dict, List, Optional
 
@@ -74,16 +73,10 @@ def nvfp4_bytes(n: int, k: int) -> int:
 
 
 def _time(fns: List[Callable], args, errors: List[str], label: str) -> Optional[float]:
-    """Median us per call under graph replay; None on a CPU, or (with the reason appended to ``errors``)
-    when capture or replay fails, so one bad case does not lose the rest of the run."""
-    if not torch.cuda.is_available() or args.device != "cuda":
+    """Median us per call under graph replay; None on a CPU or, with the reason in ``errors``, on failure."""
+    if args.device != "cuda":
         return None
-    try:
-        return harness.time_graph(fns, reps_in_graph=args.reps, replays=args.replays)
-    except Exception as error:  # noqa: BLE001 - recorded in the JSON, the run goes on
-        errors.append(f"{label}: {type(error).__name__}: {error}")
-        torch.cuda.synchronize()
-        return None
+    return harness.time_safely(fns, errors, label, reps_in_graph=args.reps, replays=args.replays)[0]
 
 
 def _accuracy(out: torch.Tensor, reference: torch.Tensor) -> Dict[str, float]:
@@ -176,22 +169,13 @@ def bench_linear(case: str, name: str, n: int, k: int, ms, args, bandwidth, targ
     return rows
 
 
-def _device_slug() -> str:
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _fmt(value, spec=".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_table(rows: List[dict]) -> None:
     print(f"{'case':<14}{'M':>6}{'ours us':>10}{'cuBLAS us':>11}{'FP8 us':>9}{'diag us':>9}{'floor us':>10}{'x floor':>9}{'vs cuBLAS':>10}{'rel err':>10}  target")
     for r in rows:
         ratio = r["time_us"] / r["floor_us"] if r["time_us"] and r["floor_us"] else None
         speed = r["cublas_bf16_us"] / r["time_us"] if r["time_us"] and r["cublas_bf16_us"] else None
         verdict = "" if "target" not in r else f"{r['target']}: {'-' if r['target_met'] is None else ('met' if r['target_met'] else 'MISSED')}"
-        print(f"{r['case']:<14}{r['m']:>6}{_fmt(r['time_us']):>10}{_fmt(r['cublas_bf16_us']):>11}{_fmt(r['fp8_us']):>9}{_fmt(r.get('diagonal_us')):>9}{_fmt(r['floor_us']):>10}{_fmt(ratio, '.2f'):>9}{_fmt(speed, '.2f'):>10}{r['rel_err']:>10.2e}  {verdict}")
+        print(f"{r['case']:<14}{r['m']:>6}{harness.fmt(r['time_us']):>10}{harness.fmt(r['cublas_bf16_us']):>11}{harness.fmt(r['fp8_us']):>9}{harness.fmt(r.get('diagonal_us')):>9}{harness.fmt(r['floor_us']):>10}{harness.fmt(ratio, '.2f'):>9}{harness.fmt(speed, '.2f'):>10}{r['rel_err']:>10.2e}  {verdict}")
 
 
 def main(argv=None) -> int:
@@ -244,7 +228,7 @@ def main(argv=None) -> int:
         wo_a_note="our wo_a on a GPU is a loop of 16 nvfp4_linear launches (no grouped kernel yet)",
         rows=rows,
     )
-    out = args.out or os.path.join("data", "bench", f"attention_{_device_slug()}.json")
+    out = args.out or os.path.join("data", "bench", f"attention_{harness.device_slug()}.json")
     harness.write_result(out, payload)
     print_table(rows)
     print(f"wrote {out}")

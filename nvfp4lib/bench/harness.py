@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,6 +67,46 @@ def time_graph(fns: Sequence[Callable[[], object]], reps_in_graph: int = 3, repl
     return statistics.median(times) / (reps_in_graph * len(fns))
 
 
+def time_eager(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
+    """Median microseconds per call of ``fns`` (rotating) timed one call at a time with CUDA events,
+    for code that cannot be captured in a CUDA graph (it includes the launch overhead)."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def time_safely(fns: Sequence[Callable[[], object]], notes: List[str], label: str, reps_in_graph: int = 3, replays: int = 50,
+                eager_fallback: bool = False) -> Tuple[Optional[float], Optional[str]]:
+    """(microseconds, "graph" | "eager") for ``fns``, or (None, None) without CUDA.
+
+    A failure is appended to ``notes`` (prefixed with ``label``) instead of raising, so one bad case does
+    not lose the rest of a benchmark run; with ``eager_fallback`` a failed graph capture is retimed eagerly.
+    """
+    if not torch.cuda.is_available():
+        return None, None
+    try:
+        return time_graph(fns, reps_in_graph=reps_in_graph, replays=replays), "graph"
+    except Exception as error:  # noqa: BLE001 - recorded in the result, the run goes on
+        notes.append(f"{label}: graph capture failed ({type(error).__name__}: {str(error)[:200]})" + ("; eager timing" if eager_fallback else ""))
+        torch.cuda.synchronize()
+    if not eager_fallback:
+        return None, None
+    try:
+        return time_eager(fns, replays), "eager"
+    except Exception as error:  # noqa: BLE001
+        notes.append(f"{label}: eager run failed ({type(error).__name__}: {str(error)[:200]})")
+        return None, None
+
+
 def hbm_floor_us(nbytes: float, bandwidth: float) -> float:
     """The time to move ``nbytes`` at ``bandwidth`` bytes/s, in microseconds."""
     return nbytes / bandwidth * 1e6
@@ -80,6 +121,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float().flatten(), ref.float().flatten()
     return float(torch.dot(out, ref) / (out.norm() * ref.norm()))
+
+
+def device_slug() -> str:
+    """The GPU's name as a file-name part ("nvidia_h100_80gb_hbm3"), "cpu" without CUDA."""
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    """A number for a results table, "-" for a missing one."""
+    return "-" if value is None else format(value, spec)
 
 
 def git_commit() -> str:

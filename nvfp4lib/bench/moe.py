@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -109,35 +107,11 @@ def fp32_expert_path(x_sorted: torch.Tensor, bounds: List[int], weights: moe.MoE
     return moe.reference_grouped_gemm_w4a16_fp32(activated, offsets, weights.down)
 
 
-def _eager_us(fns: List[Callable], replays: int) -> float:
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fns[i % len(fns)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def _time(fns: List[Callable], args, notes: List[str], label: str):
-    """(us, how): graph replay, else eager (reason noted), None on a CPU."""
+    """(us, how): graph replay, else eager (reason noted), (None, None) on a CPU."""
     if args.device != "cuda":
         return None, None
-    try:
-        return harness.time_graph(fns, reps_in_graph=args.reps, replays=args.replays), "graph"
-    except Exception as error:  # noqa: BLE001 - recorded, the run goes on
-        notes.append(f"{label}: graph capture failed ({type(error).__name__}: {str(error)[:200]}); eager timing")
-        torch.cuda.synchronize()
-    try:
-        return _eager_us(fns, args.replays), "eager"
-    except Exception as error:  # noqa: BLE001
-        notes.append(f"{label}: eager run failed ({type(error).__name__}: {str(error)[:200]})")
-        return None, None
+    return harness.time_safely(fns, notes, label, reps_in_graph=args.reps, replays=args.replays, eager_fallback=True)
 
 
 def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
@@ -177,23 +151,14 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
     return row
 
 
-def _device_slug() -> str:
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _fmt(value, spec=".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_table(rows: List[dict]) -> None:
     print(f"{'case':<9}{'tokens':>7}{'touched':>8}{'ours us':>10}{'cuBLAS us':>11}{'floor us':>10}{'x floor':>9}{'vs cuBLAS':>10}{'rel err':>10}{'cosine':>10}  target")
     for r in rows:
         ratio = r["time_us"] / r["floor_us"] if r["time_us"] and r["floor_us"] else None
         speed = r["cublas_bf16_us"] / r["time_us"] if r["time_us"] and r["cublas_bf16_us"] else None
         verdict = f"{r['target']}: {'-' if r['target_met'] is None else ('met' if r['target_met'] else 'MISSED')}"
-        print(f"{r['case']:<9}{r['tokens']:>7}{r['experts_touched']:>8}{_fmt(r['time_us']):>10}{_fmt(r['cublas_bf16_us']):>11}{_fmt(r['floor_us']):>10}"
-              f"{_fmt(ratio, '.2f'):>9}{_fmt(speed, '.2f'):>10}{r['rel_err']:>10.2e}{r['cosine']:>10.6f}  {verdict}")
+        print(f"{r['case']:<9}{r['tokens']:>7}{r['experts_touched']:>8}{harness.fmt(r['time_us']):>10}{harness.fmt(r['cublas_bf16_us']):>11}{harness.fmt(r['floor_us']):>10}"
+              f"{harness.fmt(ratio, '.2f'):>9}{harness.fmt(speed, '.2f'):>10}{r['rel_err']:>10.2e}{r['cosine']:>10.6f}  {verdict}")
 
 
 def main(argv=None) -> int:
@@ -242,7 +207,7 @@ def main(argv=None) -> int:
         shapes="tiny (--small)" if args.small else "DeepSeek-V4-Pro routed experts",
         rows=rows,
     )
-    out = args.out or os.path.join("data", "bench", f"moe_{_device_slug()}.json")
+    out = args.out or os.path.join("data", "bench", f"moe_{harness.device_slug()}.json")
     harness.write_result(out, payload)
     print_table(rows)
     print(f"wrote {out}")

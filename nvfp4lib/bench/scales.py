@@ -18,7 +18,6 @@ import time
 import torch
 
 from ..formats import BLOCK_SIZE
-from ..layout import padded_rows, padded_scale_cols
 from . import harness
 
 SPEED_TARGET_FRACTION = 0.75  # M=8192, K=7168: at least 75% of the copy bandwidth

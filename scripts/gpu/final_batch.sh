@@ -20,7 +20,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 for part in $parts; do
   case $part in
     tests)     step tests 240 bash -c "python3 -m pytest -q -rs -p no:cacheprovider tests > $OUT/pytest_gpu.log 2>&1; rc=\$?; tail -15 $OUT/pytest_gpu.log; exit \$rc" ;;
-    gemm)      step gemm 240 python3 -m nvfp4lib.bench gemm --out "$OUT/gemm_h100.json" ;;
+    gemm)      step gemm 240 python3 scripts/gpu/gemm_check.py --out "$OUT/gemm_h100.json" ;;
     expert)    step expert 120 python3 scripts/gpu/shared_expert_check.py ;;
     scales)    step scales 150 python3 scripts/gpu/scales_check.py ;;
     attention) step attention 240 python3 -m nvfp4lib.bench attention --out "$OUT/attention_h100.json" ;;
