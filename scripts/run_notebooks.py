@@ -34,13 +34,21 @@ def failing_cell(output_path: str) -> str:
     return "unknown cell"
 
 
-def render_html(executed: str, html: str) -> None:
+def render_html(executed: str, html: str) -> bool:
+    """Render the executed notebook to self-contained HTML; False (and a note) where nbconvert is missing,
+    as on a GPU host that only has papermill."""
     import nbformat
-    from nbconvert import HTMLExporter
+
+    try:
+        from nbconvert import HTMLExporter
+    except ImportError:
+        print(f"[run-notebooks] nbconvert is not installed: no HTML for {executed}", flush=True)
+        return False
 
     body, _ = HTMLExporter(embed_images=True).from_notebook_node(nbformat.read(executed, as_version=4))
     with open(html, "w", encoding="utf-8") as f:
         f.write(body)
+    return True
 
 
 def main() -> int:

@@ -151,6 +151,7 @@ def test_modules_refuse_moving_and_bad_inputs(tiny):
         FusedWqaWkv(tiny.nvfp4_linear("layers.0.attn.wq_a"), tiny.nvfp4_linear("layers.0.attn.wq_b"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the benchmark would time for real (this is the CPU dry run)")
 def test_benchmark_dry_run_on_cpu(tmp_path):
     """The GPU benchmark's structure (cases, correctness checks, JSON) runs at tiny sizes on a CPU; no times."""
     from nvfp4lib.bench import attention

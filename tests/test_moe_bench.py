@@ -1,9 +1,13 @@
 """The MoE benchmark's CPU dry run: every case runs, is checked against fp32, and records no time."""
 import json
 
+import pytest
+import torch
+
 from nvfp4lib.bench import moe as moe_bench
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the benchmark would time for real (this is the CPU dry run)")
 def test_moe_bench_dry_run_records_correct_cases_without_times(tmp_path, fresh_seed):
     out = tmp_path / "moe.json"
     assert moe_bench.main(["--small", "--decode-tokens", "1,8", "--out", str(out)]) == 0

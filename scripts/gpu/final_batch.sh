@@ -6,7 +6,7 @@
 # Usage there: source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> bash scripts/gpu/final_batch.sh [parts...]
 # parts (default all but notebooks): tests gemm expert scales attention moe vllm notebooks
 set -uo pipefail
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1  # absolute: notebook kernels run in notebooks/
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 parts=${*:-tests gemm expert scales attention moe vllm}
 summary=()
