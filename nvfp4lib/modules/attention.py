@@ -58,6 +58,13 @@ def _check_bf16(x: torch.Tensor, k: int, name: str) -> None:
         raise ValueError(f"{name}: x has {x.shape[-1]} features in its last dimension, the weight expects K={k}")
 
 
+def _check_grouped_input(x: torch.Tensor, groups: int, k: int, name: str) -> None:
+    """ValueError unless x is bf16 [T, groups, k] (the input of a grouped projection such as wo_a)."""
+    _check_bf16(x, k, name)
+    if x.dim() != 3 or x.shape[1] != groups:
+        raise ValueError(f"{name}: x must be [T, {groups}, {k}], got {tuple(x.shape)}")
+
+
 class NVFP4Projection(_PreparedModule):
     """y [..., N] = x [..., K] @ W^T * weight_scale_2 through :func:`nvfp4_linear` (W4A16; x bf16)."""
 
@@ -152,9 +159,7 @@ class GroupedNVFP4Projection(_PreparedModule):
         self._diagonal = torch.arange(groups, device=linear.weight.device)
 
     def _check(self, x: torch.Tensor) -> None:
-        _check_bf16(x, self.k, self.name)
-        if x.dim() != 3 or x.shape[1] != self.groups:
-            raise ValueError(f"{self.name}: x must be [T, {self.groups}, {self.k}], got {tuple(x.shape)}")
+        _check_grouped_input(x, self.groups, self.k, self.name)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
@@ -210,9 +215,7 @@ class GroupedFP8Projection(_PreparedModule):
         self.input_scale = None if linear.input_scale is None else linear.input_scale.float().reshape(())
 
     def _check(self, x: torch.Tensor) -> None:
-        _check_bf16(x, self.k, self.name)
-        if x.dim() != 3 or x.shape[1] != self.groups:
-            raise ValueError(f"{self.name}: x must be [T, {self.groups}, {self.k}], got {tuple(x.shape)}")
+        _check_grouped_input(x, self.groups, self.k, self.name)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
