@@ -21,14 +21,20 @@ Each projection of every expert goes through :func:`expert_gemm`, the one dispat
   scale per group), and the kernel reads its swizzled scales and padded offsets as they are. **This path
   is compile-verified only: it has never run on hardware here (no Blackwell GPU exists in this
   workbook's environment).** :func:`moe_block_w4a4_reference` is what it must equal.
-- Everything else: :func:`grouped_gemm_w4a16` (op ``nvfp4lib::grouped_gemm_w4a16``, weight-only). On CPU
-  the exact reference (:func:`reference_grouped_gemm_w4a16`: fp32 ``x @ (e2m1*block)^T * alpha`` per group,
-  rounded once to bf16); on other CUDA GPUs (Hopper) a loop over experts calling
-  :func:`nvfp4lib.ops.gemm.nvfp4_linear`. The loop reads the offsets on the host (one synchronisation), so
-  it is *not* CUDA-graph safe; a one-launch Hopper grouped kernel is not written yet.
+- Hopper (weights prepared in the ``"sm90"`` layout, the default there): op
+  ``nvfp4lib::grouped_gemm_w4a16_sm90``, weight-only. Groups of at most 64 rows (decode), and anything
+  under CUDA-graph capture, run the ONE-LAUNCH grouped CuTeDSL kernel
+  (:func:`nvfp4lib.kernels.sm90.gemm_decode.run_grouped_decode`: offsets read on the device, no host
+  sync); gate_up runs with the clamped SwiGLU in its epilogue, so the block is two grouped launches plus
+  routing and combine. Larger groups (prefill, eager) loop over the experts on the host through the sm90
+  GEMM (fast, not graph safe).
+- Everything else: :func:`grouped_gemm_w4a16` (op ``nvfp4lib::grouped_gemm_w4a16``, weight-only,
+  ModelOpt layout). On CPU the exact reference (:func:`reference_grouped_gemm_w4a16`: fp32
+  ``x @ (e2m1*block)^T * alpha`` per group, rounded once to bf16); on a CUDA GPU a loop over experts
+  through a torch dequantization (correct, slow, reads the offsets on the host).
 
-Weights are held by :class:`GroupedWeight` (E experts of one projection, ModelOpt layout, a per-column
-fp32 ``alpha`` [E, N] so gate and up may carry different ``weight_scale_2``).
+Weights are held by :class:`GroupedWeight` (E experts of one projection, ModelOpt or sm90 layout, a
+per-column fp32 ``alpha`` [E, N] so gate and up may carry different ``weight_scale_2``).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import torch
 from . import scales as _scales
 from .formats import BLOCK_SIZE, check_global_scale, check_nvfp4_tensors
 from .layout import swizzle_scales, unswizzle_scales
-from .ops.gemm import PreparedWeight, alpha_per_column, dequantize_rows, nvfp4_linear
+from .ops.gemm import LAYOUT_MODELOPT, LAYOUT_SM90, PreparedWeight, alpha_per_column, dequantize_rows, dequantize_sm90, nvfp4_linear
 
 SWIGLU_LIMIT = 10.0
 
@@ -50,17 +56,20 @@ SWIGLU_LIMIT = 10.0
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class GroupedWeight:
-    """The NVFP4 weights of E experts for one projection (gate_up or down), ModelOpt layout.
+    """The NVFP4 weights of E experts for one projection (gate_up or down).
 
-    weight: uint8 [E, N, K/2] (element 2i in the low nibble); block_scale: float8_e4m3fn [E, N, K/16]
-    row-major (the kernels swizzle them with :func:`swizzled_block_scale`); alpha: fp32 [E, N], the
-    ``weight_scale_2`` of the segment (gate or up) each output column belongs to.
+    layout ``"modelopt"``: weight uint8 [E, N, K/2] (element 2i in the low nibble); block_scale
+    float8_e4m3fn [E, N, K/16] row-major (the sm100 kernels swizzle them with :func:`swizzled_block_scale`).
+    layout ``"sm90"`` (the Hopper kernels'; see ``kernels/sm90/dequant.py``): weight int32 words
+    [E, N/16, K/64, 32, 4], block_scale int32 scale words [E, N/16, K/256, 32, 2].
+    alpha: fp32 [E, N], the ``weight_scale_2`` of the segment (gate or up) each output column belongs to.
     """
 
     weight: torch.Tensor
     block_scale: torch.Tensor
     alpha: torch.Tensor
     segment_sizes: tuple
+    layout: str = LAYOUT_MODELOPT
     _swizzled_block_scale: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
@@ -69,11 +78,11 @@ class GroupedWeight:
 
     @property
     def n(self) -> int:
-        return self.weight.shape[1]
+        return self.alpha.shape[1]
 
     @property
     def k(self) -> int:
-        return self.weight.shape[2] * 2
+        return self.weight.shape[2] * (64 if self.layout == LAYOUT_SM90 else 2)
 
     @property
     def nbytes(self) -> int:
@@ -81,26 +90,66 @@ class GroupedWeight:
 
     def expert(self, e: int) -> PreparedWeight:
         """Expert e as a :class:`PreparedWeight` for :func:`nvfp4_linear` (views, no copy)."""
-        return PreparedWeight(self.weight[e], self.block_scale[e], self.alpha[e], self.n, self.k, self.segment_sizes)
+        return PreparedWeight(self.weight[e], self.block_scale[e], self.alpha[e], self.n, self.k, self.segment_sizes, self.layout)
 
     def dequantized(self, e: int) -> torch.Tensor:
         """fp32 [N, K]: expert e's weight fully decoded (e2m1 * block * alpha)."""
-        return dequantize_rows(self.weight[e], self.block_scale[e]) * self.alpha[e].unsqueeze(1)
+        if self.layout == LAYOUT_SM90:
+            rows = dequantize_sm90(self.weight[e], self.block_scale[e], self.n)
+        else:
+            rows = dequantize_rows(self.weight[e], self.block_scale[e])
+        return rows * self.alpha[e].unsqueeze(1)
+
+    def to(self, device, layout: Optional[str] = None) -> "GroupedWeight":
+        """These (ModelOpt-layout) weights on ``device``, in ``layout`` (None: sm90 where usable)."""
+        if self.layout != LAYOUT_MODELOPT:
+            raise ValueError(f"only ModelOpt-layout weights can be moved and re-prepared, these are {self.layout!r}")
+        return _in_layout(self.weight.to(device), self.block_scale.to(device), self.alpha.to(device), self.segment_sizes, layout)
 
     def swizzled_block_scale(self) -> torch.Tensor:
         """The block scales in the 128x4 layout the sm100 kernels read: e4m3 [E, Np * K16p]. Computed once
         (a weight-load-time step) and kept; the weights must not change afterwards."""
+        if self.layout != LAYOUT_MODELOPT:
+            raise ValueError(f"swizzled block scales come from the ModelOpt layout; these weights are in the {self.layout!r} layout")
         if self._swizzled_block_scale is None:
             self._swizzled_block_scale = swizzle_scales(self.block_scale)
         return self._swizzled_block_scale
 
 
-def prepare_grouped_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None) -> GroupedWeight:
+def grouped_sm90_usable(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """True when E stacked ModelOpt experts (uint8 [E, N, K/2]) can take the sm90 layout of the one-launch
+    grouped kernel: a Hopper GPU with CuTeDSL, N a multiple of 16, K of 256, every block scale a normal."""
+    from .ops.gemm import sm90_layout_usable
+
+    return weight.shape[1] % 16 == 0 and sm90_layout_usable(weight[0], weight_scale)
+
+
+def repack_experts(weight: torch.Tensor, weight_scale: torch.Tensor):
+    """ModelOpt experts (uint8 [E, N, K/2], e4m3 [E, N, K/16]) -> the sm90 layout (int32 words
+    [E, N/16, K/64, 32, 4], int32 scale words [E, N/16, K/256, 32, 2]), one expert at a time so the
+    temporaries stay one expert's size. Raises ValueError where the layout cannot hold them."""
+    from .kernels.sm90 import dequant
+
+    if weight.shape[1] % 16:
+        raise ValueError(f"the grouped sm90 layout needs N a multiple of 16, got N={weight.shape[1]}")
+    first = dequant.repack_weight(weight[0], weight_scale[0])
+    words = torch.empty((weight.shape[0],) + tuple(first[0].shape), dtype=torch.int32, device=weight.device)
+    scale_words = torch.empty((weight.shape[0],) + tuple(first[1].shape), dtype=torch.int32, device=weight.device)
+    words[0], scale_words[0] = first
+    for e in range(1, weight.shape[0]):
+        words[e], scale_words[e] = dequant.repack_weight(weight[e], weight_scale[e])
+    return words, scale_words
+
+
+def prepare_grouped_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2, segment_sizes: Optional[Sequence[int]] = None,
+                           layout: Optional[str] = None) -> GroupedWeight:
     """Stack of E ModelOpt NVFP4 linears -> :class:`GroupedWeight`.
 
     weight: uint8 [E, N, K/2]; weight_scale: float8_e4m3fn [E, N, K/16]; weight_scale_2: fp32 [E]
     (one per expert) or [E, S] (one per fused segment, e.g. S=2 for gate and up);
-    segment_sizes: the S row counts (sum N), required when S > 1.
+    segment_sizes: the S row counts (sum N), required when S > 1; layout: None picks ``"sm90"`` (repacked
+    for the Hopper grouped kernel; the ModelOpt copy is not kept) where :func:`grouped_sm90_usable`, else
+    ``"modelopt"``; naming one forces it.
     """
     check_nvfp4_tensors(weight, weight_scale, "expert weight")
     if weight.dim() != 3:
@@ -122,6 +171,18 @@ def prepare_grouped_weight(weight: torch.Tensor, weight_scale: torch.Tensor, wei
         alpha_per_column([check_global_scale(g, f"weight_scale_2[{e}][{i}]") for i, g in enumerate(scales[e])], segment_sizes)
         for e in range(num_experts)
     ]).to(weight.device)
+    return _in_layout(weight, weight_scale, alpha, segment_sizes, layout)
+
+
+def _in_layout(weight, weight_scale, alpha, segment_sizes, layout) -> GroupedWeight:
+    """ModelOpt expert tensors -> a GroupedWeight in ``layout`` (None: sm90 where usable)."""
+    if layout is None:
+        layout = LAYOUT_SM90 if grouped_sm90_usable(weight, weight_scale) else LAYOUT_MODELOPT
+    if layout == LAYOUT_SM90:
+        words, scale_words = repack_experts(weight, weight_scale)
+        return GroupedWeight(words, scale_words, alpha, segment_sizes, LAYOUT_SM90)
+    if layout != LAYOUT_MODELOPT:
+        raise ValueError(f"unknown layout {layout!r}: expected {LAYOUT_MODELOPT!r} or {LAYOUT_SM90!r}")
     return GroupedWeight(weight.contiguous(), weight_scale.contiguous(), alpha, segment_sizes)
 
 
@@ -157,8 +218,8 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, 
 
     topk_ids: int [T, k], values in [0, num_experts); topk_weights: float [T, k] (combine weights).
     check: validate ids on the host (one synchronisation); pass False under CUDA-graph capture or
-    torch.compile. Out-of-range ids with check=False are clamped into range (never an out-of-bounds
-    access), which silently misroutes: validate eagerly first.
+    torch.compile. Out-of-range ids with check=False are clamped into range (never
+    an out-of-bounds access), which silently misroutes: validate eagerly first.
     """
     if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids and topk_weights must both be [T, k], got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
@@ -179,6 +240,17 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, 
     token_of_row = pair_of_row // top_k
     weight_of_row = topk_weights.reshape(-1).float()[pair_of_row]
     return Routing(token_of_row, weight_of_row, expert_of_row, offsets, padded_offsets, counts)
+
+
+def check_distinct_per_token(topk_ids: torch.Tensor) -> None:
+    """Eager check (host sync): each token's k expert ids are distinct, as top-k routing gives them. The
+    MoE block relies on it to bound any expert's rows by the token count T."""
+    if topk_ids.shape[1] > 1 and topk_ids.numel():
+        per_token = torch.sort(topk_ids.long(), dim=1).values
+        repeated = (per_token[:, 1:] == per_token[:, :-1]).any(dim=1)
+        if bool(repeated.any()):
+            token = int(torch.nonzero(repeated)[0, 0])
+            raise ValueError(f"token {token} is routed to one expert twice ({topk_ids[token].tolist()}): top-k ids must be distinct per token")
 
 
 def check_offsets(offsets: torch.Tensor, num_rows: int, num_experts: int) -> None:
@@ -258,15 +330,26 @@ def _loop_grouped_gemm_w4a16(x_sorted, offsets, weight, block_scale, alpha):
     return out
 
 
-def grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeight) -> torch.Tensor:
+def grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weights: GroupedWeight, max_rows: Optional[int] = None,
+                       swiglu_limit: Optional[float] = None) -> torch.Tensor:
     """Weight-only grouped GEMM: bf16 [M, K] rows in expert-contiguous order, offsets [E+1] on the
-    device -> bf16 [M, N] (rows of group e times expert e). CPU: the exact reference; CUDA: a loop of
-    :func:`nvfp4_linear` over experts (host reads offsets: not graph safe; the one-launch Hopper grouped
-    kernel is not written yet)."""
-    from .ops import moe as _moe_ops  # registers torch.ops.nvfp4lib.grouped_gemm_w4a16
+    device -> bf16 [M, N] (rows of group e times expert e), or with ``swiglu_limit`` the clamped SwiGLU of
+    it, bf16 [M, N/2] (gate_up weights).
+
+    sm90 layout: op ``nvfp4lib::grouped_gemm_w4a16_sm90`` (one launch on the GPU for groups of at most 64
+    rows and under graph capture; see :mod:`nvfp4lib.ops.moe`). max_rows bounds any group's rows (None: M,
+    always safe; a tighter bound picks smaller kernel tiles). ModelOpt layout: op
+    ``nvfp4lib::grouped_gemm_w4a16`` (exact reference on CPU, a per-expert loop on CUDA; the SwiGLU then
+    runs separately)."""
+    from .ops import moe as _moe_ops  # registers the grouped ops
 
     del _moe_ops
-    return torch.ops.nvfp4lib.grouped_gemm_w4a16(x_sorted, offsets, weights.weight, weights.block_scale, weights.alpha)
+    if weights.layout == LAYOUT_SM90:
+        rows = x_sorted.shape[0] if max_rows is None else max_rows
+        return torch.ops.nvfp4lib.grouped_gemm_w4a16_sm90(x_sorted, offsets, weights.weight, weights.block_scale, weights.alpha,
+                                                          weights.n, max(int(rows), 1), swiglu_limit)
+    y = torch.ops.nvfp4lib.grouped_gemm_w4a16(x_sorted, offsets, weights.weight, weights.block_scale, weights.alpha)
+    return y if swiglu_limit is None else clamped_swiglu(y, swiglu_limit)
 
 
 def is_blackwell(device: torch.device) -> bool:
@@ -349,6 +432,12 @@ class MoEWeights:
     def num_experts(self) -> int:
         return self.gate_up.num_experts
 
+    def to(self, device, layout: Optional[str] = None) -> "MoEWeights":
+        """These weights on ``device`` (see :meth:`GroupedWeight.to`: sm90 layout on a Hopper GPU)."""
+        move = (lambda t: None if t is None else t.to(device))
+        return MoEWeights(self.gate_up.to(device, layout), self.down.to(device, layout), self.swiglu_limit,
+                          move(self.gate_up_input_scale), move(self.down_input_scale))
+
 
 def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
     """Weighted combine: out[t] = sum over t's rows of weight * y, in fp32, rounded once -> bf16 [T, H]."""
@@ -366,16 +455,19 @@ def _check_block_inputs(x, topk_ids, weights):
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens, x has {x.shape[0]}")
 
 
-def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight, input_scale: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
-    """One projection of every expert over the sorted rows: bf16 [M, K] -> bf16 [M, N]. The dispatch
-    point of the MoE block.
+def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight, input_scale: Optional[torch.Tensor] = None, check: bool = True,
+                max_rows: Optional[int] = None, swiglu_limit: Optional[float] = None) -> torch.Tensor:
+    """One projection of every expert over the sorted rows: bf16 [M, K] -> bf16 [M, N], or with
+    ``swiglu_limit`` (gate_up) the clamped SwiGLU of it, bf16 [M, N/2]. The dispatch point of the MoE
+    block. max_rows: a bound on any expert's rows (None: M).
 
     - Compute capability 10.x with CuTeDSL: W4A4. Rows are quantized per group by the scale assembly
       (:func:`quantize_groups`: ``nvfp4lib.quantize`` semantics, global scale ``input_scale[e]`` or
       dynamic when None) and multiplied on the tcgen05 block-scaled MMA by the sm100 grouped kernel
       (``torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100``). COMPILE-VERIFIED ONLY: this path has never run
       on a Blackwell GPU here; :func:`reference_grouped_gemm_w4a4` is what it must equal.
-    - Everything else: :func:`grouped_gemm_w4a16` (weight-only; ``input_scale`` unused).
+    - Everything else: :func:`grouped_gemm_w4a16` (weight-only; ``input_scale`` unused; with sm90
+      weights the SwiGLU is fused into the grouped kernel's epilogue).
     """
     if is_blackwell(x_sorted.device):
         from .kernels.cute_compile import cute_available
@@ -385,11 +477,12 @@ def expert_gemm(x_sorted: torch.Tensor, routing: Routing, weights: GroupedWeight
 
             del _moe_ops
             acts = quantize_groups(x_sorted, routing.offsets, input_scale, check=check)
-            return torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100(
+            y = torch.ops.nvfp4lib.grouped_gemm_nvfp4_sm100(
                 acts.packed, acts.swizzled_scale, acts.global_scales, routing.offsets, acts.padded_offsets,
                 weights.weight, weights.swizzled_block_scale(), weights.alpha,
             )
-    return grouped_gemm_w4a16(x_sorted, routing.offsets, weights)
+            return y if swiglu_limit is None else clamped_swiglu(y, swiglu_limit)
+    return grouped_gemm_w4a16(x_sorted, routing.offsets, weights, max_rows, swiglu_limit)
 
 
 def moe_block(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights, check: bool = True) -> torch.Tensor:
@@ -397,13 +490,17 @@ def moe_block(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
 
     gate_up -> clamped SwiGLU -> down per expert through :func:`expert_gemm` (bf16 between the
     steps), weighted combine in fp32. check=False skips the host-side routing check (graph capture).
+    Each token's k ids must be distinct (top-k routing): an expert then holds at most T rows, the bound
+    the grouped kernel is launched with (checked when check=True).
     """
     _check_block_inputs(x, topk_ids, weights)
+    if check:
+        check_distinct_per_token(topk_ids)
     routing = route(topk_ids, topk_weights, weights.num_experts, check=check)
     x_sorted = x[routing.token_of_row]
-    hidden = expert_gemm(x_sorted, routing, weights.gate_up, weights.gate_up_input_scale, check)
-    activated = clamped_swiglu(hidden, weights.swiglu_limit)
-    y_sorted = expert_gemm(activated, routing, weights.down, weights.down_input_scale, check)
+    max_rows = x.shape[0]
+    activated = expert_gemm(x_sorted, routing, weights.gate_up, weights.gate_up_input_scale, check, max_rows, weights.swiglu_limit)
+    y_sorted = expert_gemm(activated, routing, weights.down, weights.down_input_scale, check, max_rows)
     return combine(y_sorted, routing, x.shape[0])
 
 

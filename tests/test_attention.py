@@ -200,7 +200,8 @@ def test_grouped_fp8_scaled_mm_matches_emulation(fresh_seed):
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_full_size_projections_on_gpu(fresh_seed, m):
     """DeepSeek-V4-Pro shapes through the CUDA dispatch against the fp32 reference (rel err <= 1e-2,
-    cosine >= 0.9999): fused_wqa_wkv with two scales, wo_a (loop and diagonal), wo_b."""
+    cosine >= 0.9999): fused_wqa_wkv with two scales, wo_a (grouped op, loop and diagonal; on Hopper the
+    grouped kernel captured in a CUDA graph and replayed with new input), wo_b."""
     from nvfp4lib.bench.attention import decoded, random_nvfp4
     from nvfp4lib.synthetic import DEEPSEEK_V4_PRO as dims
 
@@ -220,7 +221,21 @@ def test_full_size_projections_on_gpu(fresh_seed, m):
     reference = torch.einsum("tgk,gnk->tgn", o.float(), decoded(wo_a, torch.float32).view(dims.o_groups, dims.o_lora_rank, -1))
     module = GroupedNVFP4Projection(wo_a, dims.o_groups, device="cuda")
     check(module(o), reference)
+    check(module.forward_loop(o), reference)
     check(module.forward_diagonal(o), reference)
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper: the one-launch grouped kernel, replayed in a graph
+        assert module.grouped_kernel
+        static = o.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = module(static)
+        static.copy_(torch.randn_like(o))
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        fresh = torch.einsum("tgk,gnk->tgn", static.float(), decoded(wo_a, torch.float32).view(dims.o_groups, dims.o_lora_rank, -1))
+        check(captured, fresh)
+        assert torch.equal(captured, module(static))  # eager runs the same kernels (grouped for T <= 64, else the loop)
 
     wo_b = random_nvfp4("wo_b", *dims.shapes()["attn.wo_b"], "cuda")
     z = torch.randn(m, dims.o_groups * dims.o_lora_rank, dtype=torch.bfloat16, device="cuda")

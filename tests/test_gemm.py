@@ -155,6 +155,24 @@ def test_decode_kernel_ptx_sm90a(tiles, swiglu, prefetch_x, x_smem):
 
 
 @requires_cute
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_grouped_decode_kernel_ptx_sm90a(swiglu):
+    """The one-launch grouped variant: the same MMA and decode as the plain kernel, plus its offsets read
+    on the device (no host value in the launch decides which rows a group has)."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptx = ptx_of(gemm_decode.compile_decode(3072, 1, False, swiglu, arch="sm_90a", keep_ptx=True, grouped=True))
+    plain = ptx_of(gemm_decode.compile_decode(3072, 1, False, swiglu, arch="sm_90a", keep_ptx=True))
+    groups = 2 if swiglu else 1
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * groups
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups
+    assert ".local" not in ptx
+    # two more global loads than the plain kernel: offsets[e] and offsets[e + 1]
+    assert len(re.findall(r"ld\.global\.u32|ld\.global\.b32|ld\.global\.s32", ptx)) >= len(re.findall(r"ld\.global\.u32|ld\.global\.b32|ld\.global\.s32", plain)) + 2
+
+
+@requires_cute
 def test_dequant_kernel_ptx_sm90a():
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_prefill

@@ -312,3 +312,127 @@ def test_blackwell_dispatch_passes_the_scale_assembly_output_to_the_kernel_runne
     out = moe.moe_block(x, ids, topk, weights)
     assert calls == [2 * INTER, HIDDEN]  # gate_up, then down, each through the sm100 runner
     assert torch.equal(out, moe.moe_block_w4a4_reference(x, ids, topk, weights))
+
+
+# ------------------------------------------------------------------------------------------------
+# the sm90 layout and the one-launch grouped op (exact reference on CPU, the CuTeDSL kernel on Hopper)
+# ------------------------------------------------------------------------------------------------
+SM90_INTER = 256  # the sm90 layout needs K (down's K is the intermediate size) a multiple of 256
+
+
+def sm90_routed(num_experts=6, tokens=10, top_k=3, empty=(2,)):
+    weights, _, _ = make_experts(num_experts, inter=SM90_INTER)
+    ids, topk = uneven_routing(tokens, top_k, num_experts, empty=empty)
+    routing = moe.route(ids, topk, num_experts)
+    x_sorted = torch.randn(tokens, HIDDEN).bfloat16()[routing.token_of_row]
+    return weights, ids, topk, routing, x_sorted
+
+
+def test_sm90_grouped_weights_hold_the_same_values(fresh_seed):
+    weights, *_ = sm90_routed()
+    for w in (weights.gate_up, weights.down):
+        packed = w.to("cpu", layout="sm90")
+        assert packed.layout == "sm90" and (packed.n, packed.k, packed.num_experts) == (w.n, w.k, w.num_experts)
+        assert packed.weight.dtype == torch.int32 and packed.nbytes < w.nbytes + w.alpha.numel() * 4 + 64
+        for e in range(w.num_experts):
+            assert torch.equal(packed.dequantized(e), w.dequantized(e))
+        with pytest.raises(ValueError, match="ModelOpt layout"):
+            packed.swizzled_block_scale()
+
+
+def test_sm90_grouped_op_equals_the_modelopt_reference(fresh_seed):
+    weights, _, _, routing, x_sorted = sm90_routed()
+    for w in (weights.gate_up,):
+        packed = w.to("cpu", layout="sm90")
+        expected = moe.reference_grouped_gemm_w4a16(x_sorted, routing.offsets, w.weight, w.block_scale, w.alpha)
+        assert torch.equal(moe.grouped_gemm_w4a16(x_sorted, routing.offsets, packed), expected)
+        # the fused SwiGLU: fp32 accumulators straight into the clamped SwiGLU, one rounding
+        fused = moe.grouped_gemm_w4a16(x_sorted, routing.offsets, packed, max_rows=10, swiglu_limit=0.5)
+        acc = torch.zeros(x_sorted.shape[0], w.n)
+        o = routing.offsets.tolist()
+        for e in range(w.num_experts):
+            acc[o[e]:o[e + 1]] = x_sorted[o[e]:o[e + 1]].float() @ moe.dequantize_rows(w.weight[e], w.block_scale[e]).t() * w.alpha[e]
+        gate, up = acc.chunk(2, dim=-1)
+        assert torch.equal(fused, (torch.nn.functional.silu(gate.clamp(max=0.5)) * up.clamp(-0.5, 0.5)).bfloat16())
+
+
+def test_sm90_grouped_op_refuses_a_too_small_row_bound_and_bad_shapes(fresh_seed):
+    weights, _, _, routing, x_sorted = sm90_routed()
+    packed = weights.down.to("cpu", layout="sm90")
+    rows = torch.randn(x_sorted.shape[0], SM90_INTER).bfloat16()
+    largest = int(routing.counts.max())
+    with pytest.raises(ValueError, match="max_rows"):
+        moe.grouped_gemm_w4a16(rows, routing.offsets, packed, max_rows=largest - 1)
+    with pytest.raises(ValueError, match="K="):
+        moe.grouped_gemm_w4a16(torch.cat([rows, rows], dim=1), routing.offsets, packed)
+    with pytest.raises(ValueError, match="offsets"):
+        moe.grouped_gemm_w4a16(rows, routing.offsets[:-1], packed)
+    with pytest.raises(ValueError, match="of 32 with the SwiGLU"):
+        moe.grouped_gemm_w4a16(rows, routing.offsets, moe.quantize_experts(torch.randn(6, 16, SM90_INTER)).to("cpu", "sm90"), swiglu_limit=10.0)
+
+
+def test_moe_block_refuses_an_expert_twice_for_one_token():
+    weights, _, _ = make_experts(4)
+    ids = torch.tensor([[0, 1], [2, 2]])
+    with pytest.raises(ValueError, match="token 1 is routed to one expert twice"):
+        moe.moe_block(torch.randn(2, HIDDEN).bfloat16(), ids, torch.ones(2, 2), weights)
+
+
+def test_moe_block_on_sm90_weights_matches_fp32(fresh_seed):
+    weights, ids, topk, _, _ = sm90_routed(tokens=24, top_k=4)
+    x = torch.randn(24, HIDDEN).bfloat16()
+    out = moe.moe_block(x, ids, topk, weights.to("cpu", layout="sm90"))
+    expected = moe.moe_block_fp32(x, ids, topk, weights)
+    assert cosine(out, expected) >= 0.9999 and rel_error(out, expected) <= 1e-2
+
+
+def test_sm90_grouped_op_traces_with_torch_compile(fresh_seed):
+    weights, _, _, routing, x_sorted = sm90_routed()
+    packed = weights.gate_up.to("cpu", layout="sm90")
+    fn = torch.compile(lambda a, o: moe.grouped_gemm_w4a16(a, o, packed, 10, 10.0), fullgraph=True, backend="eager")
+    assert torch.equal(fn(x_sorted, routing.offsets), moe.grouped_gemm_w4a16(x_sorted, routing.offsets, packed, 10, 10.0))
+
+
+@requires_hopper
+@pytest.mark.parametrize("tokens,top_k", [(1, 6), (8, 6), (40, 2)])
+def test_grouped_kernel_on_hopper_matches_reference_and_replays_in_a_graph(fresh_seed, tokens, top_k):
+    """The one-launch grouped kernel: uneven loads with empty experts, plain and with the fused SwiGLU,
+    against the exact reference; then captured in a CUDA graph and replayed with NEW rows and NEW offsets."""
+    num_experts = 8
+    weights, _, _ = make_experts(num_experts, hidden=512, inter=256)
+    cuda = weights.to("cuda")
+    assert cuda.gate_up.layout == "sm90"
+
+    def routed():
+        ids, topk = uneven_routing(tokens, top_k, num_experts, empty=(3,))
+        routing = moe.route(ids.cuda(), topk.cuda(), num_experts)
+        return routing, torch.randn(tokens * top_k, 512, device="cuda").bfloat16()
+
+    routing, x_sorted = routed()
+    for w, limit in ((cuda.gate_up, None), (cuda.gate_up, 10.0)):
+        out = moe.grouped_gemm_w4a16(x_sorted, routing.offsets, w, tokens, limit)
+        expected = torch.ops.nvfp4lib.grouped_gemm_w4a16_sm90(x_sorted.cpu(), routing.offsets.cpu(), w.weight.cpu(), w.block_scale.cpu(),
+                                                              w.alpha.cpu(), w.n, tokens, limit)
+        assert torch.isfinite(out).all()
+        assert cosine(out.cpu(), expected) >= 0.9999 and rel_error(out.cpu(), expected) <= 1e-2
+    static_x, static_off = x_sorted.clone(), routing.offsets.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = moe.grouped_gemm_w4a16(static_x, static_off, cuda.gate_up, tokens, 10.0)
+    new_routing, new_x = routed()
+    static_x.copy_(new_x)
+    static_off.copy_(new_routing.offsets)
+    static_out.fill_(float("nan"))  # poisoned: every row must be rewritten by the replay
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, moe.grouped_gemm_w4a16(new_x, new_routing.offsets, cuda.gate_up, tokens, 10.0))
+
+
+@requires_hopper
+def test_moe_block_on_hopper_sm90_weights_matches_fp32(fresh_seed):
+    weights, _, _ = make_experts(8)
+    ids, topk = uneven_routing(16, 6, 8, empty=(2,))
+    x = torch.randn(16, HIDDEN).bfloat16()
+    expected = moe.moe_block_fp32(x, ids, topk, weights)
+    out = moe.moe_block(x.cuda(), ids.cuda(), topk.cuda(), weights.to("cuda")).cpu()
+    assert cosine(out, expected) >= 0.9999 and rel_error(out, expected) <= 1e-2

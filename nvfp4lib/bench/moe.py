@@ -8,11 +8,17 @@ expert-parallel rank of 8; ``--small`` uses tiny ones for a CPU dry run):
 - prefill: ``--prefill-tokens`` (default 8192) tokens; target: at least 0.9x the throughput of cuBLAS
   BF16 looped over the experts on dequantized weights.
 
-What is timed: the expert path on tokens already sorted by expert: gate_up per expert -> clamped SwiGLU
--> down per expert (routing and the weighted combine are excluded, they are the same for both sides).
-"ours" is what :func:`nvfp4lib.moe.grouped_gemm_w4a16` does on a Hopper GPU today: a loop of
-``nvfp4_linear`` over the non-empty experts (the expert bounds are read on the host once, before
-capture, so the loop can be graph-captured; the one-launch Hopper grouped kernel is not written yet).
+What is timed: the expert path on tokens already sorted by expert: gate_up with the clamped SwiGLU ->
+down (routing and the weighted combine are excluded, they are the same for both sides; ``block_us``
+times the whole :func:`nvfp4lib.moe.moe_block` with them, decode only). "ours" is what
+:func:`nvfp4lib.moe.grouped_gemm_w4a16` runs on a Hopper GPU with the experts in the sm90 layout:
+
+- decode (groups of at most 64 rows): two launches of the one-launch grouped CuTeDSL kernel (SwiGLU in
+  the gate_up epilogue), offsets on the device: ``grouped_us``, also the time reported as ours;
+- prefill: the op's eager path, a host loop of sm90 GEMMs over the non-empty experts (dequantize +
+  cuBLAS per expert; the bounds are read on the host once, before capture, so the loop can be captured):
+  ``loop_us``, reported as ours. ``grouped_us`` is the one-launch kernel on the same rows, for comparison.
+
 The baseline is the same loop with ``F.linear`` on each expert's dequantized bf16 weights.
 
 Method (the team's): every time is the median over CUDA-graph replays of calls rotating over ``--sets``
@@ -37,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import moe
+from ..ops import moe as moe_ops
 from ..ops.gemm import nvfp4_linear
 from . import harness
 
@@ -71,17 +78,28 @@ def touched_bytes(weights: moe.MoEWeights, counts: List[int]) -> int:
     return per_expert * sum(1 for c in counts if c > 0)
 
 
+def grouped_expert_path(x_sorted: torch.Tensor, offsets: torch.Tensor, max_rows: int, weights: moe.MoEWeights) -> torch.Tensor:
+    """What the MoE block runs between routing and combine: the grouped op twice (gate_up + SwiGLU, down)."""
+    activated = moe.grouped_gemm_w4a16(x_sorted, offsets, weights.gate_up, max_rows, weights.swiglu_limit)
+    return moe.grouped_gemm_w4a16(activated, offsets, weights.down, max_rows)
+
+
 def loop_expert_path(x_sorted: torch.Tensor, bounds: List[int], weights: moe.MoEWeights) -> torch.Tensor:
-    """Our path on a GPU today: nvfp4_linear per non-empty expert (host bounds), SwiGLU, down."""
-    hidden = torch.empty(x_sorted.shape[0], weights.gate_up.n, dtype=torch.bfloat16, device=x_sorted.device)
+    """The op's eager path for large groups, bounds on the host: one sm90 GEMM per non-empty expert
+    (gate_up with the SwiGLU, then down). ModelOpt-layout weights: nvfp4_linear per expert."""
+    gu, down = weights.gate_up, weights.down
+    if gu.layout == "sm90":
+        activated = moe_ops.grouped_sm90_loop(x_sorted, bounds, gu.weight, gu.block_scale, gu.alpha, gu.n, weights.swiglu_limit)
+        return moe_ops.grouped_sm90_loop(activated, bounds, down.weight, down.block_scale, down.alpha, down.n)
+    hidden = torch.empty(x_sorted.shape[0], gu.n, dtype=torch.bfloat16, device=x_sorted.device)
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         if end > start:
-            hidden[start:end] = nvfp4_linear(x_sorted[start:end], weights.gate_up.expert(e))
+            hidden[start:end] = nvfp4_linear(x_sorted[start:end], gu.expert(e))
     activated = moe.clamped_swiglu(hidden, weights.swiglu_limit)
-    out = torch.empty(x_sorted.shape[0], weights.down.n, dtype=torch.bfloat16, device=x_sorted.device)
+    out = torch.empty(x_sorted.shape[0], down.n, dtype=torch.bfloat16, device=x_sorted.device)
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         if end > start:
-            out[start:end] = nvfp4_linear(activated[start:end], weights.down.expert(e))
+            out[start:end] = nvfp4_linear(activated[start:end], down.expert(e))
     return out
 
 
@@ -125,10 +143,21 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
     xs = [torch.randn(tokens * top_k, hidden, device=args.device).bfloat16() for _ in sets]
 
     weights0 = sets[0][0]
-    out = loop_expert_path(xs[0], bounds, weights0)
+    offsets, max_rows = routing.offsets, tokens  # top-k ids are distinct per token: an expert holds <= T rows
     reference = fp32_expert_path(xs[0], bounds, weights0)
+    grouped_out = grouped_expert_path(xs[0], offsets, max_rows, weights0)
+    loop_out = loop_expert_path(xs[0], bounds, weights0)
     notes: List[str] = []
-    ours, ours_how = _time([lambda w=w, x=x: loop_expert_path(x, bounds, w) for (w, _, _), x in zip(sets, xs)], args, notes, "ours")
+    grouped, grouped_how = _time([lambda w=w, x=x: grouped_expert_path(x, offsets, max_rows, w) for (w, _, _), x in zip(sets, xs)], args, notes, "grouped")
+    loop, loop_how = _time([lambda w=w, x=x: loop_expert_path(x, bounds, w) for (w, _, _), x in zip(sets, xs)], args, notes, "loop")
+    block = block_how = None
+    if case == "decode":
+        tokens_x = [torch.randn(tokens, hidden, device=args.device).bfloat16() for _ in sets]
+        topk_w = torch.rand(tokens, top_k, device=args.device)
+        block, block_how = _time([lambda w=w, x=x: moe.moe_block(x, ids, topk_w, w, check=False) for (w, _, _), x in zip(sets, tokens_x)],
+                                 args, notes, "block")
+    use_grouped = case == "decode" and max_rows <= moe_ops.GROUPED_KERNEL_MAX_ROWS
+    ours, ours_how, out = (grouped, grouped_how, grouped_out) if use_grouped else (loop, loop_how, loop_out)
     cublas, cublas_how = _time(
         [lambda g=g, d=d, x=x: cublas_expert_path(x, bounds, g, d, weights0.swiglu_limit) for (_, g, d), x in zip(sets, xs)],
         args, notes, "cublas")
@@ -140,7 +169,11 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         "time_us": ours, "time_method": ours_how, "cublas_bf16_us": cublas, "cublas_method": cublas_how,
         "floor_us": floor, "bytes": nbytes, "notes": notes,
         "rel_err": harness.rel_error(out, reference), "cosine": harness.cosine(out, reference),
-        "our_path": "loop of nvfp4_linear over non-empty experts (no one-launch Hopper grouped kernel yet)",
+        "grouped_us": grouped, "grouped_rel_err": harness.rel_error(grouped_out, reference),
+        "loop_us": loop, "loop_rel_err": harness.rel_error(loop_out, reference), "block_us": block, "block_method": block_how,
+        "layout": weights0.gate_up.layout,
+        "our_path": ("one-launch grouped kernel x2 (gate_up + fused SwiGLU, down)" if use_grouped
+                     else "host loop of sm90 GEMMs over non-empty experts (the op's eager path for groups > 64 rows)"),
     }
     if case == "decode":
         row.update(target=f"<= {DECODE_FLOOR_FACTOR:g}x floor of touched weights",

@@ -12,10 +12,12 @@ Shapes (DeepSeek-V4-Pro; T tokens; activations bf16, row-major):
 Only the projections live here: the q / kv RMSNorms, RoPE and its inverse and the attention core sit
 between them in the model and are not part of this module.
 
-wo_a dispatch, honestly: on a CPU the NVFP4 grouped projection is one batched exact reference (fp32
-einsum, rounded once to bf16). On a GPU it is, for now, a loop of 16 :func:`nvfp4_linear` launches (one
-per group) until a grouped NVFP4 kernel exists; ``GroupedNVFP4Projection.grouped_kernel`` names what
-runs. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
+wo_a dispatch: on a CPU the NVFP4 grouped projection is one batched exact reference (fp32 einsum,
+rounded once to bf16). On a Hopper GPU (weights in the sm90 layout) it is the grouped op
+``nvfp4lib::grouped_gemm_w4a16_sm90``: ONE launch of the grouped CuTeDSL kernel for T <= 64 tokens;
+larger T (and other GPUs) run a loop of 16 :func:`nvfp4_linear` launches (sm90: dequantize + cuBLAS per
+group), capturable too since the group bounds are multiples of T. ``GroupedNVFP4Projection.grouped_kernel``
+says whether the grouped op can run. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
 carry for wo_a instead) quantizes activations with the static ``input_scale`` (W8A8) and runs
 ``torch._scaled_mm`` per group on a GPU, an exact fp32 emulation on a CPU.
 
@@ -32,7 +34,8 @@ from torch import nn
 from ..checkpoint import Checkpoint, FP8Linear, NVFP4Linear
 from ..dual_scale import DEFAULT_STRATEGY, fuse
 from ..formats import E4M3_MAX
-from ..ops.gemm import PreparedWeight, dequantize_rows, nvfp4_linear, prepare_weight
+from ..ops.moe import GROUPED_KERNEL_MAX_ROWS
+from ..ops.gemm import LAYOUT_SM90, PreparedWeight, dequantize_rows, nvfp4_linear, prepare_weight
 from ..synthetic import WKV, WO_A, WO_B, WQ_A, WQ_B, DSV4Dims
 
 
@@ -131,15 +134,15 @@ class GroupedNVFP4Projection(_PreparedModule):
     Three ways to compute it, all equal to bf16 rounding:
 
     - :meth:`forward_reference`: :func:`reference_grouped_gemm`, one batched exact launch (CPU default).
-    - :meth:`forward_loop`: one :func:`nvfp4_linear` per group, G launches (GPU default for now).
+    - :meth:`forward_grouped`: the grouped op over all G groups (GPU default with the sm90 layout and
+      T <= 64): one launch of the grouped kernel.
+    - :meth:`forward_loop`: one :func:`nvfp4_linear` per group, G launches (GPU default otherwise).
     - :meth:`forward_diagonal`: ONE :func:`nvfp4_linear` of all G*T rows against the whole weight, keeping
       the G diagonal blocks. It reads the weight once in one launch but does G times the FLOPs and writes
       G times the output, so it only suits decode (small T); the benchmark times it beside the loop.
 
-    ``grouped_kernel`` is False: no single-launch grouped NVFP4 GEMM kernel exists yet.
+    ``grouped_kernel`` is True when the weight took the sm90 layout (the grouped op can run).
     """
-
-    grouped_kernel = False  # no single-launch grouped NVFP4 GEMM yet: the GPU path loops over groups
 
     def __init__(self, linear: NVFP4Linear, groups: int, device=None):
         super().__init__()
@@ -152,11 +155,24 @@ class GroupedNVFP4Projection(_PreparedModule):
         self.weight = linear.weight.view(groups, self.n_group, -1)
         self.weight_scale = linear.weight_scale.view(groups, self.n_group, -1)
         self.alpha = linear.weight_scale_2.float().reshape(1, 1).expand(groups, self.n_group).contiguous()
-        # One prepared weight per group for the GPU loop (shares storage with the above while the GEMM
-        # keeps the ModelOpt layout).
-        self.prepared = [prepare_weight(self.weight[g], self.weight_scale[g], linear.weight_scale_2) for g in range(groups)]
+        # The whole weight prepared once; the per-group weights are views of it (in the sm90 layout, G
+        # consecutive runs of row groups: the stacked layout the grouped op reads).
+        self._weight_scale_2 = linear.weight_scale_2
         self.prepared_whole = prepare_weight(linear.weight, linear.weight_scale, linear.weight_scale_2)
+        self.prepared = [self._group_view(g) for g in range(groups)]
         self._diagonal = torch.arange(groups, device=linear.weight.device)
+        self._offsets: dict = {}
+
+    @property
+    def grouped_kernel(self) -> bool:
+        return self.prepared_whole.layout == LAYOUT_SM90 and self.n_group % 16 == 0
+
+    def _group_view(self, g: int) -> PreparedWeight:
+        p, n = self.prepared_whole, self.n_group
+        if p.layout == LAYOUT_SM90 and n % 16 == 0:
+            rg = n // 16
+            return PreparedWeight(p.weight[g * rg:(g + 1) * rg], p.block_scale[g * rg:(g + 1) * rg], p.alpha[g * n:(g + 1) * n], n, p.k, (n,), p.layout)
+        return prepare_weight(self.weight[g], self.weight_scale[g], self._weight_scale_2)
 
     def _check(self, x: torch.Tensor) -> None:
         _check_grouped_input(x, self.groups, self.k, self.name)
@@ -171,6 +187,25 @@ class GroupedNVFP4Projection(_PreparedModule):
         by_group = x.transpose(0, 1).contiguous()
         return torch.stack([nvfp4_linear(by_group[g], self.prepared[g]) for g in range(self.groups)], dim=1)
 
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """All groups through the grouped op (sm90 layout only): x regrouped to [G*T, K] (group-major
+        rows, offsets g*T), one launch of the grouped kernel for T <= 64 or under graph capture."""
+        from ..ops import moe as _moe_ops  # registers nvfp4lib::grouped_gemm_w4a16_sm90
+
+        del _moe_ops
+        self._check(x)
+        if not self.grouped_kernel:
+            raise RuntimeError(f"{self.name}: the grouped op needs the sm90 layout with N_g a multiple of 16 (layout {self.prepared_whole.layout!r})")
+        tokens, p = x.shape[0], self.prepared_whole
+        offsets = self._offsets.get(tokens)
+        if offsets is None:
+            offsets = self._offsets[tokens] = torch.arange(self.groups + 1, device=x.device, dtype=torch.int32) * tokens
+        stacked = x.transpose(0, 1).reshape(self.groups * tokens, self.k)
+        y = torch.ops.nvfp4lib.grouped_gemm_w4a16_sm90(
+            stacked, offsets, p.weight.view(self.groups, -1, *p.weight.shape[1:]), p.block_scale.view(self.groups, -1, *p.block_scale.shape[1:]),
+            p.alpha.view(self.groups, self.n_group), self.n_group, max(tokens, 1), None)
+        return y.view(self.groups, tokens, self.n_group).transpose(0, 1)
+
     def forward_diagonal(self, x: torch.Tensor) -> torch.Tensor:
         """All groups' rows in one GEMM against the whole weight; block (g, g) of the [G*T, G*N_g] product
         is group g's output (the off-diagonal blocks are computed and dropped)."""
@@ -181,7 +216,12 @@ class GroupedNVFP4Projection(_PreparedModule):
         return full[self._diagonal, :, self._diagonal, :].transpose(0, 1)  # [G, T, N_g] -> [T, G, N_g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_loop(x) if x.is_cuda else self.forward_reference(x)
+        if not x.is_cuda:
+            return self.forward_reference(x)
+        # T > 64: the group bounds g*T are known here without reading a tensor, so the loop (sm90 GEMMs,
+        # dequantize + cuBLAS) stays capturable; the grouped kernel suits decode.
+        small = x.shape[0] <= GROUPED_KERNEL_MAX_ROWS
+        return self.forward_grouped(x) if self.grouped_kernel and small else self.forward_loop(x)
 
 
 def quantize_fp8_activations(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:

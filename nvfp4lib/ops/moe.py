@@ -1,9 +1,15 @@
 """torch.library ops of the MoE expert GEMMs (namespace ``nvfp4lib``), with fake implementations so
 ``torch.compile`` traces the MoE block.
 
-- ``grouped_gemm_w4a16(x_sorted, offsets, weight, block_scale, alpha) -> bf16 [M, N]``: weight-only.
-  CPU: :func:`nvfp4lib.moe.reference_grouped_gemm_w4a16` (exact); CUDA: a loop of ``nvfp4_linear``
-  over experts (reads offsets on the host; a one-launch Hopper grouped kernel is not written yet).
+- ``grouped_gemm_w4a16(x_sorted, offsets, weight, block_scale, alpha) -> bf16 [M, N]``: weight-only,
+  ModelOpt layout. CPU: :func:`nvfp4lib.moe.reference_grouped_gemm_w4a16` (exact); CUDA: a loop over
+  experts through a torch dequantization (reads offsets on the host; correct, slow).
+- ``grouped_gemm_w4a16_sm90(x_sorted, offsets, words, scale_words, alpha, n, max_rows, swiglu_limit)
+  -> bf16 [M, n] (or [M, n/2] with the clamped SwiGLU)``: weight-only, sm90 layout. CUDA: the ONE-LAUNCH
+  grouped CuTeDSL kernel (:func:`nvfp4lib.kernels.sm90.gemm_decode.run_grouped_decode`, offsets read on
+  the device) when ``max_rows <= GROUPED_KERNEL_MAX_ROWS`` or under CUDA-graph capture; otherwise (eager
+  prefill) a host loop over the experts through the sm90 GEMM (:func:`nvfp4lib.ops.gemm.gemm_w4a16_sm90`:
+  decode kernel or dequantize + cuBLAS). CPU: the exact reference.
 - ``grouped_gemm_nvfp4_sm100(packed_act, swizzled_act_scale, act_global_scale, offsets, padded_offsets,
   weight, swizzled_weight_scale, alpha) -> bf16 [M, N]``: W4A4 on the Blackwell tcgen05 block-scaled MMA
   (:class:`nvfp4lib.kernels.sm100.grouped_blockscaled_gemm.GroupedBlockScaledGemmSm100`).
@@ -12,10 +18,15 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import moe as _moe
 from ..formats import check_nvfp4_tensors
+from .gemm import _check_sm90_args, clamped_swiglu_reference, dequantize_sm90
+
+GROUPED_KERNEL_MAX_ROWS = 64  # groups bounded by this many rows run the one-launch kernel when eager
 
 
 @torch.library.custom_op("nvfp4lib::grouped_gemm_w4a16", mutates_args=())
@@ -32,6 +43,84 @@ def grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weight: to
 @grouped_gemm_w4a16.register_fake
 def _(x_sorted, offsets, weight, block_scale, alpha):
     return x_sorted.new_empty((x_sorted.shape[0], weight.shape[1]), dtype=torch.bfloat16)
+
+
+def _check_grouped_sm90_args(x_sorted, offsets, words, scale_words, alpha, n, max_rows, swiglu_limit):
+    if words.dim() != 5 or scale_words.dim() != 5 or words.shape[0] != scale_words.shape[0]:
+        raise ValueError("words / scale_words must be the stacked int32 sm90 layout [E, RG, K/64, 32, 4] / [E, RG, K/256, 32, 2] "
+                         f"(nvfp4lib.moe.repack_experts), got {tuple(words.shape)} and {tuple(scale_words.shape)}")
+    num_experts = words.shape[0]
+    if n % 16 or (swiglu_limit is not None and n % 32):
+        raise ValueError(f"the grouped sm90 GEMM needs N a multiple of 16 (of 32 with the SwiGLU: gate and up halves), got N={n}")
+    if alpha.shape != (num_experts, n) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [E, N] = [{num_experts}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    _check_sm90_args(x_sorted, words[0], scale_words[0], alpha[0], None, n)
+    if offsets.shape != (num_experts + 1,) or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be an integer tensor [E+1] = [{num_experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if max_rows <= 0:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+
+
+def _grouped_sm90_reference(x_sorted, offsets, words, scale_words, alpha, n, swiglu_limit):
+    """Exact: per group fp32 ``x @ (e2m1*block)^T * alpha[e]`` (then the clamped SwiGLU in fp32), one bf16
+    rounding; rows outside every group are zero."""
+    out_n = n // 2 if swiglu_limit is not None else n
+    out = torch.zeros(x_sorted.shape[0], out_n, dtype=torch.bfloat16, device=x_sorted.device)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            acc = x_sorted[start:end].float() @ dequantize_sm90(words[e], scale_words[e], n).t() * alpha[e]
+            out[start:end] = (acc if swiglu_limit is None else clamped_swiglu_reference(acc, swiglu_limit)).to(torch.bfloat16)
+    return out
+
+
+def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit=None):
+    """The eager CUDA path for large groups: one sm90 GEMM per non-empty expert, its bounds given on the
+    host (``bounds``: the E+1 offsets as ints). Each GEMM is the decode kernel (<= 64 rows) or
+    dequantize + cuBLAS; with ``swiglu_limit`` the gate_up GEMM with the clamped SwiGLU. bf16 [M, n or n/2]."""
+    out_n = n // 2 if swiglu_limit is not None else n
+    out = torch.empty(x_sorted.shape[0], out_n, dtype=torch.bfloat16, device=x_sorted.device)
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            rows = x_sorted[start:end]
+            if swiglu_limit is None:
+                out[start:end] = torch.ops.nvfp4lib.gemm_w4a16_sm90(rows, words[e], scale_words[e], alpha[e], None, n)
+            else:
+                out[start:end] = torch.ops.nvfp4lib.gemm_w4a16_swiglu(rows, words[e], scale_words[e], alpha[e], n, swiglu_limit)
+    return out
+
+
+@torch.library.custom_op("nvfp4lib::grouped_gemm_w4a16_sm90", mutates_args=())
+def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
+                            alpha: torch.Tensor, n: int, max_rows: int, swiglu_limit: Optional[float]) -> torch.Tensor:
+    """x_sorted bf16 [M, K] (expert-contiguous rows); offsets int [E+1] (0 .. M); words int32
+    [E, n/16, K/64, 32, 4]; scale_words int32 [E, n/16, K/256, 32, 2]; alpha fp32 [E, n]; max_rows: a
+    bound on any group's rows (checked when eager; under graph capture it is the caller's contract);
+    swiglu_limit: None -> bf16 [M, n]; a float (``inf``: no clamp) -> the clamped SwiGLU of the gate_up
+    product, bf16 [M, n/2]."""
+    _check_grouped_sm90_args(x_sorted, offsets, words, scale_words, alpha, n, max_rows, swiglu_limit)
+    capturing = x_sorted.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        _moe.check_offsets(offsets, x_sorted.shape[0], words.shape[0])
+        largest = int((offsets[1:] - offsets[:-1]).max()) if words.shape[0] else 0
+        if largest > max_rows:
+            raise ValueError(f"a group has {largest} rows but max_rows={max_rows}: rows past the bound would not be computed")
+    if not x_sorted.is_cuda:
+        return _grouped_sm90_reference(x_sorted, offsets, words, scale_words, alpha, n, swiglu_limit)
+    out_n = n // 2 if swiglu_limit is not None else n
+    if x_sorted.shape[0] == 0:
+        return x_sorted.new_empty((0, out_n))
+    if capturing or max_rows <= GROUPED_KERNEL_MAX_ROWS:
+        from ..kernels.sm90 import gemm_decode
+
+        return gemm_decode.run_grouped_decode(x_sorted.contiguous(), offsets.to(torch.int32), words, scale_words, alpha, out_n,
+                                              max_rows, swiglu_limit)
+    return grouped_sm90_loop(x_sorted, offsets.tolist(), words, scale_words, alpha, n, swiglu_limit)
+
+
+@grouped_gemm_w4a16_sm90.register_fake
+def _(x_sorted, offsets, words, scale_words, alpha, n, max_rows, swiglu_limit):
+    return x_sorted.new_empty((x_sorted.shape[0], n // 2 if swiglu_limit is not None else n), dtype=torch.bfloat16)
 
 
 def _check_sm100_args(packed_act, swizzled_act_scale, act_global_scale, offsets, padded_offsets, weight, swizzled_weight_scale, alpha):

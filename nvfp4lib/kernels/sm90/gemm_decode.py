@@ -14,6 +14,12 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   "variants"), so both are off by default (``DEFAULTS``).
 - Register decode (see :mod:`.dequant`): 5 shifts + 6 logic ops + 4 ``mul.rn.bf16x2`` per MMA turn one
   word of E2M1 codes and two E4M3 scales into the exact bf16 products ``v * s * 2**-7``.
+- Grouped (``grouped=True``, the MoE experts and attention's wo_a): one launch for E weights stacked
+  ``[E * RG, ...]`` and rows grouped by an ``offsets`` int32 [E+1] tensor on the device (rows of group e are
+  ``offsets[e]:offsets[e+1]``). The grid's z axis is ``splits * E``; a CTA whose token block lies past its
+  group's rows exits before loading anything, so an expert with no rows costs no weight traffic. The token
+  blocks per group come from a static bound on the rows of any group (``max_rows``), so nothing is read on
+  the host and the launch is CUDA-graph safe.
 - Split K: grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
   workspace and the last warp to arrive (per row group, counted with a gpu-scope acq_rel atomic) sums
   the others (L2 loads) and runs the epilogue; it resets its counter, so the kernel is replayable in a
@@ -104,7 +110,8 @@ class GemmDecodeKernel:
     row group rg and up row group rg + I/16, so the gate and up accumulators of an output column sit in
     the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
 
-    def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False):
+    def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
+                 grouped: bool = False):
         D.check_decode_shape(16, k)
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
@@ -117,6 +124,7 @@ class GemmDecodeKernel:
         self.has_bias = has_bias
         self.swiglu = swiglu
         self.groups = 2 if swiglu else 1
+        self.grouped = grouped  # E stacked weights, rows grouped by offsets (see the module docstring)
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
         self.prefetch_x = prefetch_x and not x_smem
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
@@ -126,28 +134,33 @@ class GemmDecodeKernel:
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
-                 bias_ptr: cute.Pointer, y_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer,
-                 m: Int32, n: Int32, warp_groups: Int32, quads_per_split: Int32, splits: Int32, limit: Float32, stream):
-        """x_ptr: int32 view of bf16 x [m, k]; w_ptr: int32 [RG, k/64, 32, 4]; s_ptr: int32 [RG, k/256, 32, 2]
-        (RG = warp_groups * groups); alpha_ptr: fp32 [RG*16]; bias_ptr: fp32 [n] (read only with has_bias);
-        y_ptr: bf16 [m, n]; ws_ptr: fp32 workspace [token blocks, splits, warp_groups, 32, 4*tiles*groups];
-        cnt_ptr: int32 [token blocks, warp_groups], zero before the first launch (the kernel leaves it zero)."""
+                 bias_ptr: cute.Pointer, y_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer, off_ptr: cute.Pointer,
+                 m: Int32, n: Int32, warp_groups: Int32, quads_per_split: Int32, splits: Int32, limit: Float32,
+                 experts: Int32, max_rows: Int32, stream):
+        """x_ptr: int32 view of bf16 x [m, k]; w_ptr: int32 [E*RG, k/64, 32, 4]; s_ptr: int32 [E*RG, k/256, 32, 2]
+        (RG = warp_groups * groups, E = experts, 1 unless grouped); alpha_ptr: fp32 [E*RG*16]; bias_ptr: fp32
+        [n] (read only with has_bias); y_ptr: bf16 [m, n]; ws_ptr: fp32 workspace [E * token blocks, splits,
+        warp_groups, 32, 4*tiles*groups]; cnt_ptr: int32 [E * token blocks, warp_groups], zero before the first
+        launch (the kernel leaves it zero); off_ptr: int32 [E+1] row offsets (read only when grouped);
+        max_rows: a bound on any group's rows (m when not grouped)."""
         tpb = self.tiles * TOKENS_PER_TILE
-        token_blocks = (m + tpb - 1) // tpb
+        token_blocks = (max_rows + tpb - 1) // tpb
         row_groups = warp_groups * self.groups
         mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks, 4, 8), stride=(self.k // 2, 32, 8, 1)))
         mXv = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks * 8, 4), stride=(self.k // 2, 4, 1)))
-        mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
-        mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
-        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((row_groups * D.ROWS_PER_GROUP,)))
+        mW = cute.make_tensor(w_ptr, cute.make_layout((experts * row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
+        mS = cute.make_tensor(s_ptr, cute.make_layout((experts * row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
+        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((experts * row_groups * D.ROWS_PER_GROUP,)))
+        mOff = cute.make_tensor(off_ptr, cute.make_layout((experts + 1,)))
         mBias = cute.make_tensor(bias_ptr, cute.make_layout((n,)))
         mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
         frag = 4 * self.tiles * self.groups
-        mWs = cute.make_tensor(ws_ptr, cute.make_layout((token_blocks, splits, warp_groups, 32, frag),
+        mWs = cute.make_tensor(ws_ptr, cute.make_layout((experts * token_blocks, splits, warp_groups, 32, frag),
                                                         stride=(splits * warp_groups * 32 * frag, warp_groups * 32 * frag, 32 * frag, frag, 1)))
-        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((token_blocks, warp_groups), stride=(warp_groups, 1)))
-        self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, m, n, warp_groups, quads_per_split, splits, limit).launch(
-            grid=[token_blocks, (warp_groups + self.warps - 1) // self.warps, splits], block=[self.threads, 1, 1], stream=stream)
+        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((experts * token_blocks, warp_groups), stride=(warp_groups, 1)))
+        self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
+                    token_blocks).launch(
+            grid=[token_blocks, (warp_groups + self.warps - 1) // self.warps, splits * experts], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
@@ -156,10 +169,10 @@ class GemmDecodeKernel:
         cute.autovec_copy(mS[rg, q, lane, None], sreg[j, None])
 
     @cute.jit
-    def _load_x(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, m: Int32, xr: cute.Tensor):
+    def _load_x(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, row_end: Int32, xr: cute.Tensor):
         for tau in cutlass.range_constexpr(self.tiles):
             row = first_row + tau * TOKENS_PER_TILE + g
-            if row < m:
+            if row < row_end:
                 for ci in cutlass.range_constexpr(4):
                     cute.autovec_copy(mX[row, 4 * q + ci, t, None], xr[tau, ci, None])
             else:
@@ -168,18 +181,31 @@ class GemmDecodeKernel:
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mXv: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
-               mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
-               quads_per_split: Int32, splits: Int32, limit: Float32):
+               mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mOff: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
+               quads_per_split: Int32, splits: Int32, limit: Float32, token_blocks: Int32):
         tidx, _, _ = cute.arch.thread_idx()
-        tb, rgb, split = cute.arch.block_idx()
+        tb, rgb, z = cute.arch.block_idx()
+        G = self.groups
+        # group e's rows are row_begin:row_end, its weight row groups e*RG.., its alphas e*RG*16..
+        expert = Int32(0)
+        split = z
+        row_begin = Int32(0)
+        row_end = m
+        if cutlass.const_expr(self.grouped):
+            expert = z // splits
+            split = z - expert * splits
+            row_begin = mOff[expert]
+            row_end = mOff[expert + 1]
+        rg_base = expert * (warp_groups * G)
+        col_base = rg_base * D.ROWS_PER_GROUP
+        slot = expert * token_blocks + tb  # this CTA's token block in the workspace and the counters
         lane = tidx % 32
         warp = tidx // 32
         wg = rgb * self.warps + warp  # this warp's row group (gate row group with swiglu)
         g = lane // 4
         t = lane % 4
         tpb = self.tiles * TOKENS_PER_TILE
-        first_row = tb * tpb
-        G = self.groups
+        first_row = row_begin + tb * tpb
         q_begin = split * quads_per_split
         q_end = cutlass.min(q_begin + quads_per_split, self.quads)
         sX = None
@@ -192,13 +218,13 @@ class GemmDecodeKernel:
             for idx in cutlass.range(tidx, tpb * per_row, self.threads):
                 r = idx // per_row
                 v = idx - r * per_row
-                if first_row + r < m:
+                if first_row + r < row_end:
                     cute.autovec_copy(mXv[first_row + r, q_begin * 32 + v, None], sXv[r, v, None])
                 else:
                     for i in cutlass.range_constexpr(4):
                         sXv[r, v, i] = Int32(0)
             cute.arch.sync_threads()
-        if wg < warp_groups:
+        if (wg < warp_groups) & (first_row < row_end):
             acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
             for i in cutlass.range_constexpr(G * self.tiles * 4):
                 acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
@@ -210,21 +236,21 @@ class GemmDecodeKernel:
             xnxt = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
             if q_begin < q_end:
                 for j in cutlass.range_constexpr(G):
-                    self._load_quad(mW, mS, wg + j * warp_groups, q_begin, lane, wcur, scur, j)
+                    self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q_begin, lane, wcur, scur, j)
                 if cutlass.const_expr(self.prefetch_x):
-                    self._load_x(mX, first_row, g, t, q_begin, m, xr)
+                    self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
             for q in cutlass.range(q_begin, q_end, 1):
                 if q + 1 < q_end:
                     for j in cutlass.range_constexpr(G):
-                        self._load_quad(mW, mS, wg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
+                        self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
                     if cutlass.const_expr(self.prefetch_x):
-                        self._load_x(mX, first_row, g, t, q + 1, m, xnxt)
+                        self._load_x(mX, first_row, g, t, q + 1, row_end, xnxt)
                 if cutlass.const_expr(self.x_smem):
                     for tau in cutlass.range_constexpr(self.tiles):
                         for ci in cutlass.range_constexpr(4):
                             cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
                 elif cutlass.const_expr(not self.prefetch_x):
-                    self._load_x(mX, first_row, g, t, q, m, xr)
+                    self._load_x(mX, first_row, g, t, q, row_end, xr)
                 for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
                         word = scur[j, ci // 2]
@@ -253,12 +279,12 @@ class GemmDecodeKernel:
                 frag = cute.make_rmem_tensor((nfrag,), Float32)
                 for i in cutlass.range_constexpr(nfrag):
                     frag[i] = acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4]
-                cute.autovec_copy(frag, mWs[tb, split, wg, lane, None])
+                cute.autovec_copy(frag, mWs[slot, split, wg, lane, None])
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.sync_warp()
                 arrived = Int32(0)
                 if lane == 0:
-                    arrived = cute.arch.atomic_add((mCnt.iterator + tb * warp_groups + wg).llvm_ptr, Int32(1),
+                    arrived = cute.arch.atomic_add((mCnt.iterator + slot * warp_groups + wg).llvm_ptr, Int32(1),
                                                    sem="acq_rel", scope="gpu")
                 arrived = cute.arch.shuffle_sync(arrived, 0)
                 last = arrived == splits - 1
@@ -273,22 +299,22 @@ class GemmDecodeKernel:
                                 idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
                                 acc[idx] = acc[idx] + frag[i]
                         else:
-                            base = mWs.iterator + cute.crd2idx((tb, other, wg, lane, 0), mWs.layout)
+                            base = mWs.iterator + cute.crd2idx((slot, other, wg, lane, 0), mWs.layout)
                             for i in cutlass.range_constexpr(nfrag):
                                 idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
                                 acc[idx] = acc[idx] + cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")
                     if lane == 0:
-                        mCnt[tb, wg] = Int32(0)
+                        mCnt[slot, wg] = Int32(0)
             if last:
                 shift = Float32(2.0 ** D.MAGNITUDE_SHIFT)
                 for tau in cutlass.range_constexpr(self.tiles):
                     for i in cutlass.range_constexpr(4):
                         tok = first_row + tau * TOKENS_PER_TILE + 2 * t + (i % 2)
                         col = wg * D.ROWS_PER_GROUP + g + 8 * (i // 2)
-                        if (tok < m) & (col < n):
-                            value = acc[0, tau, i] * (mAlpha[col] * shift)
+                        if (tok < row_end) & (col < n):
+                            value = acc[0, tau, i] * (mAlpha[col_base + col] * shift)
                             if cutlass.const_expr(self.swiglu):
-                                up = acc[1, tau, i] * (mAlpha[col + n] * shift)
+                                up = acc[1, tau, i] * (mAlpha[col_base + col + n] * shift)
                                 gate = cute.arch.fmin(value, limit)
                                 up = cute.arch.fmax(cute.arch.fmin(up, limit), -limit)
                                 value = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
@@ -297,7 +323,7 @@ class GemmDecodeKernel:
                             mY[tok, col] = value.to(cutlass.BFloat16)
 
 
-def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=None, ws=None, cnt=None):
+def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=None, ws=None, cnt=None, offsets=None):
     from cutlass.cute.runtime import make_ptr
 
     gmem = cute.AddressSpace.gmem
@@ -306,19 +332,21 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
         return make_ptr(dtype, 0 if t is None else t.data_ptr(), gmem, assumed_align=align)
 
     return (pointer(Int32, x, 16), pointer(Int32, words, 16), pointer(Int32, scale_words, 8), pointer(Float32, alpha, 4),
-            pointer(Float32, bias, 4), pointer(cutlass.BFloat16, y, 2), pointer(Float32, ws, 16), pointer(Int32, cnt, 4))
+            pointer(Float32, bias, 4), pointer(cutlass.BFloat16, y, 2), pointer(Float32, ws, 16), pointer(Int32, cnt, 4),
+            pointer(Int32, offsets, 4))
 
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
-                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None):
-    """Compile (cached) the decode kernel for K = k. Works without a GPU (fake pointers)."""
+                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False):
+    """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant). Works
+    without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem)
-    sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
+    sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -362,6 +390,41 @@ def _current_stream():
     return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
 
 
+def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
+            offsets=None, experts=1, max_rows=None, active_groups=1):
+    """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
+    m, k = x.shape
+    swiglu = swiglu_limit is not None
+    groups = 2 if swiglu else 1
+    row_groups = words.shape[0] // experts
+    if swiglu and (n % D.ROWS_PER_GROUP or row_groups != 2 * n // D.ROWS_PER_GROUP):
+        raise ValueError(f"the fused SwiGLU needs gate_up of 2*I rows with I a multiple of 16, got I={n} and {row_groups} row groups")
+    warp_groups = row_groups // groups
+    max_rows = m if max_rows is None else max_rows
+    tiles = tiles or tiles_for(max_rows)
+    tpb = tiles * TOKENS_PER_TILE
+    token_blocks = -(-max_rows // tpb)
+    quads = k // D.QUAD_K
+    x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
+    default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
+    per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
+                                   warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
+    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None)
+    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    frag = 4 * tiles * groups
+    slots = experts * token_blocks
+    ws = torch.empty(slots * nsplit * warp_groups * 32 * frag if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
+    cnt = _counters(x.device, slots * warp_groups) if nsplit > 1 else ws  # read only with split K
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    compiled(*_pointers(x, words, scale_words, alpha, bias32 if bias32 is not None else alpha, y, ws, cnt,
+                        offsets if offsets is not None else cnt),
+             Int32(m), Int32(n), Int32(warp_groups), Int32(per_split), Int32(nsplit),
+             Float32(swiglu_limit if swiglu else 0.0), Int32(experts), Int32(max_rows), _current_stream())
+    return y
+
+
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
@@ -370,33 +433,31 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
     (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
-    m, k = x.shape
-    swiglu = swiglu_limit is not None
-    groups = 2 if swiglu else 1
-    row_groups = words.shape[0]
-    if swiglu and (n % D.ROWS_PER_GROUP or row_groups != 2 * n // D.ROWS_PER_GROUP):
-        raise ValueError(f"the fused SwiGLU needs gate_up of 2*I rows with I a multiple of 16, got I={n} and {row_groups} row groups")
-    warp_groups = row_groups // groups
-    tiles = tiles or tiles_for(m)
-    tpb = tiles * TOKENS_PER_TILE
-    token_blocks = -(-m // tpb)
-    quads = k // D.QUAD_K
-    x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
-    default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
-    per_split, nsplit = splits_for(warp_groups, quads, token_blocks, _sm_count(x.device),
-                                   warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
-    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem)
-    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    frag = 4 * tiles * groups
-    ws = torch.empty(token_blocks * nsplit * warp_groups * 32 * frag if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
-    cnt = _counters(x.device, token_blocks * warp_groups)
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    compiled(*_pointers(x, words, scale_words, alpha, bias32 if bias32 is not None else alpha, y, ws, cnt),
-             Int32(m), Int32(n), Int32(warp_groups), Int32(per_split), Int32(nsplit),
-             Float32(swiglu_limit if swiglu else 0.0), _current_stream())
-    return y
+    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem)
+
+
+def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
+                       alpha: torch.Tensor, n: int, max_rows: int, swiglu_limit: float | None = None,
+                       out: torch.Tensor | None = None, warps_per_sm: int | None = None, tiles: int | None = None) -> torch.Tensor:
+    """One launch for E weights: rows ``offsets[e]:offsets[e+1]`` of x (bf16 [M, K], contiguous) times weight e.
+
+    offsets: int32 [E+1] on the GPU (non-decreasing, 0 .. M; not checked here: no host sync);
+    words: int32 [E, RG, K/64, 32, 4] and scale_words int32 [E, RG, K/256, 32, 2] (each expert from
+    :func:`~.dequant.repack_weight`); alpha fp32 [E, RG*16] (n a multiple of 16); max_rows: a bound on the
+    rows of any group (rows past it are NOT computed: pass M when unsure). ``swiglu_limit`` as in
+    :func:`run_decode` (n is then I). Returns bf16 [M, n]; rows outside every group are left unwritten.
+    CUDA-graph capturable after a first eager call."""
+    experts = words.shape[0]
+    if n % D.ROWS_PER_GROUP:
+        raise ValueError(f"the grouped kernel needs N (I with SwiGLU) a multiple of {D.ROWS_PER_GROUP}, got {n}")
+    if offsets.dtype != torch.int32 or offsets.shape != (experts + 1,):
+        raise ValueError(f"offsets must be int32 [E+1] = [{experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    if not 0 < max_rows:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    stacked = (words.reshape(-1, *words.shape[2:]), scale_words.reshape(-1, *scale_words.shape[2:]))
+    active = min(experts, x.shape[0])  # at most one group per row has work
+    return _launch(x, *stacked, alpha.reshape(-1), n, None, out, swiglu_limit, None, warps_per_sm, tiles, None,
+                   offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active)
 
 
 def _sm_count(device) -> int:
