@@ -430,9 +430,11 @@ def test_grouped_kernel_on_hopper_matches_reference_and_replays_in_a_graph(fresh
 
 @requires_hopper
 def test_moe_block_on_hopper_sm90_weights_matches_fp32(fresh_seed):
-    weights, _, _ = make_experts(8)
+    weights, _, _ = make_experts(8, inter=SM90_INTER)  # both projections take the sm90 layout
     ids, topk = uneven_routing(16, 6, 8, empty=(2,))
     x = torch.randn(16, HIDDEN).bfloat16()
     expected = moe.moe_block_fp32(x, ids, topk, weights)
-    out = moe.moe_block(x.cuda(), ids.cuda(), topk.cuda(), weights.to("cuda")).cpu()
+    cuda = weights.to("cuda")
+    assert cuda.gate_up.layout == "sm90" and cuda.down.layout == "sm90"
+    out = moe.moe_block(x.cuda(), ids.cuda(), topk.cuda(), cuda).cpu()
     assert cosine(out, expected) >= 0.9999 and rel_error(out, expected) <= 1e-2

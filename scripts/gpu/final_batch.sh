@@ -5,6 +5,7 @@
 #   moe_h100.json, vllm_apply_graph.json, gpu_notebooks.tar.gz (full-size notebooks run on the GPU)
 # Usage there: source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> bash scripts/gpu/final_batch.sh [parts...]
 # parts (default all but notebooks): tests gemm expert scales attention moe vllm notebooks
+# Env overrides: TESTS_LIMIT, ATTN_ARGS / ATTN_LIMIT, MOE_ARGS / MOE_LIMIT (extra CLI flags, time limits).
 set -uo pipefail
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1  # absolute: notebook kernels run in notebooks/
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,12 +20,12 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 for part in $parts; do
   case $part in
-    tests)     step tests 240 bash -c "python3 -m pytest -q -rs -p no:cacheprovider tests > $OUT/pytest_gpu.log 2>&1; rc=\$?; tail -15 $OUT/pytest_gpu.log; exit \$rc" ;;
+    tests)     step tests "${TESTS_LIMIT:-240}" bash -c "python3 -m pytest -q -rs -p no:cacheprovider tests > $OUT/pytest_gpu.log 2>&1; rc=\$?; tail -15 $OUT/pytest_gpu.log; exit \$rc" ;;
     gemm)      step gemm 240 python3 scripts/gpu/gemm_check.py --out "$OUT/gemm_h100.json" ;;
     expert)    step expert 120 python3 scripts/gpu/shared_expert_check.py ;;
     scales)    step scales 150 python3 scripts/gpu/scales_check.py ;;
-    attention) step attention 240 python3 -m nvfp4lib.bench attention --out "$OUT/attention_h100.json" ;;
-    moe)       step moe 240 python3 -m nvfp4lib.bench moe --out "$OUT/moe_h100.json" ;;
+    attention) step attention "${ATTN_LIMIT:-240}" python3 -m nvfp4lib.bench attention ${ATTN_ARGS:-} --out "$OUT/attention_h100.json" ;;
+    moe)       step moe "${MOE_LIMIT:-240}" python3 -m nvfp4lib.bench moe ${MOE_ARGS:-} --out "$OUT/moe_h100.json" ;;
     vllm)      step vllm 120 python3 scripts/gpu/vllm_apply_graph.py ;;
     notebooks) step notebooks 420 bash -c "python3 scripts/run_notebooks.py --out /tmp/gpu_reports -p device cuda -p full_size True notebooks/[0-9]*.ipynb; rc=\$?; tar czf $OUT/gpu_notebooks.tar.gz -C /tmp gpu_reports; exit \$rc" ;;
     *) echo "unknown part $part" ;;
