@@ -74,13 +74,51 @@ def _grouped_sm90_reference(x_sorted, offsets, words, scale_words, alpha, n, swi
     return out
 
 
-def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit=None):
+_side_streams: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit=None, overlap=True):
     """The eager CUDA path for large groups: one sm90 GEMM per non-empty expert, its bounds given on the
-    host (``bounds``: the E+1 offsets as ints). Each GEMM is the decode kernel (<= 64 rows) or
-    dequantize + cuBLAS; with ``swiglu_limit`` the gate_up GEMM with the clamped SwiGLU. bf16 [M, n or n/2]."""
+    host (``bounds``: the E+1 offsets as ints). Groups of at most DECODE_MAX_M rows run the decode kernel;
+    larger ones dequantize to bf16 and run cuBLAS. With ``overlap`` the dequantizations run on a side
+    stream into two alternating buffers, one expert ahead, so expert e+1's (memory-bound) dequantization
+    overlaps expert e's (compute-bound) GEMM; the streams fork from and join back into the current one,
+    so the loop can be captured in a CUDA graph. With ``swiglu_limit`` the gate_up GEMM is followed by the
+    clamped SwiGLU in fp32. Returns bf16 [M, n or n/2]."""
+    from ..kernels.sm90 import dequant as D
+    from ..kernels.sm90.gemm_prefill import dequantize_to_bf16
+    from .gemm import DECODE_MAX_M
+
     out_n = n // 2 if swiglu_limit is not None else n
     out = torch.empty(x_sorted.shape[0], out_n, dtype=torch.bfloat16, device=x_sorted.device)
-    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+    spans = [(e, start, end) for e, (start, end) in enumerate(zip(bounds, bounds[1:])) if end > start]
+    large = [span for span in spans if span[2] - span[1] > DECODE_MAX_M]
+    if overlap and len(large) > 1:
+        k = words.shape[2] * D.CHUNK_K
+        main, side = torch.cuda.current_stream(), _side_stream(x_sorted.device)
+        buffers = [torch.empty(words.shape[1] * D.ROWS_PER_GROUP * k, dtype=torch.bfloat16, device=x_sorted.device) for _ in range(2)]
+        dequantized = [torch.cuda.Event() for _ in large]
+        consumed = [torch.cuda.Event() for _ in large]
+        side.wait_stream(main)  # fork: the buffers and the weights are ready
+        for i, (e, start, end) in enumerate(large):
+            with torch.cuda.stream(side):
+                if i >= 2:
+                    side.wait_event(consumed[i - 2])  # the buffer's previous GEMM is done
+                weight = dequantize_to_bf16(words[e], scale_words[e], alpha[e], n, out=buffers[i % 2])
+                dequantized[i].record(side)
+            main.wait_event(dequantized[i])
+            h = torch.nn.functional.linear(x_sorted[start:end], weight)
+            consumed[i].record(main)
+            out[start:end] = h if swiglu_limit is None else clamped_swiglu_reference(h, swiglu_limit).to(torch.bfloat16)
+        main.wait_stream(side)  # join
+        spans = [span for span in spans if span not in large]
+    for e, start, end in spans:
         if end > start:
             rows = x_sorted[start:end]
             if swiglu_limit is None:

@@ -119,13 +119,20 @@ def compile_dequant(k: int, arch: str | None = None, keep_ptx: bool = False):
                           arch=arch, keep_ptx=keep_ptx)
 
 
-def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """bf16 [n, K] = bf16(e2m1 * block scale * alpha[n]) on the GPU (one kernel)."""
+def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 [n, K] = bf16(e2m1 * block scale * alpha[n]) on the GPU (one kernel, on the current stream).
+    out: an optional bf16 buffer of at least RG*16*K elements (contiguous) to write into."""
     from .gemm_decode import _current_stream
 
     row_groups, chunks = words.shape[0], words.shape[1]
     k = chunks * D.CHUNK_K
-    out = torch.empty(row_groups * D.ROWS_PER_GROUP, k, dtype=torch.bfloat16, device=words.device)
+    size = row_groups * D.ROWS_PER_GROUP * k
+    if out is None:
+        out = torch.empty(row_groups * D.ROWS_PER_GROUP, k, dtype=torch.bfloat16, device=words.device)
+    elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < size:
+        raise ValueError(f"out must be a contiguous bf16 buffer of at least {size} elements")
+    out = out.reshape(-1)[:size].view(row_groups * D.ROWS_PER_GROUP, k)
     compile_dequant(k)(*_pointers(words, scale_words, alpha, out), Int32(n), Int32(row_groups), _current_stream())
     return out[:n]
 
