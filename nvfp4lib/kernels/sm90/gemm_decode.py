@@ -456,6 +456,10 @@ def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tens
         raise ValueError(f"max_rows must be positive, got {max_rows}")
     stacked = (words.reshape(-1, *words.shape[2:]), scale_words.reshape(-1, *scale_words.shape[2:]))
     active = min(experts, x.shape[0])  # at most one group per row has work
+    # Token tiles from the AVERAGE rows per group, not the bound: MoE decode (8 tokens top-6 over 48
+    # experts, ~1 row each) is fastest with 1 tile, wo_a at 16 tokens (16 rows in every group) with 2
+    # (H200, data/bench/grouped_variants_nvidia_h200.json).
+    tiles = tiles or (1 if -(-x.shape[0] // experts) <= TOKENS_PER_TILE else MAX_TILES)
     return _launch(x, *stacked, alpha.reshape(-1), n, None, out, swiglu_limit, None, warps_per_sm, tiles, None,
                    offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active)
 
