@@ -222,6 +222,8 @@ def test_full_size_projections_on_gpu(fresh_seed, m):
     module = GroupedNVFP4Projection(wo_a, dims.o_groups, device="cuda")
     check(module(o), reference)
     check(module.forward_loop(o), reference)
+    if module.grouped_kernel:
+        check(module.forward_batched(o), reference)
     check(module.forward_diagonal(o), reference)
     if torch.cuda.get_device_capability()[0] == 9:  # Hopper: the one-launch grouped kernel, replayed in a graph
         assert module.grouped_kernel

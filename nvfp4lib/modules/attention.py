@@ -15,8 +15,8 @@ between them in the model and are not part of this module.
 wo_a dispatch: on a CPU the NVFP4 grouped projection is one batched exact reference (fp32 einsum,
 rounded once to bf16). On a Hopper GPU (weights in the sm90 layout) it is the grouped op
 ``nvfp4lib::grouped_gemm_w4a16_sm90``: ONE launch of the grouped CuTeDSL kernel for T <= 64 tokens;
-larger T (and other GPUs) run a loop of 16 :func:`nvfp4_linear` launches (sm90: dequantize + cuBLAS per
-group), capturable too since the group bounds are multiples of T. ``GroupedNVFP4Projection.grouped_kernel``
+larger T dequantize the whole weight once and run one cuBLAS bmm; other GPUs a loop of 16
+:func:`nvfp4_linear` launches. ``GroupedNVFP4Projection.grouped_kernel``
 says whether the grouped op can run. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
 carry for wo_a instead) quantizes activations with the static ``input_scale`` (W8A8) and runs
 ``torch._scaled_mm`` per group on a GPU, an exact fp32 emulation on a CPU.
@@ -136,6 +136,8 @@ class GroupedNVFP4Projection(_PreparedModule):
     - :meth:`forward_reference`: :func:`reference_grouped_gemm`, one batched exact launch (CPU default).
     - :meth:`forward_grouped`: the grouped op over all G groups (GPU default with the sm90 layout and
       T <= 64): one launch of the grouped kernel.
+    - :meth:`forward_batched`: one dequantization of the whole weight to bf16, one cuBLAS bmm (GPU
+      default with the sm90 layout and T > 64).
     - :meth:`forward_loop`: one :func:`nvfp4_linear` per group, G launches (GPU default otherwise).
     - :meth:`forward_diagonal`: ONE :func:`nvfp4_linear` of all G*T rows against the whole weight, keeping
       the G diagonal blocks. It reads the weight once in one launch but does G times the FLOPs and writes
@@ -206,6 +208,16 @@ class GroupedNVFP4Projection(_PreparedModule):
             p.alpha.view(self.groups, self.n_group), self.n_group, max(tokens, 1), None)
         return y.view(self.groups, tokens, self.n_group).transpose(0, 1)
 
+    def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Prefill (sm90 layout): the whole weight dequantized to bf16 in ONE kernel (alpha folded in, as
+        the dense GEMM path does), then one cuBLAS batched GEMM over the groups. Capturable (no host reads)."""
+        from ..kernels.sm90.gemm_prefill import dequantize_to_bf16
+
+        self._check(x)
+        p = self.prepared_whole
+        weight = dequantize_to_bf16(p.weight, p.block_scale, p.alpha, p.n).view(self.groups, self.n_group, self.k)
+        return torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
+
     def forward_diagonal(self, x: torch.Tensor) -> torch.Tensor:
         """All groups' rows in one GEMM against the whole weight; block (g, g) of the [G*T, G*N_g] product
         is group g's output (the off-diagonal blocks are computed and dropped)."""
@@ -218,10 +230,10 @@ class GroupedNVFP4Projection(_PreparedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             return self.forward_reference(x)
-        # T > 64: the group bounds g*T are known here without reading a tensor, so the loop (sm90 GEMMs,
-        # dequantize + cuBLAS) stays capturable; the grouped kernel suits decode.
-        small = x.shape[0] <= GROUPED_KERNEL_MAX_ROWS
-        return self.forward_grouped(x) if self.grouped_kernel and small else self.forward_loop(x)
+        if not self.grouped_kernel:
+            return self.forward_loop(x)
+        # the grouped kernel suits decode; above it, one dequantization of the whole weight and one bmm
+        return self.forward_grouped(x) if x.shape[0] <= GROUPED_KERNEL_MAX_ROWS else self.forward_batched(x)
 
 
 def quantize_fp8_activations(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
