@@ -42,11 +42,13 @@ def scale_bf16x2(pair: Int32, factor: Float32, *, loc=None, ip=None) -> Int32:
 
 
 class DequantKernel:
-    """sm90 layout -> bf16 [RG*16, K] = e2m1 * block scale * alpha[n] (rows past N: zero). Static: k."""
+    """sm90 layout -> bf16 [RG*16, K] = e2m1 * block scale * alpha[n] (rows past N: zero). Static: k,
+    coalesced (see :meth:`_store_row`)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, coalesced: bool = False):
         D.check_decode_shape(16, k)
         self.k = k
+        self.coalesced = coalesced
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
 
@@ -56,7 +58,7 @@ class DequantKernel:
         mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
         mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
         mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
-        mOut = cute.make_tensor(out_ptr, cute.make_layout((row_groups * 16, self.chunks, 4, 8), stride=(self.k // 2, 32, 8, 1)))
+        mOut = cute.make_tensor(out_ptr, cute.make_layout((row_groups * 16, self.chunks, 8, 4), stride=(self.k // 2, 32, 4, 1)))
         self.kernel(mW, mS, mAlpha, mOut, n, row_groups).launch(
             grid=[(row_groups + WARPS - 1) // WARPS, self.quads, 1], block=[32 * WARPS, 1, 1], stream=stream)
 
@@ -97,8 +99,39 @@ class DequantKernel:
                     out_g[2 * kk + 1] = scale_bf16x2(a[2], factor_g)
                     out_g8[2 * kk] = scale_bf16x2(a[1], factor_g8)
                     out_g8[2 * kk + 1] = scale_bf16x2(a[3], factor_g8)
-                cute.autovec_copy(out_g, mOut[row_g, 4 * q + ci, t, None])
-                cute.autovec_copy(out_g8, mOut[row_g8, 4 * q + ci, t, None])
+                self._store_row(out_g, mOut, row_g, 4 * q + ci, lane)
+                self._store_row(out_g8, mOut, row_g8, 4 * q + ci, lane)
+
+    @cute.jit
+    def _store_row(self, vals: cute.Tensor, mOut: cute.Tensor, row: Int32, chunk: Int32, lane: Int32):
+        """Store one row's 64 bf16 of a chunk, held 16 per lane (lanes 4g..4g+3; lane t has 16-byte pieces
+        2t and 2t+1 of the row's 128 bytes). Plain: each lane stores its own two pieces, so one store
+        instruction half-fills every 32-byte sector it touches. ``coalesced``: pieces are exchanged with
+        shuffles first so the first store writes pieces 0..3 (lane t piece t) and the second pieces 4..7:
+        every store fills whole sectors."""
+        t = lane % 4
+        if cutlass.const_expr(self.coalesced):
+            src_a = lane - t + t // 2  # owner of piece t (slot t % 2)
+            odd = (t % 2) == 1
+            first = cute.make_rmem_tensor((4,), Int32)
+            second = cute.make_rmem_tensor((4,), Int32)
+            for i in cutlass.range_constexpr(4):
+                lo = cute.arch.shuffle_sync(vals[i], src_a)
+                hi = cute.arch.shuffle_sync(vals[4 + i], src_a)
+                first[i] = Int32(cutlass.select_(odd, hi, lo))
+                lo = cute.arch.shuffle_sync(vals[i], src_a + 2)  # owner of piece t + 4
+                hi = cute.arch.shuffle_sync(vals[4 + i], src_a + 2)
+                second[i] = Int32(cutlass.select_(odd, hi, lo))
+            cute.autovec_copy(first, mOut[row, chunk, t, None])
+            cute.autovec_copy(second, mOut[row, chunk, t + 4, None])
+        else:
+            lower = cute.make_rmem_tensor((4,), Int32)
+            upper = cute.make_rmem_tensor((4,), Int32)
+            for i in cutlass.range_constexpr(4):
+                lower[i] = vals[i]
+                upper[i] = vals[4 + i]
+            cute.autovec_copy(lower, mOut[row, chunk, 2 * t, None])
+            cute.autovec_copy(upper, mOut[row, chunk, 2 * t + 1, None])
 
 
 def _pointers(words=None, scale_words=None, alpha=None, out=None):
@@ -112,15 +145,19 @@ def _pointers(words=None, scale_words=None, alpha=None, out=None):
     return (pointer(Int32, words, 16), pointer(Int32, scale_words, 8), pointer(Float32, alpha, 4), pointer(Int32, out, 16))
 
 
-def compile_dequant(k: int, arch: str | None = None, keep_ptx: bool = False):
+DEQUANT_COALESCED = False  # the default store pattern (the benchmark times both: scripts/gpu/dequant_store.py)
+
+
+def compile_dequant(k: int, arch: str | None = None, keep_ptx: bool = False, coalesced: bool | None = None):
     from cutlass.cute.runtime import make_fake_stream
 
-    return compile_kernel(("DequantKernel", k), DequantKernel(k), *_pointers(), Int32(16), Int32(1), make_fake_stream(),
-                          arch=arch, keep_ptx=keep_ptx)
+    coalesced = DEQUANT_COALESCED if coalesced is None else coalesced
+    return compile_kernel(("DequantKernel", k, coalesced), DequantKernel(k, coalesced), *_pointers(), Int32(16), Int32(1),
+                          make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, coalesced: bool | None = None) -> torch.Tensor:
     """bf16 [n, K] = bf16(e2m1 * block scale * alpha[n]) on the GPU (one kernel, on the current stream).
     out: an optional bf16 buffer of at least RG*16*K elements (contiguous) to write into."""
     from .gemm_decode import _current_stream
@@ -133,7 +170,7 @@ def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: to
     elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < size:
         raise ValueError(f"out must be a contiguous bf16 buffer of at least {size} elements")
     out = out.reshape(-1)[:size].view(row_groups * D.ROWS_PER_GROUP, k)
-    compile_dequant(k)(*_pointers(words, scale_words, alpha, out), Int32(n), Int32(row_groups), _current_stream())
+    compile_dequant(k, coalesced=coalesced)(*_pointers(words, scale_words, alpha, out), Int32(n), Int32(row_groups), _current_stream())
     return out[:n]
 
 
