@@ -173,15 +173,18 @@ def test_grouped_decode_kernel_ptx_sm90a(swiglu):
 
 
 @requires_cute
-def test_dequant_kernel_ptx_sm90a():
+@pytest.mark.parametrize("coalesced", [False, True])
+def test_dequant_kernel_ptx_sm90a(coalesced):
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_prefill
 
-    ptx = ptx_of(gemm_prefill.compile_dequant(3072, arch="sm_90a", keep_ptx=True))
+    ptx = ptx_of(gemm_prefill.compile_dequant(3072, arch="sm_90a", keep_ptx=True, coalesced=coalesced))
     assert ".target sm_90a" in ptx
     assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64
     assert len(re.findall(r"cvt\.rn\.bf16x2\.f32", ptx)) == 64
     assert len(re.findall(r"st\.global\.v4", ptx)) == 16 and ".local" not in ptx
+    # coalesced: 4 chunks x 2 rows x 2 stores x 4 words x 2 candidate pieces exchanged by shuffles
+    assert len(re.findall(r"shfl\.sync", ptx)) == (128 if coalesced else 0)
 
 
 def test_bench_without_gpu_says_so(capsys):

@@ -145,7 +145,9 @@ def _pointers(words=None, scale_words=None, alpha=None, out=None):
     return (pointer(Int32, words, 16), pointer(Int32, scale_words, 8), pointer(Float32, alpha, 4), pointer(Int32, out, 16))
 
 
-DEQUANT_COALESCED = False  # the default store pattern (the benchmark times both: scripts/gpu/dequant_store.py)
+# The default store pattern. The coalesced variant is compile-verified only: scripts/gpu/dequant_store.py
+# (identical bytes, both timed) is written but has not run on a GPU yet; flip this once it has, if it wins.
+DEQUANT_COALESCED = False
 
 
 def compile_dequant(k: int, arch: str | None = None, keep_ptx: bool = False, coalesced: bool | None = None):
