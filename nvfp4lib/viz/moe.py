@@ -1,5 +1,7 @@
-"""Pictures of the MoE expert path (notebook 06): routing load, the grouped row layout, accuracy."""
+"""Pictures of the MoE expert path (notebook 06): routing load, the grouped row layout, accuracy, recorded speed."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -81,3 +83,30 @@ def plot_accuracy_scatter(out: torch.Tensor, reference: torch.Tensor, ax=None, l
     ax.set_ylabel("output")
     ax.set_title(label)
     return ax
+
+
+def plot_recorded_speed(results: Sequence[dict], axes=None):
+    """One panel per recorded MoE benchmark (``data/bench/moe_*.json``): for each case (decode, prefill)
+    our time, cuBLAS BF16's and the HBM floor of the touched weights, log scale, with the issue's bound
+    (1.5x floor for decode, cuBLAS / 0.9 for prefill) drawn as a tick. Titles name device and commit."""
+    if axes is None:
+        _, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+        axes = axes[0]
+    for ax, result in zip(axes, results):
+        rows = result["rows"]
+        x = np.arange(len(rows))
+        width = 0.27
+        for i, (key, name, color) in enumerate((("time_us", "ours", "tab:blue"), ("cublas_bf16_us", "cuBLAS BF16", "tab:orange"),
+                                                 ("floor_us", "HBM floor", "tab:gray"))):
+            ax.bar(x + (i - 1) * width, [r[key] or 0 for r in rows], width, label=name, color=color)
+        for xi, r in zip(x, rows):
+            bound = 1.5 * r["floor_us"] if r["case"] == "decode" else (r["cublas_bf16_us"] / 0.9 if r["cublas_bf16_us"] else None)
+            if bound:
+                ax.hlines(bound, xi - 1.5 * width, xi + 1.5 * width, colors="black", linestyles="--",
+                          label="target bound" if xi == 0 else None)
+        ax.set_xticks(x, [f"{r['case']}\n{r['tokens']} tokens" for r in rows])
+        ax.set_yscale("log")
+        ax.set_ylabel("microseconds (lower is better)")
+        ax.set_title(f"{result.get('device', '?')} @ {result.get('commit', '?')}", fontsize=10)
+        ax.legend(fontsize=8)
+    return axes
