@@ -60,13 +60,15 @@ def test_all_strategies_agree_when_the_scales_are_equal(fresh_seed):
 
 
 def test_fold_is_exact_for_a_power_of_two_ratio_above_the_subnormals(fresh_seed):
-    parts = make_parts(SIZES, K, (1.0, 2.0))
+    # plain Gaussian rows (row_spread 0): every block scale sits far above 2**-5 (log-normal rows can, once
+    # in ~300k draws, put one below it, and then halving it is not exact)
+    parts = make_parts(SIZES, K, (1.0, 2.0), row_spread=0.0)
     assert float(parts[0].weight_scale.float().min()) >= 2.0**-5, "halving stays a normal E4M3 number"
     assert torch.equal(prepared_weight_fp32(fuse(parts, "fold")), true_weight(parts))
 
 
 def test_fold_rounds_block_scales_to_e4m3_at_other_ratios(fresh_seed):
-    parts = make_parts(SIZES, K, (1.0, 1.25))
+    parts = make_parts(SIZES, K, (1.0, 1.25), row_spread=0.0)  # normal block scales: the 2**-4 bound below holds
     n_q = SIZES[0]
     decoded = prepared_weight_fp32(fuse(parts, "fold"))[:n_q]
     truth = true_weight(parts)[:n_q]
@@ -78,9 +80,10 @@ def test_fold_rounds_block_scales_to_e4m3_at_other_ratios(fresh_seed):
 
 
 def test_fold_underflows_small_block_scales_at_large_ratios(fresh_seed):
-    data = torch.randn(64, K)
-    data[:8, :16] *= 1e-3  # eight blocks with tiny amax: block scale ~ 2**-6 .. 0.5
-    data[8:16, :16] *= 0.03  # eight with small amax: block scale ~ 5 .. 10, subnormal after / 1000
+    data = torch.randn(64, K).clamp(-4, 4)
+    data[-1, -1] = 4.0  # the tensor amax is exactly 4, so the block scales below are bounded
+    data[:8, :16] *= 1e-3  # eight blocks with tiny amax: block scale <= 0.004 * 448 / 4 = 0.448, < 2**-10 after / 1000
+    data[8:16, :16] *= 0.03  # eight with small amax: block scale <= 13.44, subnormal (< 2**-6) after / 1000
     amax = data.abs().amax()
     small = quantize(data, amax / 2688)
     large = quantize(torch.randn(32, K) * 1000 * amax / 4, 1000 * amax / 2688)
