@@ -218,8 +218,8 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, 
 
     topk_ids: int [T, k], values in [0, num_experts); topk_weights: float [T, k] (combine weights).
     check: validate ids on the host (one synchronisation); pass False under CUDA-graph capture or
-    torch.compile. Out-of-range ids with check=False are clamped into range (never
-    an out-of-bounds access), which silently misroutes: validate eagerly first.
+    torch.compile. Out-of-range ids with check=False are clamped into range (never an out-of-bounds
+    access), which silently misroutes: validate eagerly first.
     """
     if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids and topk_weights must both be [T, k], got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
@@ -338,7 +338,7 @@ def grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weights: G
 
     sm90 layout: op ``nvfp4lib::grouped_gemm_w4a16_sm90`` (one launch on the GPU for groups of at most 64
     rows and under graph capture; see :mod:`nvfp4lib.ops.moe`). max_rows bounds any group's rows (None: M,
-    always safe; a tighter bound picks smaller kernel tiles). ModelOpt layout: op
+    always safe; a tighter bound launches fewer token blocks per group). ModelOpt layout: op
     ``nvfp4lib::grouped_gemm_w4a16`` (exact reference on CPU, a per-expert loop on CUDA; the SwiGLU then
     runs separately)."""
     from .ops import moe as _moe_ops  # registers the grouped ops
