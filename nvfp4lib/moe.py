@@ -253,13 +253,15 @@ def check_distinct_per_token(topk_ids: torch.Tensor) -> None:
             raise ValueError(f"token {token} is routed to one expert twice ({topk_ids[token].tolist()}): top-k ids must be distinct per token")
 
 
-def check_offsets(offsets: torch.Tensor, num_rows: int, num_experts: int) -> None:
-    """Eager-mode check (host sync): offsets [E+1] non-decreasing from 0 to num_rows."""
+def check_offsets(offsets: torch.Tensor, num_rows: int, num_experts: int) -> list:
+    """Eager-mode check (host sync): offsets [E+1] non-decreasing from 0 to num_rows. Returns them as a
+    list of ints (the one host copy, for callers that need the bounds too)."""
     if offsets.shape != (num_experts + 1,):
         raise ValueError(f"offsets must be [E+1] = [{num_experts + 1}], got {tuple(offsets.shape)}")
     o = offsets.tolist()
     if o[0] != 0 or o[-1] != num_rows or any(b < a for a, b in zip(o, o[1:])):
         raise ValueError(f"offsets must be non-decreasing from 0 to {num_rows} rows, got {o}")
+    return o
 
 
 def group_of_row(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ wo_a dispatch: on a CPU the NVFP4 grouped projection is one batched exact refere
 rounded once to bf16). On a Hopper GPU (weights in the sm90 layout) it is the grouped op
 ``nvfp4lib::grouped_gemm_w4a16_sm90``: ONE launch of the grouped CuTeDSL kernel for T <= 64 tokens;
 larger T dequantize the whole weight once and run one cuBLAS bmm; other GPUs a loop of 16
-:func:`nvfp4_linear` launches. ``GroupedNVFP4Projection.grouped_kernel``
-says whether the grouped op can run. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
+:func:`nvfp4_linear` launches. ``GroupedNVFP4Projection.grouped_kernel`` says whether the grouped op can
+run. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
 carry for wo_a instead) quantizes activations with the static ``input_scale`` (W8A8) and runs
 ``torch._scaled_mm`` per group on a GPU, an exact fp32 emulation on a CPU.
 
@@ -192,10 +192,7 @@ class GroupedNVFP4Projection(_PreparedModule):
     def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
         """All groups through the grouped op (sm90 layout only): x regrouped to [G*T, K] (group-major
         rows, offsets g*T), one launch of the grouped kernel for T <= 64 or under graph capture."""
-        from ..ops import moe as _moe_ops  # registers nvfp4lib::grouped_gemm_w4a16_sm90
-
-        del _moe_ops
-        self._check(x)
+        self._check(x)  # (the module-level import of ops.moe registered the op)
         if not self.grouped_kernel:
             raise RuntimeError(f"{self.name}: the grouped op needs the sm90 layout with N_g a multiple of 16 (layout {self.prepared_whole.layout!r})")
         tokens, p = x.shape[0], self.prepared_whole

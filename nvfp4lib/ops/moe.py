@@ -61,12 +61,11 @@ def _check_grouped_sm90_args(x_sorted, offsets, words, scale_words, alpha, n, ma
         raise ValueError(f"max_rows must be positive, got {max_rows}")
 
 
-def _grouped_sm90_reference(x_sorted, offsets, words, scale_words, alpha, n, swiglu_limit):
-    """Exact: per group fp32 ``x @ (e2m1*block)^T * alpha[e]`` (then the clamped SwiGLU in fp32), one bf16
-    rounding; rows outside every group are zero."""
+def _grouped_sm90_reference(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit):
+    """Exact: per group (``bounds``: the E+1 offsets as ints) fp32 ``x @ (e2m1*block)^T * alpha[e]`` (then
+    the clamped SwiGLU in fp32), one bf16 rounding; rows outside every group are zero."""
     out_n = n // 2 if swiglu_limit is not None else n
     out = torch.zeros(x_sorted.shape[0], out_n, dtype=torch.bfloat16, device=x_sorted.device)
-    bounds = offsets.tolist()
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         if end > start:
             acc = x_sorted[start:end].float() @ dequantize_sm90(words[e], scale_words[e], n).t() * alpha[e]
@@ -119,12 +118,11 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
         main.wait_stream(side)  # join
         spans = [span for span in spans if span not in large]
     for e, start, end in spans:
-        if end > start:
-            rows = x_sorted[start:end]
-            if swiglu_limit is None:
-                out[start:end] = torch.ops.nvfp4lib.gemm_w4a16_sm90(rows, words[e], scale_words[e], alpha[e], None, n)
-            else:
-                out[start:end] = torch.ops.nvfp4lib.gemm_w4a16_swiglu(rows, words[e], scale_words[e], alpha[e], n, swiglu_limit)
+        rows = x_sorted[start:end]
+        if swiglu_limit is None:
+            out[start:end] = torch.ops.nvfp4lib.gemm_w4a16_sm90(rows, words[e], scale_words[e], alpha[e], None, n)
+        else:
+            out[start:end] = torch.ops.nvfp4lib.gemm_w4a16_swiglu(rows, words[e], scale_words[e], alpha[e], n, swiglu_limit)
     return out
 
 
@@ -138,13 +136,14 @@ def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words
     product, bf16 [M, n/2]."""
     _check_grouped_sm90_args(x_sorted, offsets, words, scale_words, alpha, n, max_rows, swiglu_limit)
     capturing = x_sorted.is_cuda and torch.cuda.is_current_stream_capturing()
+    bounds = None
     if not capturing:
-        _moe.check_offsets(offsets, x_sorted.shape[0], words.shape[0])
-        largest = int((offsets[1:] - offsets[:-1]).max()) if words.shape[0] else 0
+        bounds = _moe.check_offsets(offsets, x_sorted.shape[0], words.shape[0])
+        largest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
         if largest > max_rows:
             raise ValueError(f"a group has {largest} rows but max_rows={max_rows}: rows past the bound would not be computed")
     if not x_sorted.is_cuda:
-        return _grouped_sm90_reference(x_sorted, offsets, words, scale_words, alpha, n, swiglu_limit)
+        return _grouped_sm90_reference(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit)
     out_n = n // 2 if swiglu_limit is not None else n
     if x_sorted.shape[0] == 0:
         return x_sorted.new_empty((0, out_n))
@@ -153,7 +152,7 @@ def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words
 
         return gemm_decode.run_grouped_decode(x_sorted.contiguous(), offsets.to(torch.int32), words, scale_words, alpha, out_n,
                                               max_rows, swiglu_limit)
-    return grouped_sm90_loop(x_sorted, offsets.tolist(), words, scale_words, alpha, n, swiglu_limit)
+    return grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit)  # eager here: bounds known
 
 
 @grouped_gemm_w4a16_sm90.register_fake
