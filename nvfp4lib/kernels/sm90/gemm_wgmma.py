@@ -11,8 +11,8 @@ one rounding: ``y = bf16(acc * alpha[n] * 2**7)`` (the decoded products are ``v 
 
 Design (swap AB, register-sourced WGMMA):
 
-- The weight is the WGMMA **A operand from registers** (``wgmma.mma_async.sp.. m64nNk16`` with A a list of
-  four bf16x2 registers), tokens are the MMA N dimension (``TILE_N`` = 128 or 256 tokens per CTA), x is
+- The weight is the WGMMA **A operand from registers** (``wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16``
+  with A a list of four bf16x2 registers, B a shared-memory descriptor), tokens are the MMA N dimension (``TILE_N`` = 128 or 256 tokens per CTA), x is
   operand B in shared memory (K-major, 128-byte swizzle, loaded by TMA; rows past M are zero-filled by
   the TMA unit). A CTA is two warpgroups, one 64-row slice of the 128-row weight tile each; warp w of
   warpgroup v owns row group ``8 * blockIdx.x + 4v + w``.
@@ -35,6 +35,9 @@ Design (swap AB, register-sourced WGMMA):
   its quad's 32 scale bytes per 256 k (two 16-byte loads). The existing layout is kept (decode kernel,
   prepare_weight unchanged); a prefill-specific layout in the standard k order would save half the
   decode work and the extra loads.
+- Resources (ptxas for sm_90a via CuTeDSL 4.8.1, K = 7168): 162 registers at tile_n = 128, 218 at 256, no
+  local memory; the SASS holds ``HGMMA.64xNx16.F32.BF16 R.., R<A regs>, gdesc[..]`` groups of four with
+  ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` between them (not serialized). Both tiles give one CTA (8 warps) per SM.
 - Epilogue: ``acc * alpha[col] * 2**7`` -> bf16, stored transposed into y (row = token) with the token
   (M) and column (N) bounds masked. N need not be a multiple of 128 (row groups past RG are clamped for
   the loads and masked at the store); K must be a multiple of 256 (ValueError otherwise).
