@@ -1,0 +1,378 @@
+"""Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
+
+**Compile-verified only: not yet run on a GPU.** Nothing numeric about this kernel has been checked; the
+GPU test (``tests/test_gemm_wgmma.py``) and ``scripts/gpu/wgmma_check.py`` do that on a Hopper host. It is
+not wired into ``ops/gemm.py``.
+
+Shapes and dtypes: x bf16 [M, K] row-major (contiguous, 16-byte aligned), K a multiple of 256; the weight
+in the existing ``"sm90"`` layout of :func:`.dequant.repack_weight` (int32 words [RG, K/64, 32, 4], int32
+scale words [RG, K/256, 32, 2], RG = ceil(N/16)); alpha fp32 [N]; y bf16 [M, N] row-major. fp32 accumulate,
+one rounding: ``y = bf16(acc * alpha[n] * 2**7)`` (the decoded products are ``v * s * 2**-7``, exact).
+
+Design (swap AB, register-sourced WGMMA):
+
+- The weight is the WGMMA **A operand from registers** (``wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16``
+  with A a list of four bf16x2 registers, B a shared-memory descriptor), tokens are the MMA N dimension (``TILE_N`` = 128 or 256 tokens per CTA), x is
+  operand B in shared memory (K-major, 128-byte swizzle, loaded by TMA; rows past M are zero-filled by
+  the TMA unit). A CTA is two warpgroups, one 64-row slice of the 128-row weight tile each; warp w of
+  warpgroup v owns row group ``8 * blockIdx.x + 4v + w``.
+- x goes through a ``stages``-deep mbarrier pipeline (``PipelineTmaAsync``): warp 0 issues the TMA of
+  chunk kt + stages - 1 once chunk kt - 1's MMAs have retired.
+- Per 64-k chunk a warpgroup issues four ``m64nNk16`` WGMMAs (one commit group), then waits for the
+  *previous* chunk's group (``wgmma.wait_group 1``) and decodes the next chunk's weights into the other
+  half of a double-buffered register A fragment while the MMAs run; the raw weight words are loaded from
+  global two chunks ahead of their decode, the scale words one quad (256 k) ahead.
+- The k order. The sm90 layout gives lane (g, t) the k range ``64c + 16t .. 64c + 16t + 15`` of its rows
+  (``k = 64c + 16t + 4kk + 2h + e``), so that one mma.sync lane sees one 16-wide scale block. WGMMA's B
+  operand in shared memory only has canonical layouts (8 contiguous k per core matrix row), which forces
+  the *standard* k order on A: lane t' of step s needs ``k = 64c + 16s + 2t' + 8h' + e``. That is a 4x4
+  transpose inside each quad of lanes: register ``j' = rh + 2h'`` of lane (g, t') at step s is register
+  ``j = rh + 2(t' % 2)`` of word ``kk = t' // 2 + 2h'`` of lane (g, s). Rather than shuffle, every lane
+  loads the two words it needs from each of the four lanes of its quad straight from global memory (8
+  x 4-byte loads per chunk instead of one 16-byte load; the quad's 64 bytes are L1 hits) and decodes only
+  the half it needs (:func:`decode_half_word`: 11 integer ops + 2 ``mul.rn.bf16x2`` per word, as
+  ``decode_word`` for a whole word). The block scale of step s is the one of lane (g, s): a lane loads
+  its quad's 32 scale bytes per 256 k (two 16-byte loads). The existing layout is kept (decode kernel,
+  prepare_weight unchanged); a prefill-specific layout in the standard k order would save half the
+  decode work and the extra loads.
+- Resources (ptxas for sm_90a via CuTeDSL 4.8.1, K = 7168): 162 registers at tile_n = 128, 218 at 256, no
+  local memory; the SASS holds ``HGMMA.64xNx16.F32.BF16 R.., R<A regs>, gdesc[..]`` groups of four with
+  ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` between them (not serialized). Both tiles give one CTA (8 warps) per SM.
+- Epilogue: ``acc * alpha[col] * 2**7`` -> bf16, stored transposed into y (row = token) with the token
+  (M) and column (N) bounds masked. N need not be a multiple of 128 (row groups past RG are clamped for
+  the loads and masked at the store); K must be a multiple of 256 (ValueError otherwise).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..cute_compile import compile_kernel, import_cute
+from . import dequant as D
+from .gemm_decode import prmt
+
+cutlass, cute = import_cute()
+
+from cutlass import BFloat16, Float32, Int32  # noqa: E402
+import cutlass.pipeline as pipeline  # noqa: E402
+import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
+from cutlass._mlir.dialects import llvm  # noqa: E402
+from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
+from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
+
+TILE_M = 128  # weight rows per CTA: two warpgroups of 64
+WARPGROUPS = 2
+THREADS = 128 * WARPGROUPS
+TILE_K = D.CHUNK_K  # one 64-k chunk per pipeline stage
+STEPS = TILE_K // 16  # k16 WGMMAs per chunk
+SMEM_BYTES = 227 * 1024
+FULL_MASK = D.EM_MASK | D.SIGN_MASK
+SCALE_BIAS2 = (D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS
+
+
+@dsl_user_op
+def decode_half_word(word: Int32, shift: Int32, select: Int32, scale_g: Int32, scale_g8: Int32, *, loc=None, ip=None):
+    """Half of :func:`.gemm_decode.decode_word`: the two registers ``j = 2*hsel`` (row g) and ``j = 2*hsel + 1``
+    (row g + 8) of one word, times their scales. ``shift = 6 * hsel``; ``select`` = all ones when hsel = 1,
+    else 0 (register 1 and register 3 decode differently: both are computed, one is kept)."""
+    asm = (
+        "{\n.reg .b32 u, a, b, v;\n"
+        "shl.b32 u, $2, $3;\n"
+        f"and.b32 u, u, {FULL_MASK:#x};\n"
+        "mul.rn.bf16x2 $0, u, $5;\n"
+        "shl.b32 a, $2, 3;\n"
+        f"and.b32 a, a, {FULL_MASK:#x};\n"
+        "shr.u32 b, $2, 4;\n"
+        "and.b32 b, b, 0x00C000C0;\n"
+        "shr.u32 v, $2, 5;\n"
+        "lop3.b32 b, b, v, 0x01000100, 0xF8;\n"
+        "shl.b32 v, $2, 1;\n"
+        "lop3.b32 b, b, v, 0x80008000, 0xF8;\n"
+        "lop3.b32 u, a, b, $4, 0xD8;\n"  # select ? b : a
+        "mul.rn.bf16x2 $1, u, $6;\n}"
+    )
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32()] * 2),
+        [Int32(v).ir_value(loc=loc, ip=ip) for v in (word, shift, select, scale_g, scale_g8)],
+        asm, "=r,=r,r,r,r,r,r", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT)
+    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2)]
+
+
+def _check_shape(k: int, tile_n: int) -> None:
+    D.check_decode_shape(16, k)
+    if tile_n not in (128, 256):
+        raise ValueError(f"tile_n (tokens per CTA) must be 128 or 256, got {tile_n}")
+
+
+def default_stages(k: int, tile_n: int) -> int:
+    """x pipeline depth: as many 64-k stages as fit in ~200 KB of shared memory, at most 8 and at most the
+    number of chunks."""
+    per_stage = tile_n * TILE_K * 2
+    return max(2, min(8, (200 * 1024) // per_stage, k // TILE_K))
+
+
+class GemmWgmmaKernel:
+    """Static: k (a multiple of 256), tile_n (tokens per CTA: 128 or 256), stages (x pipeline depth).
+    Dynamic: m, n, row_groups (RG of the weight)."""
+
+    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None):
+        _check_shape(k, tile_n)
+        self.k = k
+        self.chunks = k // D.CHUNK_K
+        self.quads = k // D.QUAD_K
+        self.tile_n = tile_n
+        self.stages = stages or default_stages(k, tile_n)
+        self.buffer_align = 1024
+
+    @cute.jit
+    def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
+                 y_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, stream):
+        """x_ptr: bf16 [m, k]; w_ptr: int32 [RG, k/64, 32, 4]; s_ptr: int32 [RG, k/256, 32, 2]; alpha_ptr:
+        fp32 [n]; y_ptr: bf16 [m, n]; row_groups = RG = ceil(n / 16)."""
+        mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.k), stride=(self.k, 1)))
+        mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
+        # scale words seen per quad of lanes: [RG, k/256, g, 8 words = (source lane s, word)]
+        mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 8, 8), stride=(self.quads * 64, 64, 8, 1)))
+        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
+        mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
+
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
+            (WARPGROUPS, 1, 1), (64, self.tile_n), warpgroup.OperandSource.RMEM)
+        mma_tiler = (TILE_M, self.tile_n, TILE_K)
+        x_smem_staged = sm90_utils.make_smem_layout_b(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
+        x_smem_one = cute.slice_(x_smem_staged, (None, None, 0))
+        tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mX, x_smem_one, (self.tile_n, TILE_K))
+        tma_bytes = cute.size_in_bytes(BFloat16, x_smem_one)
+
+        @cute.struct
+        class SharedStorage:
+            barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+            sX: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(x_smem_staged)], self.buffer_align]
+
+        self.shared_storage = SharedStorage
+        self.tma_bytes = tma_bytes
+        row_blocks = (row_groups + 2 * 4 - 1) // (2 * 4)
+        token_blocks = (m + self.tile_n - 1) // self.tile_n
+        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, tiled_mma, x_smem_staged, m, n, row_groups).launch(
+            grid=[row_blocks, token_blocks, 1], block=[THREADS, 1, 1], stream=stream)
+
+    @cute.jit
+    def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, g: Int32, kk0: Int32, wr: cute.Tensor, slot: int):
+        """The 8 words of one chunk this lane decodes: from each lane (g, s) of its quad, words kk0 and kk0 + 2."""
+        for s in cutlass.range_constexpr(4):
+            for hh in cutlass.range_constexpr(2):
+                wr[slot, s, hh] = mW[rg, chunk, 4 * g + s, kk0 + 2 * hh]
+
+    @cute.jit
+    def _decode(self, wr: cute.Tensor, slot: int, sw: cute.Tensor, ci: int, shift: Int32, select: Int32, frag: cute.Tensor):
+        """Chunk (slot) -> bf16x2 A registers of the 4 k16 steps: frag[j', step]."""
+        for s in cutlass.range_constexpr(4):
+            word = sw[2 * s + ci // 2]
+            byte = (ci % 2) * 2
+            scale_g = prmt(word, Int32(0), 0x4040 + byte * 0x0101) * 16 + SCALE_BIAS2
+            scale_g8 = prmt(word, Int32(0), 0x4040 + (byte + 1) * 0x0101) * 16 + SCALE_BIAS2
+            for hh in cutlass.range_constexpr(2):
+                regs = decode_half_word(wr[slot, s, hh], shift, select, scale_g, scale_g8)
+                frag[2 * hh, s] = regs[0]
+                frag[2 * hh + 1, s] = regs[1]
+
+    @cute.kernel
+    def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
+               mY: cute.Tensor, tiled_mma: cute.TiledMma, x_smem_staged: cute.ComposedLayout, m: Int32, n: Int32,
+               row_groups: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        rb, tb, _ = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp == 0:
+            cpasync.prefetch_descriptor(tma_atom)
+        lane = tidx % 32
+        g = lane // 4
+        t = lane % 4
+        hsel = t % 2
+        shift = hsel * 6
+        select = Int32(0) - hsel  # all ones for odd t
+        kk0 = t // 2
+        # this warp's row group (warp w of warpgroup v owns rows 16w.. of the warpgroup's 64), clamped for loads
+        rg = cutlass.min(rb * 8 + warp, row_groups - 1)
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        producer_group = pipeline.CooperativeGroup(pipeline.Agent.Thread)
+        consumer_group = pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS // 32)
+        x_pipe = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.barriers.data_ptr(), num_stages=self.stages, producer_group=producer_group,
+            consumer_group=consumer_group, tx_count=self.tma_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)))
+        sX = storage.sX.get_tensor(x_smem_staged.outer, swizzle=x_smem_staged.inner)
+
+        # TMA partition of x: (tile_n, 64) tiles of token block tb, all chunks
+        gX = cute.local_tile(mX_tma, (self.tile_n, TILE_K), (tb, None))
+        tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+
+        thr_mma = tiled_mma.get_slice(tidx)
+        tCsB = thr_mma.partition_B(sX)
+        tCrB = tiled_mma.make_fragment_B(tCsB)  # (vals, MMA_N, STEPS, stages)
+        acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+        acc.fill(0.0)
+        # register A fragments (double buffer): bf16 ((2,2,2), 1, STEPS); their int32 view is [j = rh + 2h, step]
+        frags = []
+        frag32 = []
+        for b in cutlass.range_constexpr(2):
+            f = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
+            frags.append(f)
+            frag32.append(cute.make_tensor(cute.recast_ptr(f.iterator, dtype=Int32), cute.make_layout((4, STEPS), stride=(1, 4))))
+        wr = cute.make_rmem_tensor(cute.make_ordered_layout((2, 4, 2), order=(2, 1, 0)), Int32)  # raw words [slot, s, hh]
+        scur = cute.make_rmem_tensor((8,), Int32)
+        snxt = cute.make_rmem_tensor((8,), Int32)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+
+        # prologue: TMA for the first stages, weights of chunks 0 and 1, decode chunk 0, words of chunk 2
+        producer_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        if warp == 0:
+            for _ in cutlass.range(min(self.stages, self.chunks), unroll=1):
+                x_pipe.producer_acquire(producer_state)
+                cute.copy(tma_atom, tXgX[(None, producer_state.count)], tXsX[(None, producer_state.index)],
+                          tma_bar_ptr=x_pipe.producer_get_barrier(producer_state))
+                x_pipe.producer_commit(producer_state)
+                producer_state.advance()
+        cute.autovec_copy(mS[rg, 0, g, None], scur)
+        cute.autovec_copy(mS[rg, cutlass.min(1, self.quads - 1), g, None], snxt)
+        self._load_words(mW, rg, Int32(0), g, kk0, wr, 0)
+        self._load_words(mW, rg, Int32(1), g, kk0, wr, 1)
+        self._decode(wr, 0, scur, 0, shift, select, frag32[0])
+        self._load_words(mW, rg, Int32(2), g, kk0, wr, 0)
+
+        read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        for q in cutlass.range(self.quads, unroll=1):
+            for ci in cutlass.range_constexpr(4):
+                kt = q * 4 + ci
+                x_pipe.consumer_wait(read_state)
+                warpgroup.fence()
+                for s in cutlass.range_constexpr(STEPS):
+                    cute.gemm(tiled_mma, acc, frags[ci % 2][None, None, s], tCrB[None, None, s, read_state.index], acc)
+                warpgroup.commit_group()
+                warpgroup.wait_group(1)  # chunk kt - 1's MMAs are done: its x stage and A buffer are free
+                if kt > 0:
+                    x_pipe.consumer_release(release_state)
+                    release_state.advance()
+                read_state.advance()
+                if warp == 0:
+                    if producer_state.count < self.chunks:
+                        x_pipe.producer_acquire(producer_state)
+                        cute.copy(tma_atom, tXgX[(None, producer_state.count)], tXsX[(None, producer_state.index)],
+                                  tma_bar_ptr=x_pipe.producer_get_barrier(producer_state))
+                        x_pipe.producer_commit(producer_state)
+                        producer_state.advance()
+                # decode chunk kt + 1 (past the end: a harmless decode of clamped data) and load chunk kt + 3
+                if cutlass.const_expr(ci < 3):
+                    self._decode(wr, (ci + 1) % 2, scur, ci + 1, shift, select, frag32[(ci + 1) % 2])
+                else:
+                    self._decode(wr, (ci + 1) % 2, snxt, 0, shift, select, frag32[(ci + 1) % 2])
+                    for i in cutlass.range_constexpr(8):
+                        scur[i] = snxt[i]
+                self._load_words(mW, rg, cutlass.min(kt + 3, self.chunks - 1), g, kk0, wr, (ci + 1) % 2)
+                if cutlass.const_expr(ci == 3):
+                    cute.autovec_copy(mS[rg, cutlass.min(q + 2, self.quads - 1), g, None], snxt)
+        warpgroup.wait_group(0)
+
+        # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
+        # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
+        mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((m, n // 2), stride=(n // 2, 1)))
+        shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
+        odd = g % 2
+        cC = cute.make_identity_tensor((TILE_M, self.tile_n))
+        tCcC = thr_mma.partition_C(cC)
+        # acc is compact ((2, 2, tile_n / 8), 1, 1): pair p = v1 + 2 v2, and a lane's column depends on v1 only
+        alpha_v1 = cute.make_rmem_tensor((2,), Float32)
+        for v1 in cutlass.range_constexpr(2):
+            mm, _ = tCcC[2 * v1]
+            alpha_v1[v1] = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
+        for p in cutlass.range_constexpr(cute.size(acc) // 2):
+            mm, nn = tCcC[2 * p]
+            col = rb * TILE_M + mm
+            a = alpha_v1[p % 2]
+            v0 = acc[2 * p] * a
+            v1 = acc[2 * p + 1] * a
+            recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
+            lo = cutlass.select_(odd == 1, recv, v0)
+            hi = cutlass.select_(odd == 1, v1, recv)
+            tok = tb * self.tile_n + nn + odd
+            if (tok < m) & (col < n):
+                mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
+
+
+@dsl_user_op
+def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+    """bf16x2 (lo in the low half) of two fp32, each rounded to nearest even."""
+    return Int32(llvm.inline_asm(
+        T.i32(), [Float32(lo).ir_value(loc=loc, ip=ip), Float32(hi).ir_value(loc=loc, ip=ip)],
+        "cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", has_side_effects=False, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
+    from cutlass.cute.runtime import make_ptr
+
+    gmem = cute.AddressSpace.gmem
+
+    def pointer(dtype, t, align):
+        return make_ptr(dtype, 0 if t is None else t.data_ptr(), gmem, assumed_align=align)
+
+    return (pointer(BFloat16, x, 16), pointer(Int32, words, 16), pointer(Int32, scale_words, 16), pointer(Float32, alpha, 4),
+            pointer(BFloat16, y, 4))
+
+
+def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False):
+    """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
+    ``arch="sm_90a"`` on a machine whose default target is something else."""
+    from cutlass.cute.runtime import make_fake_stream
+
+    kernel = GemmWgmmaKernel(k, tile_n, stages)
+    key = ("GemmWgmmaKernel", k, tile_n, kernel.stages)
+    return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+
+
+def tile_n_for(m: int) -> int:
+    """Tokens per CTA. A guess, not tuned (no GPU run yet): 256 (m64n256k16, half the decode work per
+    FLOP, one CTA per SM at ~218 registers) once there are enough token blocks, 128 below (more CTAs)."""
+    return 256 if m >= 2048 else 128
+
+
+def _current_stream():
+    import cuda.bindings.driver as cuda_driver
+
+    return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
+              out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None) -> torch.Tensor:
+    """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
+    alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
+    eager call (which compiles)."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    if k % D.QUAD_K:
+        raise ValueError(f"the WGMMA kernel needs K a multiple of {D.QUAD_K}, got K={k}")
+    if words.dtype != torch.int32 or words.dim() != 4 or words.shape[1] * D.CHUNK_K != k:
+        raise ValueError(f"words must be int32 [RG, K/64, 32, 4] with K={k}, got {words.dtype} {tuple(words.shape)}")
+    row_groups = words.shape[0]
+    if not (row_groups - 1) * D.ROWS_PER_GROUP < n <= row_groups * D.ROWS_PER_GROUP:
+        raise ValueError(f"n={n} does not match {row_groups} row groups of 16")
+    if n % 2:
+        raise ValueError(f"the WGMMA kernel stores column pairs: N must be even, got N={n}")
+    if alpha.shape != (n,) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [{n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if m == 0:
+        return y
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
+    if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
+    tile_n = tile_n or tile_n_for(m)
+    compiled = compile_wgmma(k, tile_n, stages)
+    compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
+             Int32(row_groups), _current_stream())
+    return y
