@@ -135,14 +135,17 @@ def fmt(value, spec: str = ".1f") -> str:
 
 
 def git_commit() -> str:
-    """The commit of the working tree (``+dirty`` when it has changes); "unknown" outside git."""
+    """The commit of the working tree (``+dirty`` when it has changes); "unknown" outside git.
+    ``NVFP4LIB_COMMIT`` wins when set: the GPU host's copy of the tree may carry a stale ``.git``."""
+    if os.environ.get("NVFP4LIB_COMMIT"):
+        return os.environ["NVFP4LIB_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("NVFP4LIB_COMMIT", "unknown")
+        return "unknown"
 
 
 def run_metadata(method: str) -> dict:

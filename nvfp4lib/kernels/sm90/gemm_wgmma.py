@@ -257,7 +257,10 @@ class GemmWgmmaKernel:
                     x_pipe.consumer_release(release_state)
                     release_state.advance()
                 read_state.advance()
-                if warp == 0:
+                # refill the stage just released (chunk kt - 1) with chunk kt - 1 + stages. Not at kt = 0: the
+                # stage the producer would wait for is chunk 0's, released only by every warp at kt = 1 (warp 0
+                # included, which would deadlock waiting on itself)
+                if (warp == 0) & (kt > 0):
                     if producer_state.count < self.chunks:
                         x_pipe.producer_acquire(producer_state)
                         cute.copy(tma_atom, tXgX[(None, producer_state.count)], tXsX[(None, producer_state.index)],
