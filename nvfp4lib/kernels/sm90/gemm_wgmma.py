@@ -48,7 +48,7 @@ import torch
 
 from ..cute_compile import compile_kernel, import_cute
 from . import dequant as D
-from .gemm_decode import prmt
+from .gemm_decode import decode_word, prmt
 
 cutlass, cute = import_cute()
 
@@ -67,6 +67,7 @@ STEPS = TILE_K // 16  # k16 WGMMAs per chunk
 SMEM_BYTES = 227 * 1024
 FULL_MASK = D.EM_MASK | D.SIGN_MASK
 SCALE_BIAS2 = (D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS
+PROBES = ("full", "own", "nodecode")
 
 
 @dsl_user_op
@@ -115,8 +116,14 @@ class GemmWgmmaKernel:
     """Static: k (a multiple of 256), tile_n (tokens per CTA: 128 or 256), stages (x pipeline depth).
     Dynamic: m, n, row_groups (RG of the weight)."""
 
-    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None):
+    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None, probe: str = "full"):
         _check_shape(k, tile_n)
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+        # timing probes (wrong results on purpose, never dispatched): "own" = each lane decodes its own words
+        # with one 16-byte load (the cost of a layout in the standard k order); "nodecode" = no weight loads
+        # or decode at all (the cost of the x pipeline and the MMAs alone)
+        self.probe = probe
         self.k = k
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
@@ -160,6 +167,15 @@ class GemmWgmmaKernel:
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, g: Int32, kk0: Int32, wr: cute.Tensor, slot: int):
         """The 8 words of one chunk this lane decodes: from each lane (g, s) of its quad, words kk0 and kk0 + 2."""
+        if cutlass.const_expr(self.probe == "own"):
+            lane = 4 * g + (cute.arch.lane_idx() % 4)
+            own = cute.make_rmem_tensor((4,), Int32)
+            cute.autovec_copy(mW[rg, chunk, lane, None], own)
+            for i in cutlass.range_constexpr(4):
+                wr[slot, i // 2, i % 2] = own[i]
+            return
+        if cutlass.const_expr(self.probe == "nodecode"):
+            return
         for s in cutlass.range_constexpr(4):
             for hh in cutlass.range_constexpr(2):
                 wr[slot, s, hh] = mW[rg, chunk, 4 * g + s, kk0 + 2 * hh]
@@ -167,6 +183,18 @@ class GemmWgmmaKernel:
     @cute.jit
     def _decode(self, wr: cute.Tensor, slot: int, sw: cute.Tensor, ci: int, shift: Int32, select: Int32, frag: cute.Tensor):
         """Chunk (slot) -> bf16x2 A registers of the 4 k16 steps: frag[j', step]."""
+        if cutlass.const_expr(self.probe == "own"):
+            for s in cutlass.range_constexpr(4):
+                word = sw[2 * s + ci // 2]
+                byte = (ci % 2) * 2
+                scale_g = prmt(word, Int32(0), 0x4040 + byte * 0x0101) * 16 + SCALE_BIAS2
+                scale_g8 = prmt(word, Int32(0), 0x4040 + (byte + 1) * 0x0101) * 16 + SCALE_BIAS2
+                regs = decode_word(wr[slot, s // 2, s % 2], scale_g, scale_g8)
+                for j in cutlass.range_constexpr(4):
+                    frag[j, s] = regs[j]
+            return
+        if cutlass.const_expr(self.probe == "nodecode"):
+            return
         for s in cutlass.range_constexpr(4):
             word = sw[2 * s + ci // 2]
             byte = (ci % 2) * 2
@@ -219,6 +247,8 @@ class GemmWgmmaKernel:
         frag32 = []
         for b in cutlass.range_constexpr(2):
             f = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((TILE_M, TILE_K)))
+            if cutlass.const_expr(self.probe == "nodecode"):
+                f.fill(1.0)
             frags.append(f)
             frag32.append(cute.make_tensor(cute.recast_ptr(f.iterator, dtype=Int32), cute.make_layout((4, STEPS), stride=(1, 4))))
         wr = cute.make_rmem_tensor(cute.make_ordered_layout((2, 4, 2), order=(2, 1, 0)), Int32)  # raw words [slot, s, hh]
@@ -326,13 +356,14 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
             pointer(BFloat16, y, 4))
 
 
-def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False):
+def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
+                  probe: str = "full"):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else."""
     from cutlass.cute.runtime import make_fake_stream
 
-    kernel = GemmWgmmaKernel(k, tile_n, stages)
-    key = ("GemmWgmmaKernel", k, tile_n, kernel.stages)
+    kernel = GemmWgmmaKernel(k, tile_n, stages, probe)
+    key = ("GemmWgmmaKernel", k, tile_n, kernel.stages, probe)
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -349,7 +380,8 @@ def _current_stream():
 
 
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
-              out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
+              probe: str = "full") -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
     eager call (which compiles)."""
@@ -375,7 +407,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
-    compiled = compile_wgmma(k, tile_n, stages)
+    compiled = compile_wgmma(k, tile_n, stages, probe=probe)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
              Int32(row_groups), _current_stream())
     return y

@@ -1,0 +1,51 @@
+"""GPU host: what limits the WGMMA prefill kernel? Times the real kernel beside two timing-only probes
+(wrong results on purpose): "own" (each lane decodes its own words from one 16-byte load: the cost with a
+weight layout in WGMMA's standard k order) and "nodecode" (no weight loads or decode: the x pipeline and
+the MMAs alone), with cuBLAS BF16 and dequantize + cuBLAS in the same process. CUDA-graph replay over 4
+rotating weights. Run there:
+  source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/wgmma_probe.py
+Writes $OUT/wgmma_probe.json and prints a table."""
+import os
+import sys
+
+import torch
+
+from nvfp4lib.bench import harness
+from nvfp4lib.formats import quantize
+from nvfp4lib.kernels.sm90 import gemm_prefill, gemm_wgmma
+from nvfp4lib.ops.gemm import dequantize_sm90, prepare_weight
+
+SHAPES = {"gate_up": (6144, 7168), "down": (7168, 3072)}
+CASES = [(int(m), int(t)) for m, t in (c.split(":") for c in (sys.argv[1:] or ["1024:128", "1024:256", "4096:256", "8192:256"]))]
+PROBES = os.environ.get("PROBES", "full,own,nodecode").split(",")
+STAGES = [None if s == "d" else int(s) for s in os.environ.get("STAGES", "d").split(",")]
+notes, rows = [], []
+for name, (n, k) in SHAPES.items():
+    preps, dense = [], []
+    for _ in range(4):
+        q = quantize(torch.randn(n, k, device="cuda") * 0.02)
+        p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90")
+        preps.append(p)
+        dense.append((dequantize_sm90(p.weight, p.block_scale, n) * p.alpha[:, None]).to(torch.bfloat16))
+    for m in sorted({m for m, _ in CASES}):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in preps]
+        row = dict(shape=name, n=n, k=k, m=m)
+        row["cublas_us"] = harness.time_safely([lambda d=d: torch.nn.functional.linear(x, d) for d in dense], notes, f"cublas {name} {m}")[0]
+        row["dequant_cublas_us"] = harness.time_safely(
+            [lambda p=p: gemm_prefill.run_prefill(x, p.weight, p.block_scale, p.alpha, n) for p in preps], notes, f"prefill {name} {m}")[0]
+        for mm, tile_n in CASES:
+            if mm != m:
+                continue
+            for probe in PROBES:
+                for st in STAGES:
+                    key = f"{probe}_t{tile_n}" + (f"_s{st}" if st else "")
+                    row[key + "_us"] = harness.time_safely(
+                        [lambda p=p, o=o: gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, probe=probe)
+                         for p, o in zip(preps, outs)], notes, f"{key} {name} {m}")[0]
+        rows.append(row)
+        print(" ".join(f"{k}={harness.fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
+payload = harness.run_metadata("scripts/gpu/wgmma_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weights; "
+                               "probes own/nodecode give wrong results on purpose (timing only)")
+payload.update(rows=rows, notes=notes)
+harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "wgmma_probe.json"), payload)
