@@ -19,6 +19,7 @@ SHAPES = {"gate_up": (6144, 7168), "down": (7168, 3072)}
 CASES = [(int(m), int(t)) for m, t in (c.split(":") for c in (sys.argv[1:] or ["1024:128", "1024:256", "4096:256", "8192:256"]))]
 PROBES = os.environ.get("PROBES", "full,own,nodecode").split(",")
 STAGES = [None if s == "d" else int(s) for s in os.environ.get("STAGES", "d").split(",")]
+PINGPONG = [bool(int(v)) for v in os.environ.get("PINGPONG", "1,0").split(",")]
 notes, rows = [], []
 for name, (n, k) in SHAPES.items():
     preps, dense = [], []
@@ -39,10 +40,12 @@ for name, (n, k) in SHAPES.items():
                 continue
             for probe in PROBES:
                 for st in STAGES:
-                    key = f"{probe}_t{tile_n}" + (f"_s{st}" if st else "")
-                    row[key + "_us"] = harness.time_safely(
-                        [lambda p=p, o=o: gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, probe=probe)
-                         for p, o in zip(preps, outs)], notes, f"{key} {name} {m}")[0]
+                    for pp in PINGPONG:
+                        key = f"{probe}_t{tile_n}" + (f"_s{st}" if st else "") + ("_pp" if pp else "")
+                        row[key + "_us"] = harness.time_safely(
+                            [lambda p=p, o=o, st=st, pp=pp, probe=probe: gemm_wgmma.run_wgmma(
+                                x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, probe=probe, pingpong=pp)
+                             for p, o in zip(preps, outs)], notes, f"{key} {name} {m}")[0]
         rows.append(row)
         print(" ".join(f"{k}={harness.fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
 payload = harness.run_metadata("scripts/gpu/wgmma_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weights; "

@@ -116,7 +116,7 @@ class GemmWgmmaKernel:
     """Static: k (a multiple of 256), tile_n (tokens per CTA: 128 or 256), stages (x pipeline depth).
     Dynamic: m, n, row_groups (RG of the weight)."""
 
-    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None, probe: str = "full"):
+    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None, probe: str = "full", pingpong: bool = True):
         _check_shape(k, tile_n)
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
@@ -124,6 +124,13 @@ class GemmWgmmaKernel:
         # with one 16-byte load (the cost of a layout in the standard k order); "nodecode" = no weight loads
         # or decode at all (the cost of the x pipeline and the MMAs alone)
         self.probe = probe
+        # pingpong: the two warpgroups take turns issuing their MMAs (named barriers 1 and 2), so that one
+        # decodes while the other's MMAs keep the tensor cores busy. Warp 0 then refills the x stage of chunk
+        # kt - 2 (not kt - 1, which warpgroup 1 releases only after its own turn: waiting for it would hold
+        # warpgroup 0's decode back by a whole turn)
+        self.pingpong = pingpong
+        self.refill_lag = 2 if pingpong else 1
+        self.threads = THREADS
         self.k = k
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
@@ -162,7 +169,7 @@ class GemmWgmmaKernel:
         row_blocks = (row_groups + 2 * 4 - 1) // (2 * 4)
         token_blocks = (m + self.tile_n - 1) // self.tile_n
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, tiled_mma, x_smem_staged, m, n, row_groups).launch(
-            grid=[row_blocks, token_blocks, 1], block=[THREADS, 1, 1], stream=stream)
+            grid=[row_blocks, token_blocks, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, g: Int32, kk0: Int32, wr: cute.Tensor, slot: int):
@@ -265,6 +272,7 @@ class GemmWgmmaKernel:
                           tma_bar_ptr=x_pipe.producer_get_barrier(producer_state))
                 x_pipe.producer_commit(producer_state)
                 producer_state.advance()
+        wg = warp // 4
         cute.autovec_copy(mS[rg, 0, g, None], scur)
         cute.autovec_copy(mS[rg, cutlass.min(1, self.quads - 1), g, None], snxt)
         self._load_words(mW, rg, Int32(0), g, kk0, wr, 0)
@@ -274,23 +282,30 @@ class GemmWgmmaKernel:
 
         read_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        if cutlass.const_expr(self.pingpong):
+            if wg == 1:  # warpgroup 0 issues first
+                cute.arch.barrier_arrive(barrier_id=1, number_of_threads=THREADS)
         for q in cutlass.range(self.quads, unroll=1):
             for ci in cutlass.range_constexpr(4):
                 kt = q * 4 + ci
                 x_pipe.consumer_wait(read_state)
+                if cutlass.const_expr(self.pingpong):
+                    cute.arch.barrier(barrier_id=1 + wg, number_of_threads=THREADS)  # my turn
                 warpgroup.fence()
                 for s in cutlass.range_constexpr(STEPS):
                     cute.gemm(tiled_mma, acc, frags[ci % 2][None, None, s], tCrB[None, None, s, read_state.index], acc)
                 warpgroup.commit_group()
+                if cutlass.const_expr(self.pingpong):
+                    cute.arch.barrier_arrive(barrier_id=2 - wg, number_of_threads=THREADS)  # the other's turn
                 warpgroup.wait_group(1)  # chunk kt - 1's MMAs are done: its x stage and A buffer are free
                 if kt > 0:
                     x_pipe.consumer_release(release_state)
                     release_state.advance()
                 read_state.advance()
-                # refill the stage just released (chunk kt - 1) with chunk kt - 1 + stages. Not at kt = 0: the
-                # stage the producer would wait for is chunk 0's, released only by every warp at kt = 1 (warp 0
-                # included, which would deadlock waiting on itself)
-                if (warp == 0) & (kt > 0):
+                # refill the stage of chunk kt - lag with chunk kt - lag + stages. Not before kt = lag: the stage
+                # the producer would wait for is released by every warp only at kt = lag (warp 0 included, which
+                # would deadlock waiting on itself)
+                if (warp == 0) & (kt >= self.refill_lag):
                     if producer_state.count < self.chunks:
                         x_pipe.producer_acquire(producer_state)
                         cute.copy(tma_atom, tXgX[(None, producer_state.count)], tXsX[(None, producer_state.index)],
@@ -307,6 +322,9 @@ class GemmWgmmaKernel:
                 self._load_words(mW, rg, cutlass.min(kt + 3, self.chunks - 1), g, kk0, wr, (ci + 1) % 2)
                 if cutlass.const_expr(ci == 3):
                     cute.autovec_copy(mS[rg, cutlass.min(q + 2, self.quads - 1), g, None], snxt)
+        if cutlass.const_expr(self.pingpong):
+            if wg == 0:  # match warpgroup 1's last arrive
+                cute.arch.barrier(barrier_id=1, number_of_threads=THREADS)
         warpgroup.wait_group(0)
 
         # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
@@ -357,14 +375,18 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
 
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
-                  probe: str = "full"):
+                  probe: str = "full", pingpong: bool | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else."""
     from cutlass.cute.runtime import make_fake_stream
 
-    kernel = GemmWgmmaKernel(k, tile_n, stages, probe)
-    key = ("GemmWgmmaKernel", k, tile_n, kernel.stages, probe)
+    pingpong = PINGPONG if pingpong is None else pingpong
+    kernel = GemmWgmmaKernel(k, tile_n, stages, probe, pingpong)
+    key = ("GemmWgmmaKernel", k, tile_n, kernel.stages, probe, pingpong)
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+
+
+PINGPONG = True  # the default schedule (see GemmWgmmaKernel)
 
 
 def tile_n_for(m: int) -> int:
@@ -381,7 +403,7 @@ def _current_stream():
 
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
-              probe: str = "full") -> torch.Tensor:
+              probe: str = "full", pingpong: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
     eager call (which compiles)."""
@@ -407,7 +429,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
-    compiled = compile_wgmma(k, tile_n, stages, probe=probe)
+    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
              Int32(row_groups), _current_stream())
     return y
