@@ -94,8 +94,9 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
     from ..kernels.sm90.gemm_prefill import dequantize_to_bf16
     from .gemm import DECODE_MAX_M
 
+    m = x_sorted.shape[0]
     out_n = n // 2 if swiglu_limit is not None else n
-    out = torch.empty(x_sorted.shape[0], out_n, dtype=torch.bfloat16, device=x_sorted.device)
+    out = torch.empty(m, out_n, dtype=torch.bfloat16, device=x_sorted.device)
     spans = [(e, start, end) for e, (start, end) in enumerate(zip(bounds, bounds[1:])) if end > start]
     large = [span for span in spans if span[2] - span[1] > DECODE_MAX_M]
     if overlap and len(large) > 1:
@@ -104,6 +105,9 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
         buffers = [torch.empty(words.shape[1] * D.ROWS_PER_GROUP * k, dtype=torch.bfloat16, device=x_sorted.device) for _ in range(2)]
         dequantized = [torch.cuda.Event() for _ in large]
         consumed = [torch.cuda.Event() for _ in large]
+        # with the SwiGLU the GEMMs fill one bf16 [M, n] buffer and the SwiGLU runs once over the rows of the
+        # large groups (one pass of a few elementwise kernels, not a pass per expert)
+        hidden = out if swiglu_limit is None else torch.empty(m, n, dtype=torch.bfloat16, device=x_sorted.device)
         side.wait_stream(main)  # fork: the buffers and the weights are ready
         for i, (e, start, end) in enumerate(large):
             with torch.cuda.stream(side):
@@ -112,11 +116,16 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
                 weight = dequantize_to_bf16(words[e], scale_words[e], alpha[e], n, out=buffers[i % 2])
                 dequantized[i].record(side)
             main.wait_event(dequantized[i])
-            h = torch.nn.functional.linear(x_sorted[start:end], weight)
+            hidden[start:end] = torch.nn.functional.linear(x_sorted[start:end], weight)
             consumed[i].record(main)
-            out[start:end] = h if swiglu_limit is None else clamped_swiglu_reference(h, swiglu_limit).to(torch.bfloat16)
         main.wait_stream(side)  # join
         spans = [span for span in spans if span not in large]
+        if swiglu_limit is not None:
+            lo, hi = large[0][1], large[-1][2]
+            if not spans and (lo, hi) == (0, m):
+                out = _moe.clamped_swiglu(hidden, swiglu_limit)
+            else:  # rows of small groups in between are overwritten below
+                out[lo:hi] = _moe.clamped_swiglu(hidden[lo:hi], swiglu_limit)
     for e, start, end in spans:
         rows = x_sorted[start:end]
         if swiglu_limit is None:

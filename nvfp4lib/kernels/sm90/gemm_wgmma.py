@@ -67,7 +67,7 @@ STEPS = TILE_K // 16  # k16 WGMMAs per chunk
 SMEM_BYTES = 227 * 1024
 FULL_MASK = D.EM_MASK | D.SIGN_MASK
 SCALE_BIAS2 = (D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS
-PROBES = ("full", "own", "nodecode")
+PROBES = ("full", "own", "nodecode", "noload")
 
 
 @dsl_user_op
@@ -116,13 +116,14 @@ class GemmWgmmaKernel:
     """Static: k (a multiple of 256), tile_n (tokens per CTA: 128 or 256), stages (x pipeline depth).
     Dynamic: m, n, row_groups (RG of the weight)."""
 
-    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None, probe: str = "full", pingpong: bool = True):
+    def __init__(self, k: int, tile_n: int = 128, stages: int | None = None, probe: str = "full", pingpong: bool = False):
         _check_shape(k, tile_n)
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
         # timing probes (wrong results on purpose, never dispatched): "own" = each lane decodes its own words
         # with one 16-byte load (the cost of a layout in the standard k order); "nodecode" = no weight loads
-        # or decode at all (the cost of the x pipeline and the MMAs alone)
+        # or decode at all (the cost of the x pipeline and the MMAs alone); "noload" = the full decode of words
+        # made up in registers (the cost of the decode without the weight loads)
         self.probe = probe
         # pingpong: the two warpgroups take turns issuing their MMAs (named barriers 1 and 2), so that one
         # decodes while the other's MMAs keep the tensor cores busy. Warp 0 then refills the x stage of chunk
@@ -182,6 +183,11 @@ class GemmWgmmaKernel:
                 wr[slot, i // 2, i % 2] = own[i]
             return
         if cutlass.const_expr(self.probe == "nodecode"):
+            return
+        if cutlass.const_expr(self.probe == "noload"):
+            for s in cutlass.range_constexpr(4):
+                for hh in cutlass.range_constexpr(2):
+                    wr[slot, s, hh] = chunk * 0x01010101 + g * 0x10001 + (2 * s + hh)
             return
         for s in cutlass.range_constexpr(4):
             for hh in cutlass.range_constexpr(2):
@@ -386,7 +392,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
-PINGPONG = True  # the default schedule (see GemmWgmmaKernel)
+PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200.json, bf8138c): kept as an option
 
 
 def tile_n_for(m: int) -> int:
