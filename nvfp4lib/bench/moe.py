@@ -15,15 +15,17 @@ times the whole :func:`nvfp4lib.moe.moe_block` with them, decode only). "ours" i
 
 - decode (groups of at most 64 rows): two launches of the one-launch grouped CuTeDSL kernel (SwiGLU in
   the gate_up epilogue), offsets on the device: ``grouped_us``, also the time reported as ours;
-- prefill: the op's eager path (the bounds are read on the host once, before capture, so it can be
-  captured): blocks of consecutive experts (about 512 MB of bf16 each) dequantized in ONE launch and
-  multiplied in ONE ``torch._grouped_mm``, block b+1's dequantization on a side stream under block b's
-  GEMM: ``prefill_us``, reported as ours. ``loop_us`` is the previous path (one dequantize + cuBLAS per
-  expert); ``grouped_us`` is null there (the one-launch kernel is a decode design).
+- prefill: the op's eager path, a host loop of sm90 GEMMs over the non-empty experts (dequantize +
+  cuBLAS per expert, the next expert's dequantization on a side stream; with the SwiGLU, one pass over
+  all rows after the GEMMs; the bounds are read on the host once, before capture, so the loop can be
+  captured): ``loop_us``, reported as ours (``grouped_us`` is null there: the one-launch kernel is a
+  decode design). Tried and measured slower on an H200 (d11259c: 16.4 ms against the loop's 15.2 ms):
+  blocks of 6 experts dequantized in one launch and multiplied in one ``torch._grouped_mm``.
 
 The baseline the target names is the loop with ``F.linear`` on each expert's dequantized bf16 weights
 (``cublas_bf16_us``). A stronger bf16 baseline is recorded beside it: ``torch._grouped_mm`` over all
-experts on their pre-dequantized weights (``grouped_mm_bf16_us``; it keeps 4x the NVFP4 bytes resident).
+experts on their pre-dequantized weights (``grouped_mm_bf16_us``; it keeps 4x the NVFP4 bytes resident). On an H200 it was no faster than the
+loop (13.58 against 13.62 ms at d11259c).
 
 Method (the team's): every time is the median over CUDA-graph replays of calls rotating over ``--sets``
 independent weight sets (each set is 48 experts, 1.8 GB of NVFP4: far beyond the 50 MB L2 already),
@@ -90,14 +92,6 @@ def grouped_expert_path(x_sorted: torch.Tensor, offsets: torch.Tensor, max_rows:
     """What the MoE block runs between routing and combine: the grouped op twice (gate_up + SwiGLU, down)."""
     activated = moe.grouped_gemm_w4a16(x_sorted, offsets, weights.gate_up, max_rows, weights.swiglu_limit)
     return moe.grouped_gemm_w4a16(activated, offsets, weights.down, max_rows)
-
-
-def prefill_expert_path(x_sorted: torch.Tensor, offsets: torch.Tensor, bounds: List[int], weights: moe.MoEWeights) -> torch.Tensor:
-    """The op's eager path for large groups on sm90 weights: blocks of experts dequantized in one launch and
-    multiplied in one torch._grouped_mm (gate_up then the SwiGLU, then down)."""
-    gu, down = weights.gate_up, weights.down
-    activated = moe_ops.grouped_sm90_prefill(x_sorted, offsets, bounds, gu.weight, gu.block_scale, gu.alpha, gu.n, weights.swiglu_limit)
-    return moe_ops.grouped_sm90_prefill(activated, offsets, bounds, down.weight, down.block_scale, down.alpha, down.n)
 
 
 def grouped_mm_expert_path(x_sorted: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, limit: float) -> torch.Tensor:
@@ -177,14 +171,8 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         grouped_out = grouped_expert_path(xs[0], offsets, max_rows, weights0)
         grouped, grouped_how = _time([lambda w=w, x=x: grouped_expert_path(x, offsets, max_rows, w) for (w, _, _), x in zip(sets, xs)], args, notes, "grouped")
     loop, loop_how = _time([lambda w=w, x=x: loop_expert_path(x, bounds, w) for (w, _, _), x in zip(sets, xs)], args, notes, "loop")
-    prefill = prefill_how = prefill_out = None
-    has_grouped_mm = hasattr(torch, "_grouped_mm") and xs[0].is_cuda
-    if not use_grouped and weights0.gate_up.layout == "sm90" and has_grouped_mm:
-        prefill_out = prefill_expert_path(xs[0], offsets, bounds, weights0)
-        prefill, prefill_how = _time([lambda w=w, x=x: prefill_expert_path(x, offsets, bounds, w) for (w, _, _), x in zip(sets, xs)],
-                                     args, notes, "prefill")
     grouped_mm = grouped_mm_how = None
-    if has_grouped_mm:
+    if hasattr(torch, "_grouped_mm") and xs[0].is_cuda:
         grouped_mm, grouped_mm_how = _time([lambda g=g, d=d, x=x: grouped_mm_expert_path(x, offsets, g, d, weights0.swiglu_limit)
                                             for (_, g, d), x in zip(sets, xs)], args, notes, "grouped_mm bf16")
     block = block_how = None
@@ -193,12 +181,7 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         topk_w = torch.rand(tokens, top_k, device=args.device)
         block, block_how = _time([lambda w=w, x=x: moe.moe_block(x, ids, topk_w, w, check=False) for (w, _, _), x in zip(sets, tokens_x)],
                                  args, notes, "block")
-    if use_grouped:
-        ours, ours_how, out = grouped, grouped_how, grouped_out
-    elif prefill is not None:
-        ours, ours_how, out = prefill, prefill_how, prefill_out
-    else:
-        ours, ours_how, out = loop, loop_how, loop_out
+    ours, ours_how, out = (grouped, grouped_how, grouped_out) if use_grouped else (loop, loop_how, loop_out)
     cublas, cublas_how = _time(
         [lambda g=g, d=d, x=x: cublas_expert_path(x, bounds, g, d, weights0.swiglu_limit) for (_, g, d), x in zip(sets, xs)],
         args, notes, "cublas")
@@ -212,13 +195,10 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         "rel_err": harness.rel_error(out, reference), "cosine": harness.cosine(out, reference),
         "grouped_us": grouped, "grouped_rel_err": None if grouped_out is None else harness.rel_error(grouped_out, reference),
         "loop_us": loop, "loop_rel_err": harness.rel_error(loop_out, reference), "block_us": block, "block_method": block_how,
-        "prefill_us": prefill, "prefill_rel_err": None if prefill_out is None else harness.rel_error(prefill_out, reference),
         "grouped_mm_bf16_us": grouped_mm, "grouped_mm_bf16_method": grouped_mm_how,
         "layout": weights0.gate_up.layout,
         "our_path": ("one-launch grouped kernel x2 (gate_up + fused SwiGLU, down)" if use_grouped
-                     else "blocks of experts: one dequantize launch + one torch._grouped_mm each (the op's eager path for groups > 64 rows)"
-                     if prefill is not None
-                     else "host loop of sm90 GEMMs over non-empty experts"),
+                     else "host loop of sm90 GEMMs over non-empty experts (the op's eager path for groups > 64 rows)"),
     }
     if case == "decode":
         row.update(target=f"<= {DECODE_FLOOR_FACTOR:g}x floor of touched weights",

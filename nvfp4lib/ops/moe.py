@@ -135,89 +135,6 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
     return out
 
 
-PREFILL_BUFFER_BYTES = 512 << 20  # bf16 bytes of one block of dequantized experts (two blocks in flight)
-
-
-def expert_blocks(bounds, per_expert_bytes: int, budget: int | None = None):
-    """Consecutive non-empty experts in blocks of at most ``budget // per_expert_bytes`` (at least 1;
-    ``budget`` defaults to ``PREFILL_BUFFER_BYTES``): [(first expert, end expert)]; an empty expert ends a
-    block (its weight is never dequantized)."""
-    budget = PREFILL_BUFFER_BYTES if budget is None else budget
-    most = max(1, budget // per_expert_bytes)
-    blocks, start = [], None
-    for e, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if b > a and start is None:
-            start = e
-        if start is not None and (b == a or e + 1 - start == most):
-            blocks.append((start, e if b == a else e + 1))
-            start = None
-    if start is not None:
-        blocks.append((start, len(bounds) - 1))
-    return blocks
-
-
-def grouped_sm90_prefill(x_sorted, offsets, bounds, words, scale_words, alpha, n, swiglu_limit=None, overlap=True):
-    """The eager CUDA path for large groups: blocks of consecutive non-empty experts (:func:`expert_blocks`,
-    about ``PREFILL_BUFFER_BYTES`` of bf16 each) are dequantized in ONE launch (the stacked sm90 words) and
-    multiplied in ONE ``torch._grouped_mm`` (bf16, fp32 accumulate: no wave tail per expert, unlike a loop
-    of GEMMs). With ``overlap`` block b+1 is dequantized on a side stream while block b's GEMM runs (two
-    buffers). x_sorted bf16 [M, K]; offsets int32 [E+1] on the device (the blocks' row ends are computed
-    there: capturable); bounds: the same offsets as host ints. With ``swiglu_limit`` the clamped SwiGLU
-    (fp32) follows each block's GEMM. Returns bf16 [M, n or n/2]; rows of no block are left unwritten (an
-    empty expert has none)."""
-    from ..kernels.sm90 import dequant as D
-    from ..kernels.sm90.gemm_prefill import dequantize_to_bf16
-
-    m = x_sorted.shape[0]
-    experts, row_groups = words.shape[0], words.shape[1]
-    k = words.shape[2] * D.CHUNK_K
-    out = torch.empty(m, n // 2 if swiglu_limit is not None else n, dtype=torch.bfloat16, device=x_sorted.device)
-    padded = row_groups * D.ROWS_PER_GROUP
-    blocks = expert_blocks(bounds, padded * k * 2)
-    if not blocks:
-        return out
-    most = max(e1 - e0 for e0, e1 in blocks)
-    buffers = [torch.empty(most * padded * k, dtype=torch.bfloat16, device=x_sorted.device) for _ in range(2 if overlap else 1)]
-    offsets = offsets.to(torch.int32)
-    main = torch.cuda.current_stream()
-    side = _side_stream(x_sorted.device) if overlap else main
-    ready = [torch.cuda.Event() for _ in blocks]
-    consumed = [torch.cuda.Event() for _ in blocks]
-    side.wait_stream(main)  # fork: the inputs are ready
-
-    def dequantize(i):
-        e0, e1 = blocks[i]
-        buf = buffers[i % len(buffers)]
-        with torch.cuda.stream(side):
-            if i >= len(buffers):
-                side.wait_event(consumed[i - len(buffers)])  # the buffer's previous GEMM is done
-            if padded == n:  # stacked experts are one weight of (e1 - e0) * RG row groups: one launch
-                dequantize_to_bf16(words[e0:e1].reshape(-1, *words.shape[2:]), scale_words[e0:e1].reshape(-1, *scale_words.shape[2:]),
-                                   alpha[e0:e1].reshape(-1), (e1 - e0) * n, out=buf)
-            else:  # one launch per expert, in order: expert j + 1 overwrites expert j's padding rows
-                for j, e in enumerate(range(e0, e1)):
-                    dequantize_to_bf16(words[e], scale_words[e], alpha[e], n, out=buf[j * n * k:])
-            w = buf[:(e1 - e0) * n * k].view(e1 - e0, n, k)
-            ready[i].record(side)
-        return w
-
-    pending = dequantize(0)
-    for i, (e0, e1) in enumerate(blocks):
-        w = pending
-        if i + 1 < len(blocks) and overlap:
-            pending = dequantize(i + 1)  # queued on the side stream before this block's GEMM
-        main.wait_event(ready[i])
-        r0, r1 = bounds[e0], bounds[e1]
-        ends = offsets[e0 + 1:e1 + 1] - offsets[e0]
-        h = torch._grouped_mm(x_sorted[r0:r1], w.transpose(1, 2), offs=ends)
-        consumed[i].record(main)
-        out[r0:r1] = h if swiglu_limit is None else _moe.clamped_swiglu(h, swiglu_limit)
-        if i + 1 < len(blocks) and not overlap:
-            pending = dequantize(i + 1)
-    main.wait_stream(side)  # join
-    return out
-
-
 @torch.library.custom_op("nvfp4lib::grouped_gemm_w4a16_sm90", mutates_args=())
 def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
                             alpha: torch.Tensor, n: int, max_rows: int, swiglu_limit: Optional[float]) -> torch.Tensor:
@@ -244,10 +161,7 @@ def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words
 
         return gemm_decode.run_grouped_decode(x_sorted.contiguous(), offsets.to(torch.int32), words, scale_words, alpha, out_n,
                                               max_rows, swiglu_limit)
-    # eager here: bounds known
-    if hasattr(torch, "_grouped_mm"):
-        return grouped_sm90_prefill(x_sorted, offsets, bounds, words, scale_words, alpha, n, swiglu_limit)
-    return grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit)
+    return grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit)  # eager here: bounds known
 
 
 @grouped_gemm_w4a16_sm90.register_fake
