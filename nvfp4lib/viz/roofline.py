@@ -183,3 +183,46 @@ def variants_table(variants: Sequence[dict]) -> pd.DataFrame:
             line[name] = result.get("us") if result.get("correct", True) else float("nan")
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+PROBE_LABELS = {"cublas": "cuBLAS BF16 (bf16 weight)", "dequant_cublas": "dequantize + cuBLAS (the prefill path)",
+                "full": "WGMMA kernel", "own": "probe: own-word decode (standard k order)",
+                "noload": "probe: decode, no weight loads", "nodecode": "probe: no weight loads, no decode"}
+
+
+def probe_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """The WGMMA prefill probe (``scripts/gpu/wgmma_probe.py``): one line per (shape, M), one column per
+    timed variant (us); ``vs cuBLAS`` columns are cuBLAS time / variant time (> 1: faster than cuBLAS)."""
+    df = pd.DataFrame(list(rows))
+    times = [c for c in df.columns if c.endswith("_us")]
+    out = df[["shape", "m"]].rename(columns={"m": "M"}).copy()
+    for c in times:
+        out[c[:-3]] = df[c]
+    for c in times:
+        if c != "cublas_us":
+            out[f"{c[:-3]} vs cuBLAS"] = df["cublas_us"] / df[c]
+    return out
+
+
+def plot_probe(rows: Sequence[dict], label: str = "", ax=None):
+    """Grouped bars per (shape, M): every variant's time relative to cuBLAS BF16 (1 = cuBLAS; lower is faster)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    df = pd.DataFrame(list(rows))
+    times = [c for c in df.columns if c.endswith("_us") and c != "cublas_us"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(df)), 3.8))
+    width = 0.8 / max(1, len(times))
+    x = np.arange(len(df))
+    for i, c in enumerate(times):
+        key = c[:-3]
+        base = key.split("_t")[0]
+        name = PROBE_LABELS.get(base, base) + (key[len(base):].replace("_", " ") if key != base else "")
+        ax.bar(x + (i - (len(times) - 1) / 2) * width, df[c] / df["cublas_us"], width, label=name)
+    ax.axhline(1.0, color="black", lw=1, ls="--", label="cuBLAS BF16")
+    ax.set_xticks(x, [f"{s}\nM={m}" for s, m in zip(df["shape"], df["m"])])
+    ax.set_ylabel("time / cuBLAS BF16 time")
+    ax.set_title(f"WGMMA prefill kernel: where the time goes ({label})" if label else "WGMMA prefill kernel: where the time goes")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax

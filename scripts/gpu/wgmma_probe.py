@@ -49,6 +49,6 @@ for name, (n, k) in SHAPES.items():
         rows.append(row)
         print(" ".join(f"{k}={harness.fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
 payload = harness.run_metadata("scripts/gpu/wgmma_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weights; "
-                               "probes own/nodecode give wrong results on purpose (timing only)")
+                               "probes own/nodecode/noload give wrong results on purpose (timing only)")
 payload.update(rows=rows, notes=notes)
 harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "wgmma_probe.json"), payload)

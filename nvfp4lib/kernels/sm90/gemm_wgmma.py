@@ -1,8 +1,15 @@
 """Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
 
-**Compile-verified only: not yet run on a GPU.** Nothing numeric about this kernel has been checked; the
-GPU test (``tests/test_gemm_wgmma.py``) and ``scripts/gpu/wgmma_check.py`` do that on a Hopper host. It is
-not wired into ``ops/gemm.py``.
+**Correct on a Hopper GPU, slower than dequantize + cuBLAS, so not dispatched** (``ops/gemm.py`` does not
+call it). On an H200 (``data/bench/wgmma_probe_nvidia_h200_*.json``): rel err ~1e-4 at M = 1..4097 for
+gate_up and down (``tests/test_gemm_wgmma.py``, ``scripts/gpu/wgmma_check.py``); gate_up at M = 8192 takes
+1.22-1.24 ms against cuBLAS BF16's 1.04-1.07 ms and dequantize + cuBLAS's 1.07-1.10 ms. Timing-only probes
+(``probe=...``, wrong results on purpose) show where the time goes: with no weight loads and no decode
+the same pipeline is 1.13x FASTER than cuBLAS (0.94 ms); the decode's instructions (~60% of the gap) and
+the 4-byte gathers (~40%) do not hide under the MMAs. Ping-pong scheduling of the two warpgroups
+(``pingpong=True``) measured 1-10% slower. What would be needed: far fewer decode instructions per MMA
+(a layout in WGMMA's k order saves ~40% of the gap, ``probe="own"``; a cheaper decode the rest), or the
+decode moved off the MMA warps.
 
 Shapes and dtypes: x bf16 [M, K] row-major (contiguous, 16-byte aligned), K a multiple of 256; the weight
 in the existing ``"sm90"`` layout of :func:`.dequant.repack_weight` (int32 words [RG, K/64, 32, 4], int32
@@ -392,11 +399,12 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
-PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200.json, bf8138c): kept as an option
+PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
 
 def tile_n_for(m: int) -> int:
-    """Tokens per CTA. A guess, not tuned (no GPU run yet): 256 (m64n256k16, half the decode work per
+    """Tokens per CTA. Measured on an H200 (probe "full"): 256 faster than 128 at M = 1024 (180 vs 203 us
+    for gate_up); 128 only where 256 would leave too few CTAs. 256 (m64n256k16, half the decode work per
     FLOP, one CTA per SM at ~218 registers) once there are enough token blocks, 128 below (more CTAs)."""
     return 256 if m >= 2048 else 128
 
