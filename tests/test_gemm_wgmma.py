@@ -92,6 +92,24 @@ def test_wgmma_kernel_ptx_sm90a(k, tile_n):
     assert ".local" not in ptx  # no spills
 
 
+@requires_cute
+@pytest.mark.parametrize("k,tile_n", [(512, 128), (7168, 256)])
+def test_decoder_schedule_ptx_sm90a(k, tile_n):
+    """The decoder schedule: SS-WGMMA (A and B both shared-memory descriptors), the decoded tile written with
+    8-byte shared stores and fenced for the async proxy before its barrier arrive, x by TMA."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, schedule="decoder"))
+    mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16\s+\{[^}]*\},\s*(%rd\d+),\s*(%rd\d+)", ptx)
+    assert len(mma) == 4 == len(re.findall(r"wgmma\.mma_async", ptx))  # 4 k16 steps per chunk, A from shared memory
+    assert all(int(n_size) == tile_n for n_size, _, _ in mma)
+    assert len(re.findall(r"st\.shared\.v2\.b32", ptx)) == 4 * 2 * 4 * 2  # 4 chunks x 2 row groups x 4 words x 2 rows
+    assert len(re.findall(r"fence\.proxy\.async", ptx)) == 4  # one per decoded chunk
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 4 * 2 * 4 * 4  # the full decode of every word, once
+    assert "cp.async.bulk.tensor" in ptx and ".local" not in ptx
+
+
 def test_run_wgmma_rejects_bad_shapes():
     from nvfp4lib.kernels.cute_compile import cute_available
 
@@ -118,7 +136,8 @@ SHAPES = [(6144, 7168), (7168, 3072)]
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [1, 100, 256, 1000])
 @pytest.mark.parametrize("tile_n", [128, 256])
-def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n):
+@pytest.mark.parametrize("schedule", ["register", "decoder"])
+def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n, schedule):
     from nvfp4lib.bench.harness import cosine, rel_error
     from nvfp4lib.kernels.sm90 import gemm_wgmma
     from nvfp4lib.ops.gemm import prepare_weight, reference_gemm
@@ -128,7 +147,7 @@ def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = reference_gemm(x, q.packed, q.block_scale, p.alpha)
     y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    out = gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=y, tile_n=tile_n)
+    out = gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=y, tile_n=tile_n, schedule=schedule)
     torch.cuda.synchronize()
     assert out.data_ptr() == y.data_ptr()
     assert torch.isfinite(y).all()

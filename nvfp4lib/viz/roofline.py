@@ -187,7 +187,9 @@ def variants_table(variants: Sequence[dict]) -> pd.DataFrame:
 
 PROBE_LABELS = {"cublas": "cuBLAS BF16 (bf16 weight)", "dequant_cublas": "dequantize + cuBLAS (the prefill path)",
                 "full": "WGMMA kernel", "own": "probe: own-word decode (standard k order)",
-                "noload": "probe: decode, no weight loads", "nodecode": "probe: no weight loads, no decode"}
+                "noload": "probe: decode, no weight loads", "nodecode": "probe: no weight loads, no decode",
+                "sidecar": "probe: decode on a third warpgroup", "sidecar_idle": "probe: third warpgroup idle",
+                "decoder": "decoder schedule (decoder warpgroup + SS-WGMMA)"}
 
 
 def probe_table(rows: Sequence[dict]) -> pd.DataFrame:

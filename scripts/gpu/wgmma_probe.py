@@ -42,13 +42,19 @@ for name, (n, k) in SHAPES.items():
                 for st in STAGES:
                     for pp in PINGPONG:
                         key = f"{probe}_t{tile_n}" + (f"_s{st}" if st else "") + ("_pp" if pp else "")
+                        # "decoder": the decoder schedule (GemmWgmmaDecoderKernel), a real kernel, not a probe
+                        kw = dict(schedule="decoder") if probe == "decoder" else dict(probe=probe, pingpong=pp, schedule="register")
+                        if probe == "decoder" and pp != PINGPONG[0]:
+                            continue
+                        if probe == "decoder":
+                            key = f"decoder_t{tile_n}" + (f"_s{st}" if st else "")
                         row[key + "_us"] = harness.time_safely(
-                            [lambda p=p, o=o, st=st, pp=pp, probe=probe: gemm_wgmma.run_wgmma(
-                                x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, probe=probe, pingpong=pp)
+                            [lambda p=p, o=o, st=st, kw=kw: gemm_wgmma.run_wgmma(
+                                x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, **kw)
                              for p, o in zip(preps, outs)], notes, f"{key} {name} {m}")[0]
         rows.append(row)
         print(" ".join(f"{k}={harness.fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
 payload = harness.run_metadata("scripts/gpu/wgmma_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weights; "
-                               "probes own/nodecode/noload give wrong results on purpose (timing only)")
+                               "probes own/nodecode/noload/sidecar give wrong results on purpose (timing only); decoder = the decoder schedule")
 payload.update(rows=rows, notes=notes)
 harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "wgmma_probe.json"), payload)

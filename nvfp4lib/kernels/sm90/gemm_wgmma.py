@@ -352,30 +352,7 @@ class GemmWgmmaKernel:
                 cute.arch.barrier(barrier_id=1, number_of_threads=THREADS)
         warpgroup.wait_group(0)
 
-        # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
-        # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
-        mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((m, n // 2), stride=(n // 2, 1)))
-        shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
-        odd = g % 2
-        cC = cute.make_identity_tensor((TILE_M, self.tile_n))
-        tCcC = thr_mma.partition_C(cC)
-        # acc is compact ((2, 2, tile_n / 8), 1, 1): pair p = v1 + 2 v2, and a lane's column depends on v1 only
-        alpha_v1 = cute.make_rmem_tensor((2,), Float32)
-        for v1 in cutlass.range_constexpr(2):
-            mm, _ = tCcC[2 * v1]
-            alpha_v1[v1] = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
-        for p in cutlass.range_constexpr(cute.size(acc) // 2):
-            mm, nn = tCcC[2 * p]
-            col = rb * TILE_M + mm
-            a = alpha_v1[p % 2]
-            v0 = acc[2 * p] * a
-            v1 = acc[2 * p + 1] * a
-            recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
-            lo = cutlass.select_(odd == 1, recv, v0)
-            hi = cutlass.select_(odd == 1, v1, recv)
-            tok = tb * self.tile_n + nn + odd
-            if (tok < m) & (col < n):
-                mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
+        store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n)
 
     @cute.jit
     def _sidecar(self, mY: cute.Tensor, g: Int32, tidx: Int32):
@@ -393,6 +370,230 @@ class GemmWgmmaKernel:
         if acc == Int32(0x7FFFFFFF) - tidx:  # practically never: keeps the work alive
             mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((1,)))
             mY32[0] = acc
+
+
+DECODER_THREADS = 128  # the decoder warpgroup of GemmWgmmaDecoderKernel
+A_STAGE_WORDS = TILE_M * TILE_K // 2  # int32 words of one bf16 weight stage in shared memory (16 KB)
+
+
+def decoder_default_stages(tile_n: int) -> int:
+    """x + weight stages of the decoder schedule: as many as fit in ~200 KB (at most 8)."""
+    per_stage = (tile_n + TILE_M) * TILE_K * 2
+    return max(2, min(8, (200 * 1024) // per_stage))
+
+
+class GemmWgmmaDecoderKernel:
+    """The decoder schedule (``schedule="decoder"``): warpgroup 0 decodes, warpgroups 1 and 2 only multiply.
+
+    - Warpgroup 0 (128 threads): warp w decodes row groups 2w and 2w + 1 of the CTA's 128 weight rows, one
+      16-byte load per lane and row group per 64-k chunk (loaded two chunks ahead), the full register
+      decode (:func:`.gemm_decode.decode_word`), and writes the bf16 tile into a ``stages``-deep shared
+      buffer in WGMMA's canonical K-major 128-byte-swizzled layout (8-byte stores; lanes of even and odd
+      ``g // 2`` take their words in opposite order so a store instruction costs the minimum 2 wavefronts).
+      Its warp 0 also issues the TMA of x. Weight stage full/empty: a :class:`PipelineAsync` (128 producer
+      arrivals after ``fence.proxy.async``, 256 consumer arrivals).
+    - Warpgroups 1 and 2: SS-WGMMA ``m64n{tile_n}k16`` (A and B from shared memory), 4 per chunk, one
+      commit group per chunk, the previous chunk's stages released after ``wait_group(1)``; then the
+      epilogue shared with the register schedule (:func:`store_tile`).
+
+    Why: the timing probes (``probe="sidecar"``) showed decode work on a separate warpgroup costs 1-6%
+    while decode inside the MMA warps costs ~17-30%."""
+
+    def __init__(self, k: int, tile_n: int = 256, stages: int | None = None):
+        _check_shape(k, tile_n)
+        self.k = k
+        self.chunks = k // D.CHUNK_K
+        self.quads = k // D.QUAD_K
+        self.tile_n = tile_n
+        self.stages = stages or decoder_default_stages(tile_n)
+        self.threads = DECODER_THREADS + THREADS
+
+    @cute.jit
+    def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
+                 y_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, stream):
+        """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2])."""
+        mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.k), stride=(self.k, 1)))
+        mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
+        mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
+        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
+        mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
+
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
+            (WARPGROUPS, 1, 1), (64, self.tile_n), warpgroup.OperandSource.SMEM)
+        mma_tiler = (TILE_M, self.tile_n, TILE_K)
+        a_staged = sm90_utils.make_smem_layout_a(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
+        x_staged = sm90_utils.make_smem_layout_b(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
+        x_one = cute.slice_(x_staged, (None, None, 0))
+        tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mX, x_one, (self.tile_n, TILE_K))
+        tma_bytes = cute.size_in_bytes(BFloat16, x_one)
+
+        @cute.struct
+        class SharedStorage:
+            x_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+            a_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+            sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(a_staged)], 1024]
+            sX: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(x_staged)], 1024]
+
+        self.shared_storage = SharedStorage
+        self.tma_bytes = tma_bytes
+        row_blocks = (row_groups + 2 * 4 - 1) // (2 * 4)
+        token_blocks = (m + self.tile_n - 1) // self.tile_n
+        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, m, n, row_groups).launch(
+            grid=[row_blocks, token_blocks, 1], block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
+               mY: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout,
+               m: Int32, n: Int32, row_groups: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        rb, tb, _ = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp == 0:
+            cpasync.prefetch_descriptor(tma_atom)
+        lane = tidx % 32
+        g = lane // 4
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        x_pipe = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.x_barriers.data_ptr(), num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS // 32), tx_count=self.tma_bytes,
+            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)))
+        a_pipe = pipeline.PipelineAsync.create(
+            barrier_storage=storage.a_barriers.data_ptr(), num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, DECODER_THREADS),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS))
+        sA = storage.sA.get_tensor(a_staged.outer, swizzle=a_staged.inner)
+        sX = storage.sX.get_tensor(x_staged.outer, swizzle=x_staged.inner)
+        if warp < DECODER_THREADS // 32:
+            sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
+                                    cute.make_layout((self.stages * A_STAGE_WORDS,)))
+            gX = cute.local_tile(mX_tma, (self.tile_n, TILE_K), (tb, None))
+            tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+            self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, row_groups)
+        else:
+            thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
+            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
+            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+            acc.fill(0.0)
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+            release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+            for kt in cutlass.range(self.chunks, unroll=1):
+                x_pipe.consumer_wait(read)
+                a_pipe.consumer_wait(read)
+                warpgroup.fence()
+                for s in cutlass.range_constexpr(STEPS):
+                    cute.gemm(tiled_mma, acc, tCrA[None, None, s, read.index], tCrB[None, None, s, read.index], acc)
+                warpgroup.commit_group()
+                warpgroup.wait_group(1)  # chunk kt - 1's MMAs are done: release its stages
+                if kt > 0:
+                    x_pipe.consumer_release(release)
+                    a_pipe.consumer_release(release)
+                    release.advance()
+                read.advance()
+            warpgroup.wait_group(0)
+            store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n)
+
+    @cute.jit
+    def _decode_loop(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX,
+                     warp: Int32, lane: Int32, rb: Int32, row_groups: Int32):
+        """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory."""
+        g = lane // 4
+        t = lane % 4
+        flip = (g >> 1) & 1  # word order: lanes of odd g // 2 store words kk ^ 1 (bank-conflict-free stores)
+        flip_mask = Int32(0) - flip
+        rgs = [cutlass.min(rb * 8 + 2 * warp + i, row_groups - 1) for i in range(2)]
+        # raw words [slot, row group, word], two chunks in flight; scale words [row group, word] per quad
+        wr = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2, 4), order=(2, 1, 0)), Int32)
+        scur = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2), order=(1, 0)), Int32)
+        snxt = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2), order=(1, 0)), Int32)
+        for i in cutlass.range_constexpr(2):
+            cute.autovec_copy(mW[rgs[i], 0, lane, None], wr[0, i, None])
+            cute.autovec_copy(mW[rgs[i], cutlass.min(1, self.chunks - 1), lane, None], wr[1, i, None])
+            cute.autovec_copy(mS[rgs[i], 0, lane, None], scur[i, None])
+            cute.autovec_copy(mS[rgs[i], cutlass.min(1, self.quads - 1), lane, None], snxt[i, None])
+        x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        for q in cutlass.range(self.quads, unroll=1):
+            for ci in cutlass.range_constexpr(4):
+                kt = q * 4 + ci
+                if warp == 0:
+                    x_pipe.producer_acquire(x_state)
+                    cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
+                              tma_bar_ptr=x_pipe.producer_get_barrier(x_state))
+                    x_pipe.producer_commit(x_state)
+                    x_state.advance()
+                a_pipe.producer_acquire(a_state)
+                base = a_state.index * A_STAGE_WORDS
+                for i in cutlass.range_constexpr(2):
+                    word = scur[i, ci // 2]
+                    sel = (ci % 2) * 2
+                    scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + SCALE_BIAS2
+                    scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + SCALE_BIAS2
+                    row = (2 * warp + i) * D.ROWS_PER_GROUP + g  # local row of the rows g (and g + 8)
+                    for j in cutlass.range_constexpr(4):
+                        # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
+                        a_word = wr[ci % 2, i, j]
+                        b_word = wr[ci % 2, i, j ^ 1]
+                        src = (a_word & ~flip_mask) | (b_word & flip_mask)
+                        regs = decode_word(src, scale_g, scale_g8)
+                        kk = j ^ flip
+                        # k = 64 c + 16 t + 4 kk: 16-byte chunk 2t + kk // 2 (swizzled with the row), byte 8 (kk % 2)
+                        chunk = ((2 * t + (kk >> 1)) ^ g) * 4 + (kk & 1) * 2
+                        lo = cute.make_rmem_tensor((2,), Int32)
+                        hi = cute.make_rmem_tensor((2,), Int32)
+                        lo[0] = regs[0]
+                        lo[1] = regs[2]
+                        hi[0] = regs[1]
+                        hi[1] = regs[3]
+                        cute.autovec_copy(lo, cute.make_tensor(sA32.iterator + base + row * 32 + chunk, cute.make_layout((2,))))
+                        cute.autovec_copy(hi, cute.make_tensor(sA32.iterator + base + (row + 8) * 32 + chunk, cute.make_layout((2,))))
+                cute.arch.fence_view_async_shared()  # the generic-proxy stores, visible to the WGMMAs (async proxy)
+                a_pipe.producer_commit(a_state)
+                a_state.advance()
+                # words of chunk kt + 2 into the slot just decoded; scale words of quad q + 2 at the quad's end
+                for i in cutlass.range_constexpr(2):
+                    cute.autovec_copy(mW[rgs[i], cutlass.min(kt + 2, self.chunks - 1), lane, None], wr[ci % 2, i, None])
+                if cutlass.const_expr(ci == 3):
+                    for i in cutlass.range_constexpr(2):
+                        for w in cutlass.range_constexpr(2):
+                            scur[i, w] = snxt[i, w]
+                        cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, self.quads - 1), lane, None], snxt[i, None])
+
+
+@cute.jit
+def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, tb: Int32, m: Int32, n: Int32,
+               g: Int32, tile_n: cutlass.Constexpr):
+    """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens)
+    -> ``y[token, col] = bf16(acc * alpha[col] * 2**7)``, token and column bounds masked."""
+    # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
+    # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
+    mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((m, n // 2), stride=(n // 2, 1)))
+    shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
+    odd = g % 2
+    cC = cute.make_identity_tensor((TILE_M, tile_n))
+    tCcC = thr_mma.partition_C(cC)
+    # acc is compact ((2, 2, tile_n / 8), 1, 1): pair p = v1 + 2 v2, and a lane's column depends on v1 only
+    alpha_v1 = cute.make_rmem_tensor((2,), Float32)
+    for v1 in cutlass.range_constexpr(2):
+        mm, _ = tCcC[2 * v1]
+        alpha_v1[v1] = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
+    for p in cutlass.range_constexpr(cute.size(acc) // 2):
+        mm, nn = tCcC[2 * p]
+        col = rb * TILE_M + mm
+        a = alpha_v1[p % 2]
+        v0 = acc[2 * p] * a
+        v1 = acc[2 * p + 1] * a
+        recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
+        lo = cutlass.select_(odd == 1, recv, v0)
+        hi = cutlass.select_(odd == 1, v1, recv)
+        tok = tb * tile_n + nn + odd
+        if (tok < m) & (col < n):
+            mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
 
 
 @dsl_user_op
@@ -417,17 +618,26 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
 
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
-                  probe: str = "full", pingpong: bool | None = None):
+                  probe: str = "full", pingpong: bool | None = None, schedule: str | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else."""
     from cutlass.cute.runtime import make_fake_stream
 
+    schedule = SCHEDULE if schedule is None else schedule
+    if schedule == "decoder":
+        kernel = GemmWgmmaDecoderKernel(k, tile_n, stages)
+        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages)
+        return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch,
+                              keep_ptx=keep_ptx)
+    if schedule != "register":
+        raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
     kernel = GemmWgmmaKernel(k, tile_n, stages, probe, pingpong)
     key = ("GemmWgmmaKernel", k, tile_n, kernel.stages, probe, pingpong)
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
+SCHEDULE = "register"  # "decoder": GemmWgmmaDecoderKernel (compile-verified; see its docstring)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
 
@@ -446,7 +656,7 @@ def _current_stream():
 
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
-              probe: str = "full", pingpong: bool | None = None) -> torch.Tensor:
+              probe: str = "full", pingpong: bool | None = None, schedule: str | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
     eager call (which compiles)."""
@@ -472,7 +682,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
-    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong)
+    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
              Int32(row_groups), _current_stream())
     return y
