@@ -43,11 +43,15 @@ for name, (n, k) in SHAPES.items():
                     for pp in PINGPONG:
                         key = f"{probe}_t{tile_n}" + (f"_s{st}" if st else "") + ("_pp" if pp else "")
                         # "decoder": the decoder schedule (GemmWgmmaDecoderKernel), a real kernel, not a probe
-                        kw = dict(schedule="decoder") if probe == "decoder" else dict(probe=probe, pingpong=pp, schedule="register")
-                        if probe == "decoder" and pp != PINGPONG[0]:
+                        # "decoder[_noload|_nofence][@ahead]": the decoder schedule (and its probes)
+                        dec = probe.startswith("decoder")
+                        name_, _, ahead = probe.partition("@")
+                        kw = (dict(schedule="decoder", probe=name_, ahead=int(ahead) if ahead else None) if dec
+                              else dict(probe=probe, pingpong=pp, schedule="register"))
+                        if dec and pp != PINGPONG[0]:
                             continue
-                        if probe == "decoder":
-                            key = f"decoder_t{tile_n}" + (f"_s{st}" if st else "")
+                        if dec:
+                            key = f"{name_}{'_a' + ahead if ahead else ''}_t{tile_n}" + (f"_s{st}" if st else "")
                         row[key + "_us"] = harness.time_safely(
                             [lambda p=p, o=o, st=st, kw=kw: gemm_wgmma.run_wgmma(
                                 x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, **kw)

@@ -373,6 +373,7 @@ class GemmWgmmaKernel:
 
 
 DECODER_THREADS = 128  # the decoder warpgroup of GemmWgmmaDecoderKernel
+DECODER_PROBES = ("full", "noload", "nofence")
 A_STAGE_WORDS = TILE_M * TILE_K // 2  # int32 words of one bf16 weight stage in shared memory (16 KB)
 
 
@@ -399,8 +400,14 @@ class GemmWgmmaDecoderKernel:
     Why: the timing probes (``probe="sidecar"``) showed decode work on a separate warpgroup costs 1-6%
     while decode inside the MMA warps costs ~17-30%."""
 
-    def __init__(self, k: int, tile_n: int = 256, stages: int | None = None):
+    def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full"):
         _check_shape(k, tile_n)
+        if ahead not in (2, 4):
+            raise ValueError(f"ahead (chunks of weight words in flight) must be 2 or 4, got {ahead}")
+        if probe not in DECODER_PROBES:
+            raise ValueError(f"probe must be one of {DECODER_PROBES}, got {probe!r}")
+        self.ahead = ahead
+        self.probe = probe  # timing only: "noload" (made-up words), "nofence" (no proxy fence: results may be wrong)
         self.k = k
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
@@ -499,6 +506,14 @@ class GemmWgmmaDecoderKernel:
             store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n)
 
     @cute.jit
+    def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
+        if cutlass.const_expr(self.probe == "noload"):
+            for w in cutlass.range_constexpr(4):
+                wr[slot, i, w] = chunk * 0x01010101 + lane * 0x10001 + w
+        else:
+            cute.autovec_copy(mW[rg, chunk, lane, None], wr[slot, i, None])
+
+    @cute.jit
     def _decode_loop(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX,
                      warp: Int32, lane: Int32, rb: Int32, row_groups: Int32):
         """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory."""
@@ -508,12 +523,12 @@ class GemmWgmmaDecoderKernel:
         flip_mask = Int32(0) - flip
         rgs = [cutlass.min(rb * 8 + 2 * warp + i, row_groups - 1) for i in range(2)]
         # raw words [slot, row group, word], two chunks in flight; scale words [row group, word] per quad
-        wr = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2, 4), order=(2, 1, 0)), Int32)
+        wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, 2, 4), order=(2, 1, 0)), Int32)
         scur = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2), order=(1, 0)), Int32)
         snxt = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2), order=(1, 0)), Int32)
         for i in cutlass.range_constexpr(2):
-            cute.autovec_copy(mW[rgs[i], 0, lane, None], wr[0, i, None])
-            cute.autovec_copy(mW[rgs[i], cutlass.min(1, self.chunks - 1), lane, None], wr[1, i, None])
+            for c in cutlass.range_constexpr(self.ahead):
+                self._load_words(mW, rgs[i], Int32(c), lane, wr, c, i)
             cute.autovec_copy(mS[rgs[i], 0, lane, None], scur[i, None])
             cute.autovec_copy(mS[rgs[i], cutlass.min(1, self.quads - 1), lane, None], snxt[i, None])
         x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
@@ -537,8 +552,8 @@ class GemmWgmmaDecoderKernel:
                     row = (2 * warp + i) * D.ROWS_PER_GROUP + g  # local row of the rows g (and g + 8)
                     for j in cutlass.range_constexpr(4):
                         # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
-                        a_word = wr[ci % 2, i, j]
-                        b_word = wr[ci % 2, i, j ^ 1]
+                        a_word = wr[ci % self.ahead, i, j]
+                        b_word = wr[ci % self.ahead, i, j ^ 1]
                         src = (a_word & ~flip_mask) | (b_word & flip_mask)
                         regs = decode_word(src, scale_g, scale_g8)
                         kk = j ^ flip
@@ -552,12 +567,13 @@ class GemmWgmmaDecoderKernel:
                         hi[1] = regs[3]
                         cute.autovec_copy(lo, cute.make_tensor(sA32.iterator + base + row * 32 + chunk, cute.make_layout((2,))))
                         cute.autovec_copy(hi, cute.make_tensor(sA32.iterator + base + (row + 8) * 32 + chunk, cute.make_layout((2,))))
-                cute.arch.fence_view_async_shared()  # the generic-proxy stores, visible to the WGMMAs (async proxy)
+                if cutlass.const_expr(self.probe != "nofence"):
+                    cute.arch.fence_view_async_shared()  # the generic-proxy stores, visible to the WGMMAs (async proxy)
                 a_pipe.producer_commit(a_state)
                 a_state.advance()
-                # words of chunk kt + 2 into the slot just decoded; scale words of quad q + 2 at the quad's end
+                # words of chunk kt + ahead into the slot just decoded; scale words of quad q + 2 at the quad's end
                 for i in cutlass.range_constexpr(2):
-                    cute.autovec_copy(mW[rgs[i], cutlass.min(kt + 2, self.chunks - 1), lane, None], wr[ci % 2, i, None])
+                    self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, self.chunks - 1), lane, wr, ci % self.ahead, i)
                 if cutlass.const_expr(ci == 3):
                     for i in cutlass.range_constexpr(2):
                         for w in cutlass.range_constexpr(2):
@@ -618,15 +634,16 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
 
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
-                  probe: str = "full", pingpong: bool | None = None, schedule: str | None = None):
+                  probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else."""
     from cutlass.cute.runtime import make_fake_stream
 
     schedule = SCHEDULE if schedule is None else schedule
     if schedule == "decoder":
-        kernel = GemmWgmmaDecoderKernel(k, tile_n, stages)
-        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages)
+        kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, DECODER_AHEAD if ahead is None else ahead,
+                                        "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"))
+        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe)
         return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch,
                               keep_ptx=keep_ptx)
     if schedule != "register":
@@ -637,6 +654,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
+DECODER_AHEAD = 2  # chunks of weight words in flight per decoder lane
 SCHEDULE = "register"  # "decoder": GemmWgmmaDecoderKernel (compile-verified; see its docstring)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
@@ -656,7 +674,7 @@ def _current_stream():
 
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
-              probe: str = "full", pingpong: bool | None = None, schedule: str | None = None) -> torch.Tensor:
+              probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
     eager call (which compiles)."""
@@ -682,7 +700,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
-    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule)
+    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
              Int32(row_groups), _current_stream())
     return y
