@@ -402,8 +402,10 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full"):
         _check_shape(k, tile_n)
-        if ahead not in (2, 4):
-            raise ValueError(f"ahead (chunks of weight words in flight) must be 2 or 4, got {ahead}")
+        if ahead not in (2, 4, 8):
+            raise ValueError(f"ahead (chunks of weight words in flight) must be 2, 4 or 8, got {ahead}")
+        if ahead == 8 and k % (2 * D.QUAD_K):
+            raise ValueError(f"ahead=8 unrolls two quads: K must be a multiple of {2 * D.QUAD_K}, got K={k}")
         if probe not in DECODER_PROBES:
             raise ValueError(f"probe must be one of {DECODER_PROBES}, got {probe!r}")
         self.ahead = ahead
@@ -533,9 +535,13 @@ class GemmWgmmaDecoderKernel:
             cute.autovec_copy(mS[rgs[i], cutlass.min(1, self.quads - 1), lane, None], snxt[i, None])
         x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        for q in cutlass.range(self.quads, unroll=1):
-            for ci in cutlass.range_constexpr(4):
+        per_trip = max(1, self.ahead // 4)  # quads per loop trip: the word ring is indexed statically
+        for qt in cutlass.range(self.quads // per_trip, unroll=1):
+            for cu in cutlass.range_constexpr(4 * per_trip):
+                ci = cu % 4
+                q = qt * per_trip + cu // 4
                 kt = q * 4 + ci
+                slot = cu % self.ahead
                 if warp == 0:
                     x_pipe.producer_acquire(x_state)
                     cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
@@ -552,8 +558,8 @@ class GemmWgmmaDecoderKernel:
                     row = (2 * warp + i) * D.ROWS_PER_GROUP + g  # local row of the rows g (and g + 8)
                     for j in cutlass.range_constexpr(4):
                         # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
-                        a_word = wr[ci % self.ahead, i, j]
-                        b_word = wr[ci % self.ahead, i, j ^ 1]
+                        a_word = wr[slot, i, j]
+                        b_word = wr[slot, i, j ^ 1]
                         src = (a_word & ~flip_mask) | (b_word & flip_mask)
                         regs = decode_word(src, scale_g, scale_g8)
                         kk = j ^ flip
@@ -573,7 +579,7 @@ class GemmWgmmaDecoderKernel:
                 a_state.advance()
                 # words of chunk kt + ahead into the slot just decoded; scale words of quad q + 2 at the quad's end
                 for i in cutlass.range_constexpr(2):
-                    self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, self.chunks - 1), lane, wr, ci % self.ahead, i)
+                    self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, self.chunks - 1), lane, wr, slot, i)
                 if cutlass.const_expr(ci == 3):
                     for i in cutlass.range_constexpr(2):
                         for w in cutlass.range_constexpr(2):
@@ -641,7 +647,8 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
 
     schedule = SCHEDULE if schedule is None else schedule
     if schedule == "decoder":
-        kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, DECODER_AHEAD if ahead is None else ahead,
+        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 else 4)
+        kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"))
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe)
         return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch,
@@ -654,7 +661,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
-DECODER_AHEAD = 2  # chunks of weight words in flight per decoder lane
+DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K allows, else 4
 SCHEDULE = "register"  # "decoder": GemmWgmmaDecoderKernel (compile-verified; see its docstring)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
