@@ -374,12 +374,11 @@ class GemmWgmmaKernel:
 
 DECODER_THREADS = 128  # the decoder warpgroup of GemmWgmmaDecoderKernel
 DECODER_PROBES = ("full", "noload", "nofence")
-A_STAGE_WORDS = TILE_M * TILE_K // 2  # int32 words of one bf16 weight stage in shared memory (16 KB)
 
 
-def decoder_default_stages(tile_n: int) -> int:
+def decoder_default_stages(tile_n: int, tile_m: int = TILE_M) -> int:
     """x + weight stages of the decoder schedule: as many as fit in ~200 KB (at most 8)."""
-    per_stage = (tile_n + TILE_M) * TILE_K * 2
+    per_stage = (tile_n + tile_m) * TILE_K * 2
     return max(2, min(8, (200 * 1024) // per_stage))
 
 
@@ -400,8 +399,15 @@ class GemmWgmmaDecoderKernel:
     Why: the timing probes (``probe="sidecar"``) showed decode work on a separate warpgroup costs 1-6%
     while decode inside the MMA warps costs ~17-30%."""
 
-    def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full"):
+    def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
+                 tile_m: int = TILE_M):
         _check_shape(k, tile_n)
+        if tile_m not in (128, 256) or tile_m * tile_n > 128 * 256:
+            raise ValueError(f"tile_m must be 128 or 256 with tile_m * tile_n <= 128 * 256 (128 fp32 accumulators a thread), "
+                             f"got {tile_m} x {tile_n}")
+        self.tile_m = tile_m
+        self.rg_per_warp = tile_m // (4 * D.ROWS_PER_GROUP)  # weight row groups each decoder warp decodes
+        self.a_stage_words = tile_m * TILE_K // 2
         if ahead not in (2, 4, 8):
             raise ValueError(f"ahead (chunks of weight words in flight) must be 2, 4 or 8, got {ahead}")
         if ahead == 8 and k % (2 * D.QUAD_K):
@@ -414,7 +420,7 @@ class GemmWgmmaDecoderKernel:
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
         self.tile_n = tile_n
-        self.stages = stages or decoder_default_stages(tile_n)
+        self.stages = stages or decoder_default_stages(tile_n, tile_m)
         self.threads = DECODER_THREADS + THREADS
 
     @cute.jit
@@ -430,7 +436,7 @@ class GemmWgmmaDecoderKernel:
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
             (WARPGROUPS, 1, 1), (64, self.tile_n), warpgroup.OperandSource.SMEM)
-        mma_tiler = (TILE_M, self.tile_n, TILE_K)
+        mma_tiler = (self.tile_m, self.tile_n, TILE_K)
         a_staged = sm90_utils.make_smem_layout_a(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
         x_staged = sm90_utils.make_smem_layout_b(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
         x_one = cute.slice_(x_staged, (None, None, 0))
@@ -446,7 +452,8 @@ class GemmWgmmaDecoderKernel:
 
         self.shared_storage = SharedStorage
         self.tma_bytes = tma_bytes
-        row_blocks = (row_groups + 2 * 4 - 1) // (2 * 4)
+        rg_per_cta = self.tile_m // D.ROWS_PER_GROUP
+        row_blocks = (row_groups + rg_per_cta - 1) // rg_per_cta
         token_blocks = (m + self.tile_n - 1) // self.tile_n
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, m, n, row_groups).launch(
             grid=[row_blocks, token_blocks, 1], block=[self.threads, 1, 1], stream=stream)
@@ -478,7 +485,7 @@ class GemmWgmmaDecoderKernel:
         sX = storage.sX.get_tensor(x_staged.outer, swizzle=x_staged.inner)
         if warp < DECODER_THREADS // 32:
             sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
-                                    cute.make_layout((self.stages * A_STAGE_WORDS,)))
+                                    cute.make_layout((self.stages * self.a_stage_words,)))
             gX = cute.local_tile(mX_tma, (self.tile_n, TILE_K), (tb, None))
             tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
             self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, row_groups)
@@ -486,7 +493,7 @@ class GemmWgmmaDecoderKernel:
             thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
-            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, self.tile_n)), Float32)
+            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((self.tile_m, self.tile_n)), Float32)
             acc.fill(0.0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -505,7 +512,7 @@ class GemmWgmmaDecoderKernel:
                     release.advance()
                 read.advance()
             warpgroup.wait_group(0)
-            store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n)
+            store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n, self.tile_m)
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
@@ -523,12 +530,13 @@ class GemmWgmmaDecoderKernel:
         t = lane % 4
         flip = (g >> 1) & 1  # word order: lanes of odd g // 2 store words kk ^ 1 (bank-conflict-free stores)
         flip_mask = Int32(0) - flip
-        rgs = [cutlass.min(rb * 8 + 2 * warp + i, row_groups - 1) for i in range(2)]
-        # raw words [slot, row group, word], two chunks in flight; scale words [row group, word] per quad
-        wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, 2, 4), order=(2, 1, 0)), Int32)
-        scur = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2), order=(1, 0)), Int32)
-        snxt = cute.make_rmem_tensor(cute.make_ordered_layout((2, 2), order=(1, 0)), Int32)
-        for i in cutlass.range_constexpr(2):
+        R = self.rg_per_warp
+        rgs = [cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
+        # raw words [slot, row group, word], `ahead` chunks in flight; scale words [row group, word] per quad
+        wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, R, 4), order=(2, 1, 0)), Int32)
+        scur = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
+        snxt = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
+        for i in cutlass.range_constexpr(R):
             for c in cutlass.range_constexpr(self.ahead):
                 self._load_words(mW, rgs[i], Int32(c), lane, wr, c, i)
             cute.autovec_copy(mS[rgs[i], 0, lane, None], scur[i, None])
@@ -549,13 +557,13 @@ class GemmWgmmaDecoderKernel:
                     x_pipe.producer_commit(x_state)
                     x_state.advance()
                 a_pipe.producer_acquire(a_state)
-                base = a_state.index * A_STAGE_WORDS
-                for i in cutlass.range_constexpr(2):
+                base = a_state.index * self.a_stage_words
+                for i in cutlass.range_constexpr(R):
                     word = scur[i, ci // 2]
                     sel = (ci % 2) * 2
                     scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + SCALE_BIAS2
                     scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + SCALE_BIAS2
-                    row = (2 * warp + i) * D.ROWS_PER_GROUP + g  # local row of the rows g (and g + 8)
+                    row = (R * warp + i) * D.ROWS_PER_GROUP + g  # local row of the rows g (and g + 8)
                     for j in cutlass.range_constexpr(4):
                         # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
                         a_word = wr[slot, i, j]
@@ -578,10 +586,10 @@ class GemmWgmmaDecoderKernel:
                 a_pipe.producer_commit(a_state)
                 a_state.advance()
                 # words of chunk kt + ahead into the slot just decoded; scale words of quad q + 2 at the quad's end
-                for i in cutlass.range_constexpr(2):
+                for i in cutlass.range_constexpr(R):
                     self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, self.chunks - 1), lane, wr, slot, i)
                 if cutlass.const_expr(ci == 3):
-                    for i in cutlass.range_constexpr(2):
+                    for i in cutlass.range_constexpr(R):
                         for w in cutlass.range_constexpr(2):
                             scur[i, w] = snxt[i, w]
                         cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, self.quads - 1), lane, None], snxt[i, None])
@@ -589,7 +597,7 @@ class GemmWgmmaDecoderKernel:
 
 @cute.jit
 def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, tb: Int32, m: Int32, n: Int32,
-               g: Int32, tile_n: cutlass.Constexpr):
+               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M):
     """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens)
     -> ``y[token, col] = bf16(acc * alpha[col] * 2**7)``, token and column bounds masked."""
     # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
@@ -597,17 +605,13 @@ def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, 
     mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((m, n // 2), stride=(n // 2, 1)))
     shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
     odd = g % 2
-    cC = cute.make_identity_tensor((TILE_M, tile_n))
+    cC = cute.make_identity_tensor((tile_m, tile_n))
     tCcC = thr_mma.partition_C(cC)
-    # acc is compact ((2, 2, tile_n / 8), 1, 1): pair p = v1 + 2 v2, and a lane's column depends on v1 only
-    alpha_v1 = cute.make_rmem_tensor((2,), Float32)
-    for v1 in cutlass.range_constexpr(2):
-        mm, _ = tCcC[2 * v1]
-        alpha_v1[v1] = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
+    # acc is compact ((2, 2, tile_n / 8), tile_m / 128, 1): consecutive pairs (v0) are one column's two tokens
     for p in cutlass.range_constexpr(cute.size(acc) // 2):
         mm, nn = tCcC[2 * p]
-        col = rb * TILE_M + mm
-        a = alpha_v1[p % 2]
+        col = rb * tile_m + mm
+        a = mAlpha[cutlass.min(col, n - 1)] * shift7
         v0 = acc[2 * p] * a
         v1 = acc[2 * p + 1] * a
         recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
@@ -640,17 +644,19 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
 
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
-                  probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None):
+                  probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
+                  tile_m: int | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else."""
     from cutlass.cute.runtime import make_fake_stream
 
     schedule = SCHEDULE if schedule is None else schedule
     if schedule == "decoder":
-        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 else 4)
+        # the word ring holds ahead x (row groups per decoder warp) x 4 registers: 8 chunks only at tile_m 128
+        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
-                                        "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"))
-        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe)
+                                        "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M)
+        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m)
         return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch,
                               keep_ptx=keep_ptx)
     if schedule != "register":
@@ -661,7 +667,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
-DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K allows, else 4
+DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "register"  # "decoder": GemmWgmmaDecoderKernel (compile-verified; see its docstring)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
@@ -681,7 +687,8 @@ def _current_stream():
 
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
-              probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None) -> torch.Tensor:
+              probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
+              tile_m: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
     eager call (which compiles)."""
@@ -707,7 +714,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
-    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead)
+    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
              Int32(row_groups), _current_stream())
     return y
