@@ -113,6 +113,19 @@ def test_decoder_schedule_ptx_sm90a(k, tile_n, tile_m):
     assert "cp.async.bulk.tensor" in ptx and ".local" not in ptx
 
 
+@requires_cute
+def test_decoder_schedule_cluster_ptx_sm90a():
+    """cluster_m=2: x by TMA multicast to both CTAs of a cluster; MMA warps release the stage in both CTAs."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, 256, arch="sm_90a", keep_ptx=True, schedule="decoder", cluster_m=2))
+    assert len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::cluster\.global\.tile\.mbarrier::complete_tx::bytes\.multicast::cluster", ptx)) == 8
+    assert "mbarrier.arrive.shared::cluster.b64" in ptx and "mapa" in ptx  # the remote release
+    assert "barrier.cluster.arrive" in ptx and "barrier.cluster.wait" in ptx  # barrier init visible cluster-wide
+    assert ".local" not in ptx
+
+
 def test_run_wgmma_rejects_bad_shapes():
     from nvfp4lib.kernels.cute_compile import cute_available
 
@@ -131,7 +144,7 @@ def test_run_wgmma_rejects_bad_shapes():
         gemm_wgmma.GemmWgmmaKernel(256, tile_n=64)
 
 
-SHAPES = [(6144, 7168), (7168, 3072)]
+SHAPES = [(6144, 7168), (7168, 3072), (1152, 512)]  # the last: 9 row blocks of 128 (a cluster of 2 is padded)
 
 
 @requires_hopper
@@ -139,8 +152,9 @@ SHAPES = [(6144, 7168), (7168, 3072)]
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [1, 100, 256, 1000])
 @pytest.mark.parametrize("tile_n", [128, 256])
-@pytest.mark.parametrize("schedule,tile_m", [("register", None), ("decoder", 128), ("decoder", 256)])
-def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n, schedule, tile_m):
+@pytest.mark.parametrize("schedule,tile_m,cluster_m", [("register", None, None), ("decoder", 128, 1), ("decoder", 256, 1),
+                                                       ("decoder", 128, 2)])
+def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n, schedule, tile_m, cluster_m):
     if tile_m == 256 and tile_n == 256:
         pytest.skip("256 x 256 tiles would need 256 fp32 accumulators a thread: not a valid configuration")
     from nvfp4lib.bench.harness import cosine, rel_error
@@ -152,7 +166,8 @@ def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n, schedule, tile_m):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = reference_gemm(x, q.packed, q.block_scale, p.alpha)
     y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    out = gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=y, tile_n=tile_n, schedule=schedule, tile_m=tile_m)
+    out = gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=y, tile_n=tile_n, schedule=schedule, tile_m=tile_m,
+                               cluster_m=cluster_m)
     torch.cuda.synchronize()
     assert out.data_ptr() == y.data_ptr()
     assert torch.isfinite(y).all()

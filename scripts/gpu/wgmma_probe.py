@@ -45,15 +45,17 @@ for name, (n, k) in SHAPES.items():
                         # "decoder": the decoder schedule (GemmWgmmaDecoderKernel), a real kernel, not a probe
                         # "decoder[_noload|_nofence][@ahead]": the decoder schedule (and its probes)
                         dec = probe.startswith("decoder")
+                        probe, _, cluster = probe.partition("%")  # "decoder%2": clusters of 2 CTAs (x multicast)
                         probe_, _, tile_m = probe.partition("^")  # "decoder^256": 256 weight rows per CTA
                         name_, _, ahead = probe_.partition("@")
                         kw = (dict(schedule="decoder", probe=name_, ahead=int(ahead) if ahead else None,
-                                   tile_m=int(tile_m) if tile_m else None) if dec
+                                   tile_m=int(tile_m) if tile_m else None, cluster_m=int(cluster) if cluster else None) if dec
                               else dict(probe=probe, pingpong=pp, schedule="register"))
                         if dec and pp != PINGPONG[0]:
                             continue
                         if dec:
-                            key = f"{name_}{'_a' + ahead if ahead else ''}{'_m' + tile_m if tile_m else ''}_t{tile_n}" + (f"_s{st}" if st else "")
+                            key = (f"{name_}{'_a' + ahead if ahead else ''}{'_m' + tile_m if tile_m else ''}{'_c' + cluster if cluster else ''}"
+                                   f"_t{tile_n}" + (f"_s{st}" if st else ""))
                         row[key + "_us"] = harness.time_safely(
                             [lambda p=p, o=o, st=st, kw=kw: gemm_wgmma.run_wgmma(
                                 x, p.weight, p.block_scale, p.alpha, n, out=o, tile_n=tile_n, stages=st, **kw)

@@ -400,8 +400,13 @@ class GemmWgmmaDecoderKernel:
     while decode inside the MMA warps costs ~17-30%."""
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
-                 tile_m: int = TILE_M):
+                 tile_m: int = TILE_M, cluster_m: int = 1):
         _check_shape(k, tile_n)
+        if cluster_m not in (1, 2):
+            raise ValueError(f"cluster_m must be 1 or 2, got {cluster_m}")
+        # cluster_m = 2: two CTAs on neighbouring weight row blocks and the same tokens form a cluster, and each
+        # loads half of the x tile by TMA multicast to both: half the x traffic out of L2
+        self.cluster_m = cluster_m
         if tile_m not in (128, 256) or tile_m * tile_n > 128 * 256:
             raise ValueError(f"tile_m must be 128 or 256 with tile_m * tile_n <= 128 * 256 (128 fp32 accumulators a thread), "
                              f"got {tile_m} x {tile_n}")
@@ -440,7 +445,11 @@ class GemmWgmmaDecoderKernel:
         a_staged = sm90_utils.make_smem_layout_a(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
         x_staged = sm90_utils.make_smem_layout_b(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
         x_one = cute.slice_(x_staged, (None, None, 0))
-        tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mX, x_one, (self.tile_n, TILE_K))
+        if cutlass.const_expr(self.cluster_m > 1):
+            tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SMulticastOp(), mX, x_one,
+                                                          (self.tile_n, TILE_K), num_multicast=self.cluster_m)
+        else:
+            tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mX, x_one, (self.tile_n, TILE_K))
         tma_bytes = cute.size_in_bytes(BFloat16, x_one)
 
         @cute.struct
@@ -454,9 +463,10 @@ class GemmWgmmaDecoderKernel:
         self.tma_bytes = tma_bytes
         rg_per_cta = self.tile_m // D.ROWS_PER_GROUP
         row_blocks = (row_groups + rg_per_cta - 1) // rg_per_cta
+        row_blocks = (row_blocks + self.cluster_m - 1) // self.cluster_m * self.cluster_m  # whole clusters
         token_blocks = (m + self.tile_n - 1) // self.tile_n
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, m, n, row_groups).launch(
-            grid=[row_blocks, token_blocks, 1], block=[self.threads, 1, 1], stream=stream)
+            grid=[row_blocks, token_blocks, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
@@ -472,23 +482,32 @@ class GemmWgmmaDecoderKernel:
 
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
+        # x: the stage a CTA's TMA fills is the same in every CTA of the cluster, so its empty barrier counts the
+        # releases of every CTA's MMA warps (cluster_m x 8)
+        cta_layout_mnk = cute.make_layout((self.cluster_m, 1, 1))
+        cluster_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        cluster_coord = cta_layout_mnk.get_flat_coord(cluster_rank)
         x_pipe = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.x_barriers.data_ptr(), num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS // 32), tx_count=self.tma_bytes,
-            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)))
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.cluster_m * (THREADS // 32)),
+            tx_count=self.tma_bytes, cta_layout_vmnk=cute.make_layout((1, self.cluster_m, 1, 1)), defer_sync=True)
         a_pipe = pipeline.PipelineAsync.create(
             barrier_storage=storage.a_barriers.data_ptr(), num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, DECODER_THREADS),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS))
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS), defer_sync=True)
+        pipeline.pipeline_init_arrive(cluster_shape_mn=(self.cluster_m, 1), is_relaxed=True)
+        pipeline.pipeline_init_wait(cluster_shape_mn=(self.cluster_m, 1))
         sA = storage.sA.get_tensor(a_staged.outer, swizzle=a_staged.inner)
         sX = storage.sX.get_tensor(x_staged.outer, swizzle=x_staged.inner)
         if warp < DECODER_THREADS // 32:
             sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
                                     cute.make_layout((self.stages * self.a_stage_words,)))
             gX = cute.local_tile(mX_tma, (self.tile_n, TILE_K), (tb, None))
-            tXsX, tXgX = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
-            self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, row_groups)
+            tXsX, tXgX = cpasync.tma_partition(tma_atom, cluster_coord[0], cute.make_layout(self.cluster_m),
+                                               cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+            mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0) if cutlass.const_expr(self.cluster_m > 1) else 0
+            self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, row_groups, mcast_mask)
         else:
             thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -524,7 +543,7 @@ class GemmWgmmaDecoderKernel:
 
     @cute.jit
     def _decode_loop(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX,
-                     warp: Int32, lane: Int32, rb: Int32, row_groups: Int32):
+                     warp: Int32, lane: Int32, rb: Int32, row_groups: Int32, mcast_mask):
         """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory."""
         g = lane // 4
         t = lane % 4
@@ -552,8 +571,12 @@ class GemmWgmmaDecoderKernel:
                 slot = cu % self.ahead
                 if warp == 0:
                     x_pipe.producer_acquire(x_state)
-                    cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
-                              tma_bar_ptr=x_pipe.producer_get_barrier(x_state))
+                    if cutlass.const_expr(self.cluster_m > 1):
+                        cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
+                                  tma_bar_ptr=x_pipe.producer_get_barrier(x_state), mcast_mask=mcast_mask)
+                    else:
+                        cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
+                                  tma_bar_ptr=x_pipe.producer_get_barrier(x_state))
                     x_pipe.producer_commit(x_state)
                     x_state.advance()
                 a_pipe.producer_acquire(a_state)
@@ -593,6 +616,9 @@ class GemmWgmmaDecoderKernel:
                         for w in cutlass.range_constexpr(2):
                             scur[i, w] = snxt[i, w]
                         cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, self.quads - 1), lane, None], snxt[i, None])
+        if cutlass.const_expr(self.cluster_m > 1):
+            if warp == 0:  # every release (the peer CTA's too) has landed before this CTA exits
+                x_pipe.producer_tail(x_state)
 
 
 @cute.jit
@@ -645,7 +671,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-                  tile_m: int | None = None):
+                  tile_m: int | None = None, cluster_m: int | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else."""
     from cutlass.cute.runtime import make_fake_stream
@@ -655,8 +681,9 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         # the word ring holds ahead x (row groups per decoder warp) x 4 registers: 8 chunks only at tile_m 128
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
-                                        "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M)
-        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m)
+                                        "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
+                                        cluster_m or DECODER_CLUSTER_M)
+        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m)
         return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch,
                               keep_ptx=keep_ptx)
     if schedule != "register":
@@ -667,6 +694,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
+DECODER_CLUSTER_M = 1  # 2: x by TMA multicast across two CTAs
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "register"  # "decoder": GemmWgmmaDecoderKernel (compile-verified; see its docstring)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
@@ -688,7 +716,7 @@ def _current_stream():
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-              tile_m: int | None = None) -> torch.Tensor:
+              tile_m: int | None = None, cluster_m: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
     eager call (which compiles)."""
@@ -714,7 +742,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
-    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m)
+    compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
+                             cluster_m=cluster_m)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
              Int32(row_groups), _current_stream())
     return y
