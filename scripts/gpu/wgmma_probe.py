@@ -42,12 +42,12 @@ for name, (n, k) in SHAPES.items():
                 for st in STAGES:
                     for pp in PINGPONG:
                         key = f"{probe}_t{tile_n}" + (f"_s{st}" if st else "") + ("_pp" if pp else "")
-                        # "decoder": the decoder schedule (GemmWgmmaDecoderKernel), a real kernel, not a probe
-                        # "decoder[_noload|_nofence][@ahead]": the decoder schedule (and its probes)
+                        # "decoder[_noload|_nofence][@ahead][^tile_m][%cluster_m]": the decoder schedule (a real
+                        # kernel) and its timing probes, e.g. "decoder@4^256%2"
                         dec = probe.startswith("decoder")
-                        probe, _, cluster = probe.partition("%")  # "decoder%2": clusters of 2 CTAs (x multicast)
-                        probe_, _, tile_m = probe.partition("^")  # "decoder^256": 256 weight rows per CTA
-                        name_, _, ahead = probe_.partition("@")
+                        spec, _, cluster = probe.partition("%")
+                        spec, _, tile_m = spec.partition("^")
+                        name_, _, ahead = spec.partition("@")
                         kw = (dict(schedule="decoder", probe=name_, ahead=int(ahead) if ahead else None,
                                    tile_m=int(tile_m) if tile_m else None, cluster_m=int(cluster) if cluster else None) if dec
                               else dict(probe=probe, pingpong=pp, schedule="register"))
