@@ -531,6 +531,9 @@ class GemmWgmmaDecoderKernel:
                     release.advance()
                 read.advance()
             warpgroup.wait_group(0)
+            # the last chunk's stages too: with a cluster the producer's tail waits for every release
+            x_pipe.consumer_release(release)
+            a_pipe.consumer_release(release)
             store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n, self.tile_m)
 
     @cute.jit
