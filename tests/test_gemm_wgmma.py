@@ -74,7 +74,7 @@ def test_wgmma_kernel_ptx_sm90a(k, tile_n):
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_wgmma
 
-    ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True))
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, schedule="register"))
     assert ".target sm_90a" in ptx
     mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16\s+\{[^}]*\},\s*(\{[^}]*\}|%rd\d+),\s*(%rd\d+)", ptx)
     # one quad (4 chunks of 64 k) per loop trip, 4 k16 steps per chunk; both warpgroups run the same code

@@ -219,8 +219,12 @@ def plot_probe(rows: Sequence[dict], label: str = "", ax=None):
     x = np.arange(len(df))
     for i, c in enumerate(times):
         key = c[:-3]
-        base = key.split("_t")[0]
-        name = PROBE_LABELS.get(base, base) + (key[len(base):].replace("_", " ") if key != base else "")
+        base = key.rsplit("_t", 1)[0] if "_t" in key else key
+        first = base.split("_")[0]
+        # e.g. "decoder_noload_c2_t256": the label of its first word, then the rest (c2: clusters of 2, a4: 4
+        # chunks ahead, m256: 256 weight rows per CTA, t256: 256 tokens per CTA)
+        name = PROBE_LABELS.get(base) or (PROBE_LABELS.get(first, first) + base[len(first):].replace("_", " "))
+        name += key[len(base):].replace("_", " ")
         ax.bar(x + (i - (len(times) - 1) / 2) * width, df[c] / df["cublas_us"], width, label=name)
     ax.axhline(1.0, color="black", lw=1, ls="--", label="cuBLAS BF16")
     ax.set_xticks(x, [f"{s}\nM={m}" for s, m in zip(df["shape"], df["m"])])

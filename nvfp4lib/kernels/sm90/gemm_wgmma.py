@@ -1,15 +1,24 @@
 """Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
 
 **Correct on a Hopper GPU, slower than dequantize + cuBLAS, so not dispatched** (``ops/gemm.py`` does not
-call it). On an H200 (``data/bench/wgmma_probe_nvidia_h200_*.json``): rel err ~1e-4 at M = 1..4097 for
-gate_up and down (``tests/test_gemm_wgmma.py``, ``scripts/gpu/wgmma_check.py``); gate_up at M = 8192 takes
-1.22-1.24 ms against cuBLAS BF16's 1.04-1.07 ms and dequantize + cuBLAS's 1.07-1.10 ms. Timing-only probes
-(``probe=...``, wrong results on purpose) show where the time goes: with no weight loads and no decode
-the same pipeline is 1.13x FASTER than cuBLAS (0.94 ms); the decode's instructions (~60% of the gap) and
-the 4-byte gathers (~40%) do not hide under the MMAs. Ping-pong scheduling of the two warpgroups
-(``pingpong=True``) measured 1-10% slower. What would be needed: far fewer decode instructions per MMA
-(a layout in WGMMA's k order saves ~40% of the gap, ``probe="own"``; a cheaper decode the rest), or the
-decode moved off the MMA warps.
+call it). Two schedules, both tested on an H200 (rel err ~1e-4 at M = 1..4097, ``tests/test_gemm_wgmma.py``):
+
+- ``schedule="register"`` (:class:`GemmWgmmaKernel`, described below): the MMA warpgroups decode their own
+  A fragments. gate_up at M = 8192: 1.22-1.24 ms against cuBLAS BF16's 1.04-1.07 ms.
+- ``schedule="decoder"`` (:class:`GemmWgmmaDecoderKernel`): a third warpgroup decodes into shared memory
+  and the MMA warpgroups run SS-WGMMA; ``cluster_m=2`` shares the x tile of two CTAs by TMA multicast.
+  gate_up at M = 8192: 1.125 ms (cluster 2) against cuBLAS 1.047 and dequantize + cuBLAS 1.089; at 4096:
+  553 against 519 and 548 us; down at M = 1024: 78 us against 65 and 85 (the one shape class where it
+  beats dequantize + cuBLAS).
+
+What the timing probes (``probe=...``, wrong results on purpose; ``data/bench/wgmma_probe_nvidia_h200_*.json``)
+showed: decode inside the MMA warps does not hide under the MMAs (its instructions add to the time almost
+one for one; ping-pong scheduling of the warpgroups did not help); decode on another warpgroup mostly
+does; what remains of the decoder schedule's gap is the weight loads (``decoder_noload``: 1.03 ms at
+M = 8192), not their latency (8 chunks in flight no better than 4) nor the x traffic out of L2 (halved by
+the cluster: 3% gained). Caveat: probes that replace the weights by made-up or constant values also
+change the data the tensor cores multiply, hence their power draw and clock: their times are optimistic
+bounds, not costs to subtract exactly.
 
 Shapes and dtypes: x bf16 [M, K] row-major (contiguous, 16-byte aligned), K a multiple of 256; the weight
 in the existing ``"sm90"`` layout of :func:`.dequant.repack_weight` (int32 words [RG, K/64, 32, 4], int32
@@ -397,7 +406,8 @@ class GemmWgmmaDecoderKernel:
       epilogue shared with the register schedule (:func:`store_tile`).
 
     Why: the timing probes (``probe="sidecar"``) showed decode work on a separate warpgroup costs 1-6%
-    while decode inside the MMA warps costs ~17-30%."""
+    while decode inside the MMA warps costs ~17-30%. ``cluster_m=2``: see :meth:`__init__`. ``tile_m=256``
+    (256 weight rows x 128 tokens) measured slower than 128 x 256 (1.33 against 1.17 ms at M = 8192)."""
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1):
@@ -697,17 +707,16 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
-DECODER_CLUSTER_M = 1  # 2: x by TMA multicast across two CTAs
+DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 on an H200 (38950a4)
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
-SCHEDULE = "register"  # "decoder": GemmWgmmaDecoderKernel (compile-verified; see its docstring)
+SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
 
 def tile_n_for(m: int) -> int:
-    """Tokens per CTA. Measured on an H200 (probe "full"): 256 faster than 128 at M = 1024 (180 vs 203 us
-    for gate_up); 128 only where 256 would leave too few CTAs. 256 (m64n256k16, half the decode work per
-    FLOP, one CTA per SM at ~218 registers) once there are enough token blocks, 128 below (more CTAs)."""
-    return 256 if m >= 2048 else 128
+    """Tokens per CTA: 256 (half the decode work per FLOP) from M = 512 up, 128 below (more CTAs). On an H200
+    256 was faster at M = 1024 for both schedules (decoder: 161 against 190 us for gate_up)."""
+    return 256 if m >= 512 else 128
 
 
 def _current_stream():
