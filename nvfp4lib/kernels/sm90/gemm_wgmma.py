@@ -115,6 +115,33 @@ def decode_half_word(word: Int32, shift: Int32, select: Int32, scale_g: Int32, s
     return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(2)]
 
 
+def _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, row_groups, k: int):
+    """x bf16 [m, k], weight words int32 [RG, k/64, 32, 4], alpha fp32 [n], y bf16 [m, n] (both schedules)."""
+    chunks = k // D.CHUNK_K
+    return (cute.make_tensor(x_ptr, cute.make_layout((m, k), stride=(k, 1))),
+            cute.make_tensor(w_ptr, cute.make_layout((row_groups, chunks, 32, 4), stride=(chunks * 128, 128, 4, 1))),
+            cute.make_tensor(alpha_ptr, cute.make_layout((n,))),
+            cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1))))
+
+
+def _tiled_mma(tile_n: int, a_source):
+    """Two warpgroups of m64n{tile_n}k16 bf16 -> fp32 WGMMA, K-major operands, A from ``a_source``."""
+    return sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+                                             Float32, (WARPGROUPS, 1, 1), (64, tile_n), a_source)
+
+
+@cute.jit
+def _kernel_ids(tma_atom: cute.CopyAtom):
+    """(thread, weight row block, token block, warp, lane, lane // 4); warp 0 prefetches the TMA descriptor."""
+    tidx, _, _ = cute.arch.thread_idx()
+    rb, tb, _ = cute.arch.block_idx()
+    warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+    if warp == 0:
+        cpasync.prefetch_descriptor(tma_atom)
+    lane = tidx % 32
+    return tidx, rb, tb, warp, lane, lane // 4
+
+
 def _check_shape(k: int, tile_n: int) -> None:
     D.check_decode_shape(16, k)
     if tile_n not in (128, 256):
@@ -161,16 +188,10 @@ class GemmWgmmaKernel:
                  y_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, stream):
         """x_ptr: bf16 [m, k]; w_ptr: int32 [RG, k/64, 32, 4]; s_ptr: int32 [RG, k/256, 32, 2]; alpha_ptr:
         fp32 [n]; y_ptr: bf16 [m, n]; row_groups = RG = ceil(n / 16)."""
-        mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.k), stride=(self.k, 1)))
-        mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
+        mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, row_groups, self.k)
         # scale words seen per quad of lanes: [RG, k/256, g, 8 words = (source lane s, word)]
         mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 8, 8), stride=(self.quads * 64, 64, 8, 1)))
-        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
-        mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
-
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
-            (WARPGROUPS, 1, 1), (64, self.tile_n), warpgroup.OperandSource.RMEM)
+        tiled_mma = _tiled_mma(self.tile_n, warpgroup.OperandSource.RMEM)
         mma_tiler = (TILE_M, self.tile_n, TILE_K)
         x_smem_staged = sm90_utils.make_smem_layout_b(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
         x_smem_one = cute.slice_(x_smem_staged, (None, None, 0))
@@ -239,13 +260,7 @@ class GemmWgmmaKernel:
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
                mY: cute.Tensor, tiled_mma: cute.TiledMma, x_smem_staged: cute.ComposedLayout, m: Int32, n: Int32,
                row_groups: Int32):
-        tidx, _, _ = cute.arch.thread_idx()
-        rb, tb, _ = cute.arch.block_idx()
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        if warp == 0:
-            cpasync.prefetch_descriptor(tma_atom)
-        lane = tidx % 32
-        g = lane // 4
+        tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
         t = lane % 4
         hsel = t % 2
         shift = hsel * 6
@@ -442,15 +457,9 @@ class GemmWgmmaDecoderKernel:
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
                  y_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, stream):
         """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2])."""
-        mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.k), stride=(self.k, 1)))
-        mW = cute.make_tensor(w_ptr, cute.make_layout((row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
+        mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, row_groups, self.k)
         mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
-        mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((n,)))
-        mY = cute.make_tensor(y_ptr, cute.make_layout((m, n), stride=(n, 1)))
-
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            BFloat16, BFloat16, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
-            (WARPGROUPS, 1, 1), (64, self.tile_n), warpgroup.OperandSource.SMEM)
+        tiled_mma = _tiled_mma(self.tile_n, warpgroup.OperandSource.SMEM)
         mma_tiler = (self.tile_m, self.tile_n, TILE_K)
         a_staged = sm90_utils.make_smem_layout_a(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
         x_staged = sm90_utils.make_smem_layout_b(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
@@ -482,13 +491,7 @@ class GemmWgmmaDecoderKernel:
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
                mY: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout,
                m: Int32, n: Int32, row_groups: Int32):
-        tidx, _, _ = cute.arch.thread_idx()
-        rb, tb, _ = cute.arch.block_idx()
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        if warp == 0:
-            cpasync.prefetch_descriptor(tma_atom)
-        lane = tidx % 32
-        g = lane // 4
+        tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
 
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
