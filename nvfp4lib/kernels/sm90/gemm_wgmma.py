@@ -17,8 +17,9 @@ one for one; ping-pong scheduling of the warpgroups did not help); decode on ano
 does; what remains of the decoder schedule's gap is the weight loads (``decoder_noload``: 1.03 ms at
 M = 8192), not their latency (8 chunks in flight no better than 4) nor the x traffic out of L2 (halved by
 the cluster: 3% gained). Caveat: probes that replace the weights by made-up or constant values also
-change the data the tensor cores multiply, hence their power draw and clock: their times are optimistic
-bounds, not costs to subtract exactly.
+change the data the tensor cores multiply, hence their power draw and clock: cuBLAS itself runs 3-4% faster
+on constant or few-valued weights than on random ones (``data/bench/power_probe_nvidia_h200.json``), so the
+probes' times are optimistic by about that much.
 
 Shapes and dtypes: x bf16 [M, K] row-major (contiguous, 16-byte aligned), K a multiple of 256; the weight
 in the existing ``"sm90"`` layout of :func:`.dequant.repack_weight` (int32 words [RG, K/64, 32, 4], int32
