@@ -197,3 +197,16 @@ def test_bench_without_gpu_says_so(capsys):
     assert gemm.parse_shapes("down,96x512") == {"down": (7168, 3072), "96x512": (96, 512)}
     with pytest.raises(ValueError, match="unknown shape"):
         gemm.parse_shapes("nope")
+
+
+def test_wgmma_dispatch_rule():
+    """The sm90 op runs the WGMMA kernel for M in (64, 1024] when its grid is large enough and there is no
+    bias; the decode kernel below, dequantize + cuBLAS above or for small grids (measured on an H200)."""
+    from nvfp4lib.ops.gemm import use_wgmma
+
+    assert use_wgmma(256, 6144, False) and use_wgmma(256, 7168, False) and use_wgmma(1024, 7168, False)
+    assert not use_wgmma(64, 6144, False)  # decode kernel
+    assert not use_wgmma(2048, 6144, False)  # dequantize + cuBLAS
+    assert not use_wgmma(256, 2048, False)  # fused_wqa_wkv: 16 row blocks x 2 token blocks, most SMs idle
+    assert not use_wgmma(256, 6144, True)  # no bias in the WGMMA epilogue
+    assert not use_wgmma(256, 6143, False)  # the kernel stores column pairs

@@ -79,7 +79,7 @@ def _weight_sets(n: int, k: int, sets: int, quack):
 
 def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
     from ..kernels.sm90 import gemm_decode
-    from ..ops.gemm import DECODE_MAX_M, dequantize_sm90, nvfp4_linear
+    from ..ops.gemm import DECODE_MAX_M, dequantize_sm90, nvfp4_linear, use_wgmma
     from .harness import cosine, hbm_floor_us, rel_error, time_graph
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -92,7 +92,8 @@ def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
         y = nvfp4_linear(x, first)
     torch.cuda.synchronize()
     original = x.float() @ weights[0]["original"].float().t()
-    row = dict(shape=name, M=m, N=n, K=k, path="decode" if m <= DECODE_MAX_M else "prefill",
+    path = "decode" if m <= DECODE_MAX_M else "wgmma" if use_wgmma(m, n, False) else "prefill"
+    row = dict(shape=name, M=m, N=n, K=k, path=path,
                rel_err=rel_error(y, ref), cosine=cosine(y, ref), finite=bool(torch.isfinite(y).all()),
                quant_rel_err_vs_bf16=rel_error(y, original))
     # graph replay must reproduce the eager output
