@@ -92,7 +92,7 @@ def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
         y = nvfp4_linear(x, first)
     torch.cuda.synchronize()
     original = x.float() @ weights[0]["original"].float().t()
-    path = "decode" if m <= DECODE_MAX_M else "wgmma" if use_wgmma(m, n, False) else "prefill"
+    path = "decode" if m <= DECODE_MAX_M else "wgmma" if use_wgmma(m, n, k, False) else "prefill"
     row = dict(shape=name, M=m, N=n, K=k, path=path,
                rel_err=rel_error(y, ref), cosine=cosine(y, ref), finite=bool(torch.isfinite(y).all()),
                quant_rel_err_vs_bf16=rel_error(y, original))

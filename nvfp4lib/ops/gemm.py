@@ -13,7 +13,7 @@ Public API:
 
 Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
 (``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K); M up to
-``WGMMA_MAX_M`` (1024) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule) where its grid
+``WGMMA_MAX_M`` (1024; 512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule) where its grid
 fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
 (``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
 every op is the exact reference: fp32 accumulation over the exact dequantized values, one bf16 rounding.
@@ -34,17 +34,20 @@ from ..formats import BLOCK_SIZE, check_global_scale, check_nvfp4_tensors, e2m1_
 LAYOUT_MODELOPT = "modelopt"  # weight uint8 [N, K/2], block scales e4m3 [N, K/16], row-major
 LAYOUT_SM90 = "sm90"  # kernels/sm90/dequant.py: int32 words [RG, K/64, 32, 4], scale words [RG, K/256, 32, 2]
 DECODE_MAX_M = 64  # M up to this runs the memory-bound decode kernel; larger M the prefill path
-# The WGMMA kernel beats dequantize + cuBLAS on an H200 for M = 256..1024 where its grid is large enough
-# (data/bench/wgmma_probe_nvidia_h200_146e842.json, _38950a4.json: gate_up M = 256 59.5 against 69.3 us, down
-# M = 256 29.7 against 33.8, down M = 1024 77.7 against 85.3; gate_up M = 1024 even) and loses above
-# (gate_up M = 4096: 553 against 548; M = 8192: 1125 against 1089).
+# The WGMMA kernel against dequantize + cuBLAS on an H200 (data/bench/wgmma_probe_nvidia_h200_146e842.json,
+# _38950a4.json, gemm_nvidia_h200.json at 7fdae0f and b64321e): faster at M = 256 for K = 3072, 7168 and 16384
+# (gate_up 59.8 against 69.0 us, down 29.5 against 33.9, wo_b 129.3 against 175.6) and at M = 1024 for
+# K = 3072 (down 77.4 against 80.2); slower at M = 1024 for K = 7168 (gate_up 160.6 against 146.5) and above.
 WGMMA_MAX_M = 1024
+WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K
+WGMMA_LONG_K = 4096
 WGMMA_MIN_CTAS = 96  # gate_up at M = 256 (48 row blocks x 2 token blocks) won; fewer CTAs leave most SMs idle
 
 
-def use_wgmma(m: int, n: int, has_bias: bool) -> bool:
+def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM (see WGMMA_MAX_M)."""
-    if has_bias or n % 2 or not DECODE_MAX_M < m <= WGMMA_MAX_M:
+    most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
+    if has_bias or n % 2 or not DECODE_MAX_M < m <= most:
         return False
     from ..kernels.sm90.gemm_wgmma import TILE_M, tile_n_for
 
@@ -227,7 +230,7 @@ def gemm_w4a16_sm90(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Ten
             from ..kernels.sm90 import gemm_decode
 
             return gemm_decode.run_decode(x.contiguous(), words, scale_words, alpha, n, bias)
-        if use_wgmma(x.shape[0], n, bias is not None):
+        if use_wgmma(x.shape[0], n, x.shape[1], bias is not None):
             from ..kernels.sm90 import gemm_wgmma
 
             return gemm_wgmma.run_wgmma(x.contiguous(), words, scale_words, alpha, n)

@@ -1,7 +1,8 @@
 """Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
 
-**Correct on a Hopper GPU, slower than dequantize + cuBLAS, so not dispatched** (``ops/gemm.py`` does not
-call it). Two schedules, both tested on an H200 (rel err ~1e-4 at M = 1..4097, ``tests/test_gemm_wgmma.py``):
+**Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (512 for K > 4096) where its grid is large
+enough** (``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not. Two schedules, both
+tested on an H200 (rel err ~1e-4 at M = 1..4097, ``tests/test_gemm_wgmma.py``):
 
 - ``schedule="register"`` (:class:`GemmWgmmaKernel`, described below): the MMA warpgroups decode their own
   A fragments. gate_up at M = 8192: 1.22-1.24 ms against cuBLAS BF16's 1.04-1.07 ms.
