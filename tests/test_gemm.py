@@ -199,6 +199,7 @@ def test_bench_without_gpu_says_so(capsys):
         gemm.parse_shapes("nope")
 
 
+@requires_cute  # the rule reads the kernel's tile sizes
 def test_wgmma_dispatch_rule():
     """The sm90 op runs the WGMMA kernel for M in (64, 1024] (512 for K > 4096) when its grid is large enough
     and there is no bias; the decode kernel below, dequantize + cuBLAS above or for small grids (measured on
