@@ -13,9 +13,10 @@ Public API:
 
 Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
 (``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K); M up to
-``WGMMA_MAX_M`` (1024; 512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule) where its grid
-fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
-(``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
+``WGMMA_MAX_M`` (1024; 512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule)
+where its grid fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
+(``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The
+ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
 every op is the exact reference: fp32 accumulation over the exact dequantized values, one bf16 rounding.
 
 The global scale is never folded into the E4M3 block scales: each output column n gets its own fp32
