@@ -82,7 +82,6 @@ WARPGROUPS = 2
 THREADS = 128 * WARPGROUPS
 TILE_K = D.CHUNK_K  # one 64-k chunk per pipeline stage
 STEPS = TILE_K // 16  # k16 WGMMAs per chunk
-SMEM_BYTES = 227 * 1024
 FULL_MASK = D.EM_MASK | D.SIGN_MASK
 SCALE_BIAS2 = (D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS
 PROBES = ("full", "own", "nodecode", "noload", "sidecar", "sidecar_idle")
@@ -411,8 +410,9 @@ def decoder_default_stages(tile_n: int, tile_m: int = TILE_M) -> int:
 class GemmWgmmaDecoderKernel:
     """The decoder schedule (``schedule="decoder"``): warpgroup 0 decodes, warpgroups 1 and 2 only multiply.
 
-    - Warpgroup 0 (128 threads): warp w decodes row groups 2w and 2w + 1 of the CTA's 128 weight rows, one
-      16-byte load per lane and row group per 64-k chunk (loaded two chunks ahead), the full register
+    - Warpgroup 0 (128 threads): warp w decodes row groups Rw .. Rw + R - 1 of the CTA's ``tile_m`` weight
+      rows (R = tile_m / 64), one 16-byte load per lane and row group per 64-k chunk (loaded ``ahead`` chunks
+      early), the full register
       decode (:func:`.gemm_decode.decode_word`), and writes the bf16 tile into a ``stages``-deep shared
       buffer in WGMMA's canonical K-major 128-byte-swizzled layout (8-byte stores; lanes of even and odd
       ``g // 2`` take their words in opposite order so a store instruction costs the minimum 2 wavefronts).
