@@ -172,3 +172,110 @@ def test_wgmma_accuracy_on_gpu(fresh_seed, n, k, m, tile_n, schedule, tile_m, cl
     assert out.data_ptr() == y.data_ptr()
     assert torch.isfinite(y).all()
     assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+
+
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_grouped_tile_table_covers_every_row_once(fresh_seed, tile_n):
+    """The grouped kernel's token tiles: every row of every group lies in exactly one tile of its own group,
+    tiles come in expert order, the tiles past the last group's are empty, and grouped_max_tiles bounds them."""
+    from nvfp4lib.kernels.sm90.gemm_wgmma import grouped_max_tiles, grouped_tile_table
+
+    for counts in ([0, 300, 0, 0, 1, 256, 255, 0], [1] * 7, [0, 0, 5000], [0] * 3 + [700] + [0] * 2):
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        m, experts = bounds[-1], len(counts)
+        max_tiles = grouped_max_tiles(m, experts, tile_n)
+        table = grouped_tile_table(torch.tensor(bounds, dtype=torch.int32), tile_n, max_tiles)
+        assert table.dtype == torch.int32 and table.shape == (max_tiles, 3)
+        owner = torch.full((m,), -1)
+        experts_seen = []
+        for e, row0, row_end in table.tolist():
+            if row0 >= row_end:
+                continue
+            assert bounds[e] <= row0 < row_end == bounds[e + 1]
+            rows = slice(row0, min(row0 + tile_n, row_end))
+            assert (owner[rows] == -1).all()
+            owner[rows] = e
+            experts_seen.append(e)
+        assert experts_seen == sorted(experts_seen)
+        expected = torch.repeat_interleave(torch.arange(experts), torch.tensor(counts))
+        assert torch.equal(owner, expected)
+        used = sum(-(-c // tile_n) for c in counts)
+        assert used <= max_tiles and (table[used:, 1] >= table[used:, 2]).all()
+
+
+@requires_cute
+def test_grouped_decoder_ptx_sm90a():
+    """The grouped kernel is the decoder schedule with a tile table: the same SS-WGMMAs and multicast TMA of x."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, 256, arch="sm_90a", keep_ptx=True, schedule="decoder", cluster_m=2, grouped=True))
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.bf16\.bf16", ptx)) == 4
+    assert len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::cluster\.global\.tile\.mbarrier::complete_tx::bytes\.multicast::cluster", ptx)) == 8
+    assert ".local" not in ptx
+    with pytest.raises(ValueError, match="decoder"):
+        gemm_wgmma.compile_wgmma(512, 128, arch="sm_90a", schedule="register", grouped=True)
+
+
+def _grouped_case(counts, n, k):
+    from nvfp4lib import moe
+
+    weight = torch.randint(0, 256, (len(counts), n, k // 2), dtype=torch.uint8, device="cuda")
+    block = (1 + 447 * torch.rand(len(counts), n, k // 16, device="cuda")).to(torch.float8_e4m3fn)
+    grouped = moe.prepare_grouped_weight(weight, block, 1e-4 * (0.5 + torch.rand(len(counts), 2)), (n // 2, n // 2), layout="sm90")
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    offsets = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    return grouped, offsets
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("n,k", SHAPES[:2] + [(512, 512)])
+@pytest.mark.parametrize("counts", [(300, 0, 517, 1), (0, 1024, 129, 0, 256)])
+@pytest.mark.parametrize("tile_n,cluster_m", [(128, 2), (256, 2), (256, 1)])
+def test_grouped_wgmma_accuracy_on_gpu(fresh_seed, n, k, counts, tile_n, cluster_m):
+    """One launch over uneven groups (empty ones included; a group's last tile runs into the next group's rows,
+    which must not be stored), two global scales per expert, into a NaN-poisoned output: every row written."""
+    from nvfp4lib.bench.harness import cosine, rel_error
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+    from nvfp4lib.ops.moe import _grouped_sm90_reference
+
+    w, offsets = _grouped_case(counts, n, k)
+    x = torch.randn(int(offsets[-1]), k, device="cuda", dtype=torch.bfloat16)
+    y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n, out=y, tile_n=tile_n, cluster_m=cluster_m)
+    torch.cuda.synchronize()
+    ref = _grouped_sm90_reference(x, offsets.tolist(), w.weight, w.block_scale, w.alpha, n, None)
+    assert torch.isfinite(y).all()
+    for e, (a, b) in enumerate(zip(offsets.tolist(), offsets.tolist()[1:])):
+        if b > a:
+            assert rel_error(y[a:b], ref[a:b]) <= 1e-2 and cosine(y[a:b], ref[a:b]) >= 0.9999, f"group {e}"
+
+
+@requires_hopper
+@requires_cute
+def test_grouped_wgmma_replays_in_a_graph_with_new_offsets(fresh_seed):
+    """Captured once, replayed with new rows and new group sizes (the tile table is rebuilt on the device)."""
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+    from nvfp4lib.ops.moe import _grouped_sm90_reference
+
+    n, k = 512, 512
+    w, offsets = _grouped_case((200, 0, 300, 12), n, k)
+    x = torch.randn(512, k, device="cuda", dtype=torch.bfloat16)
+    gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n)
+    offsets.copy_(torch.tensor([0, 5, 400, 400, 512], dtype=torch.int32))
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _grouped_sm90_reference(x, offsets.tolist(), w.weight, w.block_scale, w.alpha, n, None)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n))
+    assert (out.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()

@@ -443,10 +443,17 @@ def test_moe_block_on_hopper_sm90_weights_matches_fp32(fresh_seed):
 @requires_hopper
 @pytest.mark.parametrize("counts", [(150, 0, 10, 200, 70, 90), (10, 150, 0, 200, 65), (130, 66, 0, 200)])
 @pytest.mark.parametrize("limit", [None, 10.0])
-def test_prefill_loop_on_hopper_matches_reference(fresh_seed, counts, limit):
-    """Groups over the decode bound take the eager host loop (dequantize on a side stream + cuBLAS; with the
-    SwiGLU, one pass over the large groups' rows): mixed with small and empty groups, small groups first or
-    not, against the exact reference."""
+@pytest.mark.parametrize("path", ["wgmma", "loop"])
+def test_prefill_on_hopper_matches_reference(fresh_seed, counts, limit, path, monkeypatch):
+    """Groups over the decode bound take the one-launch grouped WGMMA kernel (then the SwiGLU over all rows),
+    or with GROUPED_WGMMA off the eager host loop (dequantize on a side stream + cuBLAS; with the SwiGLU, one
+    pass over the large groups' rows): mixed with small and empty groups, small groups first or not,
+    against the exact reference."""
+    from nvfp4lib.ops import moe as moe_ops
+
+    if path == "wgmma" and not moe_ops.grouped_wgmma_fits(512):
+        pytest.skip("the grouped WGMMA kernel needs nvidia-cutlass-dsl")
+    monkeypatch.setattr(moe_ops, "GROUPED_WGMMA", path == "wgmma")
     weights, _, _ = make_experts(len(counts), hidden=512, inter=256)
     w = weights.to("cuda").gate_up
     bounds = [0]

@@ -163,13 +163,12 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
     weights0 = sets[0][0]
     offsets, max_rows = routing.offsets, tokens  # top-k ids are distinct per token: an expert holds <= T rows
     reference = fp32_expert_path(xs[0], bounds, weights0)
-    use_grouped = max_rows <= moe_ops.GROUPED_KERNEL_MAX_ROWS  # what the op runs eagerly (decode)
+    use_grouped = max_rows <= moe_ops.GROUPED_KERNEL_MAX_ROWS  # the one-launch decode kernel
+    use_wgmma = args.device == "cuda" and not use_grouped and moe_ops.grouped_wgmma_fits(hidden) and moe_ops.grouped_wgmma_fits(weights0.down.k)
     loop_out = loop_expert_path(xs[0], bounds, weights0)
     notes: List[str] = []
-    grouped_out, grouped, grouped_how = None, None, None
-    if use_grouped:  # (for prefill the one-launch kernel is a decode design: not timed there)
-        grouped_out = grouped_expert_path(xs[0], offsets, max_rows, weights0)
-        grouped, grouped_how = _time([lambda w=w, x=x: grouped_expert_path(x, offsets, max_rows, w) for (w, _, _), x in zip(sets, xs)], args, notes, "grouped")
+    grouped_out = grouped_expert_path(xs[0], offsets, max_rows, weights0)
+    grouped, grouped_how = _time([lambda w=w, x=x: grouped_expert_path(x, offsets, max_rows, w) for (w, _, _), x in zip(sets, xs)], args, notes, "grouped")
     loop, loop_how = _time([lambda w=w, x=x: loop_expert_path(x, bounds, w) for (w, _, _), x in zip(sets, xs)], args, notes, "loop")
     grouped_mm = grouped_mm_how = None
     if hasattr(torch, "_grouped_mm") and xs[0].is_cuda:
@@ -181,7 +180,7 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         topk_w = torch.rand(tokens, top_k, device=args.device)
         block, block_how = _time([lambda w=w, x=x: moe.moe_block(x, ids, topk_w, w, check=False) for (w, _, _), x in zip(sets, tokens_x)],
                                  args, notes, "block")
-    ours, ours_how, out = (grouped, grouped_how, grouped_out) if use_grouped else (loop, loop_how, loop_out)
+    ours, ours_how, out = grouped, grouped_how, grouped_out
     cublas, cublas_how = _time(
         [lambda g=g, d=d, x=x: cublas_expert_path(x, bounds, g, d, weights0.swiglu_limit) for (_, g, d), x in zip(sets, xs)],
         args, notes, "cublas")
@@ -197,8 +196,9 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         "loop_us": loop, "loop_rel_err": harness.rel_error(loop_out, reference), "block_us": block, "block_method": block_how,
         "grouped_mm_bf16_us": grouped_mm, "grouped_mm_bf16_method": grouped_mm_how,
         "layout": weights0.gate_up.layout,
-        "our_path": ("one-launch grouped kernel x2 (gate_up + fused SwiGLU, down)" if use_grouped
-                     else "host loop of sm90 GEMMs over non-empty experts (the op's eager path for groups > 64 rows)"),
+        "our_path": ("one-launch grouped decode kernel x2 (gate_up + fused SwiGLU, down)" if use_grouped
+                     else "one-launch grouped WGMMA kernel x2 (gate_up, SwiGLU pass, down)" if use_wgmma
+                     else "the grouped op (host loop of sm90 GEMMs over non-empty experts when eager)"),
     }
     if case == "decode":
         row.update(target=f"<= {DECODE_FLOOR_FACTOR:g}x floor of touched weights",

@@ -26,7 +26,8 @@ from .. import moe as _moe
 from ..formats import check_nvfp4_tensors
 from .gemm import _check_sm90_args, clamped_swiglu_reference, dequantize_sm90
 
-GROUPED_KERNEL_MAX_ROWS = 64  # groups bounded by this many rows run the one-launch kernel when eager
+GROUPED_KERNEL_MAX_ROWS = 64  # groups bounded by this many rows run the one-launch decode kernel
+GROUPED_WGMMA = True  # larger groups: the one-launch grouped WGMMA kernel (else the host loop, or the decode kernel under capture)
 
 
 @torch.library.custom_op("nvfp4lib::grouped_gemm_w4a16", mutates_args=())
@@ -156,12 +157,25 @@ def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words
     out_n = n // 2 if swiglu_limit is not None else n
     if x_sorted.shape[0] == 0:
         return x_sorted.new_empty((0, out_n))
+    if max_rows > GROUPED_KERNEL_MAX_ROWS and grouped_wgmma_fits(x_sorted.shape[1]):
+        from ..kernels.sm90 import gemm_wgmma
+
+        hidden = gemm_wgmma.run_grouped_wgmma(x_sorted.contiguous(), offsets, words, scale_words, alpha, n)
+        return hidden if swiglu_limit is None else _moe.clamped_swiglu(hidden, swiglu_limit)
     if capturing or max_rows <= GROUPED_KERNEL_MAX_ROWS:
         from ..kernels.sm90 import gemm_decode
 
         return gemm_decode.run_grouped_decode(x_sorted.contiguous(), offsets.to(torch.int32), words, scale_words, alpha, out_n,
                                               max_rows, swiglu_limit)
     return grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit)  # eager here: bounds known
+
+
+def grouped_wgmma_fits(k: int) -> bool:
+    """Whether the one-launch grouped WGMMA kernel takes groups of K = k (a multiple of 256; CuTeDSL installed)."""
+    from ..kernels.cute_compile import cute_available
+    from ..kernels.sm90 import dequant as D
+
+    return GROUPED_WGMMA and k % D.QUAD_K == 0 and cute_available()
 
 
 @grouped_gemm_w4a16_sm90.register_fake

@@ -377,7 +377,7 @@ class GemmWgmmaKernel:
                 cute.arch.barrier(barrier_id=1, number_of_threads=THREADS)
         warpgroup.wait_group(0)
 
-        store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n)
+        store_tile(acc, thr_mma, mAlpha, mY, rb, tb * self.tile_n, m, n, g, self.tile_n)
 
     @cute.jit
     def _sidecar(self, mY: cute.Tensor, g: Int32, tidx: Int32):
@@ -427,8 +427,11 @@ class GemmWgmmaDecoderKernel:
     (256 weight rows x 128 tokens) measured slower than 128 x 256 (1.33 against 1.17 ms at M = 8192)."""
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
-                 tile_m: int = TILE_M, cluster_m: int = 1):
+                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False):
         _check_shape(k, tile_n)
+        # grouped: E weights stacked, token tile j of the grid is row j of a tile table (expert, first row, end row
+        # of its expert; see grouped_tile_table), so one launch covers every expert's rows
+        self.grouped = grouped
         if cluster_m not in (1, 2):
             raise ValueError(f"cluster_m must be 1 or 2, got {cluster_m}")
         # cluster_m = 2: two CTAs on neighbouring weight row blocks and the same tokens form a cluster, and each
@@ -457,10 +460,15 @@ class GemmWgmmaDecoderKernel:
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
-                 y_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, stream):
-        """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2])."""
-        mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, row_groups, self.k)
-        mS = cute.make_tensor(s_ptr, cute.make_layout((row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
+                 y_ptr: cute.Pointer, tiles_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, experts: Int32,
+                 token_tiles: Int32, stream):
+        """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2]), with E =
+        ``experts`` weights stacked (words [E * RG, ...], scale words [E * RG, ...], alpha fp32 [E, n]; E = 1
+        when not grouped). ``token_tiles``: the grid's token tiles (ceil(m / tile_n) when not grouped); grouped,
+        tiles_ptr is int32 [token_tiles, 3] (:func:`grouped_tile_table`), else unused."""
+        mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, experts * row_groups, self.k)
+        mS = cute.make_tensor(s_ptr, cute.make_layout((experts * row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
+        mTiles = cute.make_tensor(tiles_ptr, cute.make_layout((token_tiles, 3), stride=(3, 1)))
         tiled_mma = _tiled_mma(self.tile_n, warpgroup.OperandSource.SMEM)
         mma_tiler = (self.tile_m, self.tile_n, TILE_K)
         a_staged = sm90_utils.make_smem_layout_a(cutlass.utils.LayoutEnum.ROW_MAJOR, mma_tiler, BFloat16, self.stages)
@@ -485,16 +493,30 @@ class GemmWgmmaDecoderKernel:
         rg_per_cta = self.tile_m // D.ROWS_PER_GROUP
         row_blocks = (row_groups + rg_per_cta - 1) // rg_per_cta
         row_blocks = (row_blocks + self.cluster_m - 1) // self.cluster_m * self.cluster_m  # whole clusters
-        token_blocks = (m + self.tile_n - 1) // self.tile_n
-        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, m, n, row_groups).launch(
-            grid=[row_blocks, token_blocks, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
+        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, tiled_mma, a_staged, x_staged, m, n, row_groups).launch(
+            grid=[row_blocks, token_tiles, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
-               mY: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout,
-               m: Int32, n: Int32, row_groups: Int32):
+               mY: cute.Tensor, mTiles: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout,
+               x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32):
         tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
+        if cutlass.const_expr(self.grouped):
+            expert, row0, row_end = mTiles[tb, 0], mTiles[tb, 1], mTiles[tb, 2]
+        else:
+            expert, row0, row_end = Int32(0), tb * self.tile_n, m
+        # grouped: the table's tiles past the last expert's have no rows (both CTAs of a cluster share tb, so
+        # they skip together, before any cluster-wide barrier)
+        if row0 < row_end:
+            self._tile(tma_atom, mX_tma, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, tidx, rb, warp, lane, g, expert,
+                       row0, row_end, n, row_groups)
 
+    @cute.jit
+    def _tile(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
+              mY: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout,
+              tidx: Int32, rb: Int32, warp: Int32, lane: Int32, g: Int32, expert: Int32, row0: Int32, row_end: Int32, n: Int32,
+              row_groups: Int32):
+        """One CTA tile: weight rows of row block rb (of weight ``expert``) x the tile_n token rows from row0."""
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         # x: the stage a CTA's TMA fills is the same in every CTA of the cluster, so its empty barrier counts the
@@ -518,11 +540,12 @@ class GemmWgmmaDecoderKernel:
         if warp < DECODER_THREADS // 32:
             sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
                                     cute.make_layout((self.stages * self.a_stage_words,)))
-            gX = cute.local_tile(mX_tma, (self.tile_n, TILE_K), (tb, None))
+            gX = cute.local_tile(cute.domain_offset((row0, 0), mX_tma), (self.tile_n, TILE_K), (0, None))
             tXsX, tXgX = cpasync.tma_partition(tma_atom, cluster_coord[0], cute.make_layout(self.cluster_m),
                                                cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
             mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0) if cutlass.const_expr(self.cluster_m > 1) else 0
-            self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, row_groups, mcast_mask)
+            self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, expert * row_groups, row_groups,
+                              mcast_mask)
         else:
             thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -549,7 +572,8 @@ class GemmWgmmaDecoderKernel:
             # the last chunk's stages too: with a cluster the producer's tail waits for every release
             x_pipe.consumer_release(release)
             a_pipe.consumer_release(release)
-            store_tile(acc, thr_mma, mAlpha, mY, rb, tb, m, n, g, self.tile_n, self.tile_m)
+            alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
+            store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m)
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
@@ -561,14 +585,14 @@ class GemmWgmmaDecoderKernel:
 
     @cute.jit
     def _decode_loop(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX,
-                     warp: Int32, lane: Int32, rb: Int32, row_groups: Int32, mcast_mask):
+                     warp: Int32, lane: Int32, rb: Int32, rg_base: Int32, row_groups: Int32, mcast_mask):
         """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory."""
         g = lane // 4
         t = lane % 4
         flip = (g >> 1) & 1  # word order: lanes of odd g // 2 store words kk ^ 1 (bank-conflict-free stores)
         flip_mask = Int32(0) - flip
         R = self.rg_per_warp
-        rgs = [cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
+        rgs = [rg_base + cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
         # raw words [slot, row group, word], `ahead` chunks in flight; scale words [row group, word] per quad
         wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, R, 4), order=(2, 1, 0)), Int32)
         scur = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
@@ -640,13 +664,14 @@ class GemmWgmmaDecoderKernel:
 
 
 @cute.jit
-def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, tb: Int32, m: Int32, n: Int32,
+def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32, n: Int32,
                g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M):
-    """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens)
-    -> ``y[token, col] = bf16(acc * alpha[col] * 2**7)``, token and column bounds masked."""
+    """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens,
+    the tokens from row ``row0`` of y) -> ``y[token, col] = bf16(acc * alpha[col] * 2**7)``; tokens from
+    ``row_end`` on (the end of y, or of the tile's expert) and columns past n are not stored."""
     # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
     # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
-    mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((m, n // 2), stride=(n // 2, 1)))
+    mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((mY.shape[0], n // 2), stride=(n // 2, 1)))
     shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
     odd = g % 2
     cC = cute.make_identity_tensor((tile_m, tile_n))
@@ -661,8 +686,8 @@ def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, 
         recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
         lo = cutlass.select_(odd == 1, recv, v0)
         hi = cutlass.select_(odd == 1, v1, recv)
-        tok = tb * tile_n + nn + odd
-        if (tok < m) & (col < n):
+        tok = row0 + nn + odd
+        if (tok < row_end) & (col < n):
             mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
 
 
@@ -675,7 +700,7 @@ def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
-def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
+def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=None, with_tiles=False):
     from cutlass.cute.runtime import make_ptr
 
     gmem = cute.AddressSpace.gmem
@@ -683,15 +708,17 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None):
     def pointer(dtype, t, align):
         return make_ptr(dtype, 0 if t is None else t.data_ptr(), gmem, assumed_align=align)
 
-    return (pointer(BFloat16, x, 16), pointer(Int32, words, 16), pointer(Int32, scale_words, 16), pointer(Float32, alpha, 4),
-            pointer(BFloat16, y, 4))
+    pointers = (pointer(BFloat16, x, 16), pointer(Int32, words, 16), pointer(Int32, scale_words, 16), pointer(Float32, alpha, 4),
+                pointer(BFloat16, y, 4))
+    return pointers + (pointer(Int32, tiles, 4),) if with_tiles else pointers
 
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-                  tile_m: int | None = None, cluster_m: int | None = None):
+                  tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
-    ``arch="sm_90a"`` on a machine whose default target is something else."""
+    ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
+    only): the one-launch grouped kernel of :func:`run_grouped_wgmma`."""
     from cutlass.cute.runtime import make_fake_stream
 
     schedule = SCHEDULE if schedule is None else schedule
@@ -700,10 +727,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M)
-        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m)
-        return compile_kernel(key, kernel, *_pointers(), Int32(256), Int32(128), Int32(8), make_fake_stream(), arch=arch,
-                              keep_ptx=keep_ptx)
+                                        cluster_m or DECODER_CLUSTER_M, grouped)
+        key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
+               grouped)
+        return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(8), Int32(1), Int32(1),
+                              make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+    if grouped:
+        raise ValueError("only the decoder schedule has a grouped kernel")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -759,8 +789,89 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
     tile_n = tile_n or tile_n_for(m)
+    schedule = SCHEDULE if schedule is None else schedule
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m)
-    compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y), Int32(m), Int32(n),
-             Int32(row_groups), _current_stream())
+    tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
+    if schedule == "decoder":
+        compiled(*_pointers(*tensors, with_tiles=True), Int32(m), Int32(n), Int32(row_groups), Int32(1), Int32(-(-m // tile_n)),
+                 _current_stream())
+    else:
+        compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), _current_stream())
+    return y
+
+
+def grouped_tile_table(offsets: torch.Tensor, tile_n: int, max_tiles: int) -> torch.Tensor:
+    """int32 [max_tiles, 3]: per token tile of the grouped kernel, (expert, first row, end row of the expert).
+
+    offsets: int [E+1] on the device, non-decreasing from 0 (group e is rows offsets[e]:offsets[e+1]). Group e
+    gets ceil(rows / tile_n) tiles, in expert order (so that consecutive CTAs share an expert's weights in L2);
+    the rows of a group's last tile past its end belong to the next group (computed, not stored). Rows past
+    the last group's tiles: (E - 1, 0, 0), which the kernel skips. Device ops only: no host sync, capturable.
+    max_tiles must bound the tiles: :func:`grouped_max_tiles`."""
+    offsets = offsets.to(torch.int64)
+    experts = offsets.shape[0] - 1
+    tiles = (offsets[1:] - offsets[:-1] + tile_n - 1) // tile_n
+    ends = torch.cumsum(tiles, 0)
+    t = torch.arange(max_tiles, device=offsets.device)
+    e = torch.searchsorted(ends, t, right=True)
+    valid = e < experts
+    e = e.clamp(max=experts - 1)
+    row0 = offsets[e] + (t - (ends[e] - tiles[e])) * tile_n
+    row_end = offsets[e + 1]
+    return torch.stack([e, torch.where(valid, row0, 0), torch.where(valid, row_end, 0)], 1).to(torch.int32)
+
+
+def grouped_max_tiles(m: int, experts: int, tile_n: int) -> int:
+    """A bound on the token tiles of E groups of m rows in all: sum ceil(m_e / tile_n) <= (m + E (tile_n - 1)) / tile_n."""
+    return max(1, (m + experts * (tile_n - 1)) // tile_n)
+
+
+def grouped_tile_n(m: int, experts: int) -> int:
+    """Tokens per CTA of the grouped kernel: from the AVERAGE rows per group (each group wastes half a tile on average)."""
+    return tile_n_for(m // max(1, experts))
+
+
+def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
+                      alpha: torch.Tensor, n: int, out: torch.Tensor | None = None, tile_n: int | None = None,
+                      tiles: torch.Tensor | None = None, cluster_m: int | None = None) -> torch.Tensor:
+    """One launch for E weights: ``y[rows of group e] = x[rows of group e] @ dequant(W_e)^T * alpha[e]``.
+
+    x bf16 [M, K] (contiguous, expert-sorted rows); offsets int [E+1] on the device (0 .. M, non-decreasing;
+    not checked here: no host sync); words int32 [E, RG, K/64, 32, 4], scale_words int32 [E, RG, K/256, 32, 2]
+    (:func:`nvfp4lib.moe.repack_experts`); alpha fp32 [E, n]. ``tiles``: a precomputed
+    :func:`grouped_tile_table` for this tile_n (the gate_up and down GEMMs of one MoE block share it).
+    Returns bf16 [M, n]; rows outside every group are left unwritten. CUDA-graph capturable after a first
+    eager call (which compiles)."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    if words.dim() != 5 or scale_words.dim() != 5 or words.shape[:2] != scale_words.shape[:2]:
+        raise ValueError(f"words / scale_words must be int32 [E, RG, K/64, 32, 4] / [E, RG, K/256, 32, 2], got "
+                         f"{tuple(words.shape)} and {tuple(scale_words.shape)}")
+    experts, row_groups = words.shape[:2]
+    if k % D.QUAD_K or words.shape[2] * D.CHUNK_K != k:
+        raise ValueError(f"the WGMMA kernel needs K a multiple of {D.QUAD_K} matching the words, got K={k}, words {tuple(words.shape)}")
+    if not (row_groups - 1) * D.ROWS_PER_GROUP < n <= row_groups * D.ROWS_PER_GROUP or n % 2:
+        raise ValueError(f"n={n} must be even and match {row_groups} row groups of 16")
+    if alpha.shape != (experts, n) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [E, n] = [{experts}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    if offsets.shape != (experts + 1,) or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be an integer tensor [E+1] = [{experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
+    if m == 0:
+        return y
+    tile_n = tile_n or grouped_tile_n(m, experts)
+    max_tiles = grouped_max_tiles(m, experts, tile_n)
+    if tiles is None:
+        tiles = grouped_tile_table(offsets, tile_n, max_tiles)
+    elif tiles.shape != (max_tiles, 3) or tiles.dtype != torch.int32:
+        raise ValueError(f"tiles must be int32 [{max_tiles}, 3] (grouped_tile_table for tile_n={tile_n}), got {tiles.dtype} {tuple(tiles.shape)}")
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True)
+    compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
+             Int32(m), Int32(n), Int32(row_groups), Int32(experts), Int32(max_tiles), _current_stream())
     return y
