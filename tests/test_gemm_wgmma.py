@@ -217,6 +217,12 @@ def test_grouped_decoder_ptx_sm90a():
     assert ".local" not in ptx
     with pytest.raises(ValueError, match="decoder"):
         gemm_wgmma.compile_wgmma(512, 128, arch="sm_90a", schedule="register", grouped=True)
+    # the SwiGLU epilogue: the same MMAs, and per pair of outputs two exponentials (ex2) for the SiLU
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, 256, arch="sm_90a", keep_ptx=True, schedule="decoder", grouped=True, swiglu=True))
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16", ptx)) == 4
+    assert len(re.findall(r"ex2\.approx", ptx)) == 256 // 4 and ".local" not in ptx
+    with pytest.raises(ValueError, match="tile_m"):
+        gemm_wgmma.GemmWgmmaDecoderKernel(512, 128, tile_m=256, swiglu=True)
 
 
 def _grouped_case(counts, n, k):
@@ -237,19 +243,23 @@ def _grouped_case(counts, n, k):
 @pytest.mark.parametrize("n,k", SHAPES[:2] + [(512, 512)])
 @pytest.mark.parametrize("counts", [(300, 0, 517, 1), (0, 1024, 129, 0, 256)])
 @pytest.mark.parametrize("tile_n,cluster_m", [(128, 2), (256, 2), (256, 1)])
-def test_grouped_wgmma_accuracy_on_gpu(fresh_seed, n, k, counts, tile_n, cluster_m):
+@pytest.mark.parametrize("limit", [None, 10.0, float("inf")])
+def test_grouped_wgmma_accuracy_on_gpu(fresh_seed, n, k, counts, tile_n, cluster_m, limit):
     """One launch over uneven groups (empty ones included; a group's last tile runs into the next group's rows,
-    which must not be stored), two global scales per expert, into a NaN-poisoned output: every row written."""
+    which must not be stored), two global scales per expert, into a NaN-poisoned output: every row written.
+    With ``limit`` the weight is gate_up and the epilogue computes the clamped SwiGLU."""
     from nvfp4lib.bench.harness import cosine, rel_error
     from nvfp4lib.kernels.sm90 import gemm_wgmma
     from nvfp4lib.ops.moe import _grouped_sm90_reference
 
     w, offsets = _grouped_case(counts, n, k)
-    x = torch.randn(int(offsets[-1]), k, device="cuda", dtype=torch.bfloat16)
-    y = torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n, out=y, tile_n=tile_n, cluster_m=cluster_m)
+    x = torch.randn(int(offsets[-1]), k, device="cuda", dtype=torch.bfloat16) * (4.0 if limit == 10.0 else 1.0)  # some clamped
+    out_n = n if limit is None else n // 2
+    y = torch.full((x.shape[0], out_n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n, out=y, tile_n=tile_n, cluster_m=cluster_m,
+                                 swiglu_limit=limit)
     torch.cuda.synchronize()
-    ref = _grouped_sm90_reference(x, offsets.tolist(), w.weight, w.block_scale, w.alpha, n, None)
+    ref = _grouped_sm90_reference(x, offsets.tolist(), w.weight, w.block_scale, w.alpha, n, limit)
     assert torch.isfinite(y).all()
     for e, (a, b) in enumerate(zip(offsets.tolist(), offsets.tolist()[1:])):
         if b > a:
@@ -258,7 +268,8 @@ def test_grouped_wgmma_accuracy_on_gpu(fresh_seed, n, k, counts, tile_n, cluster
 
 @requires_hopper
 @requires_cute
-def test_grouped_wgmma_replays_in_a_graph_with_new_offsets(fresh_seed):
+@pytest.mark.parametrize("limit", [None, 10.0])
+def test_grouped_wgmma_replays_in_a_graph_with_new_offsets(fresh_seed, limit):
     """Captured once, replayed with new rows and new group sizes (the tile table is rebuilt on the device)."""
     from nvfp4lib.kernels.sm90 import gemm_wgmma
     from nvfp4lib.ops.moe import _grouped_sm90_reference
@@ -266,16 +277,20 @@ def test_grouped_wgmma_replays_in_a_graph_with_new_offsets(fresh_seed):
     n, k = 512, 512
     w, offsets = _grouped_case((200, 0, 300, 12), n, k)
     x = torch.randn(512, k, device="cuda", dtype=torch.bfloat16)
-    gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n)  # compile
+
+    def run():
+        return gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n, swiglu_limit=limit)
+
+    run()  # compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n)
+        out = run()
     offsets.copy_(torch.tensor([0, 5, 400, 400, 512], dtype=torch.int32))
     x.copy_(torch.randn_like(x))
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    ref = _grouped_sm90_reference(x, offsets.tolist(), w.weight, w.block_scale, w.alpha, n, None)
+    ref = _grouped_sm90_reference(x, offsets.tolist(), w.weight, w.block_scale, w.alpha, n, limit)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n))
+    assert torch.equal(out, run())
     assert (out.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()

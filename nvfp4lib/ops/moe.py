@@ -157,11 +157,10 @@ def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words
     out_n = n // 2 if swiglu_limit is not None else n
     if x_sorted.shape[0] == 0:
         return x_sorted.new_empty((0, out_n))
-    if max_rows > GROUPED_KERNEL_MAX_ROWS and grouped_wgmma_fits(x_sorted.shape[1]):
+    if max_rows > GROUPED_KERNEL_MAX_ROWS and grouped_wgmma_takes(x_sorted.shape[1], n, swiglu_limit is not None):
         from ..kernels.sm90 import gemm_wgmma
 
-        hidden = gemm_wgmma.run_grouped_wgmma(x_sorted.contiguous(), offsets, words, scale_words, alpha, n)
-        return hidden if swiglu_limit is None else _moe.clamped_swiglu(hidden, swiglu_limit)
+        return gemm_wgmma.run_grouped_wgmma(x_sorted.contiguous(), offsets, words, scale_words, alpha, n, swiglu_limit=swiglu_limit)
     if capturing or max_rows <= GROUPED_KERNEL_MAX_ROWS:
         from ..kernels.sm90 import gemm_decode
 
@@ -176,6 +175,11 @@ def grouped_wgmma_fits(k: int) -> bool:
     from ..kernels.sm90 import dequant as D
 
     return GROUPED_WGMMA and k % D.QUAD_K == 0 and cute_available()
+
+
+def grouped_wgmma_takes(k: int, n: int, swiglu: bool) -> bool:
+    """:func:`grouped_wgmma_fits` and N: even, and with the SwiGLU epilogue 2I rows with I a multiple of 64."""
+    return grouped_wgmma_fits(k) and n % (128 if swiglu else 2) == 0
 
 
 @grouped_gemm_w4a16_sm90.register_fake

@@ -56,6 +56,16 @@ for name, (n, k, segments) in SHAPES.items():
             [lambda w=w, o=o: gemm_wgmma.run_grouped_wgmma(x, routing.offsets, w.weight, w.block_scale, w.alpha, n, out=o,
                                                           tile_n=tile_n, cluster_m=cluster) for w, o in zip(sets, outs)],
             notes, f"{key} {name}")[0]
+    if name == "gate_up":  # the fused SwiGLU epilogue against the loop followed by the SwiGLU pass
+        act = [torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16) for _ in sets]
+        y = gemm_wgmma.run_grouped_wgmma(x, routing.offsets, sets[0].weight, sets[0].block_scale, sets[0].alpha, n, swiglu_limit=10.0)
+        sref = _grouped_sm90_reference(x, bounds, sets[0].weight, sets[0].block_scale, sets[0].alpha, n, 10.0)
+        row.update(wgmma_swiglu_rel_err=harness.rel_error(y, sref), wgmma_swiglu_cosine=harness.cosine(y, sref))
+        row["wgmma_swiglu_us"] = harness.time_safely(
+            [lambda w=w, o=o: gemm_wgmma.run_grouped_wgmma(x, routing.offsets, w.weight, w.block_scale, w.alpha, n, out=o,
+                                                          swiglu_limit=10.0) for w, o in zip(sets, act)], notes, "swiglu")[0]
+        row["cublas_loop_swiglu_us"] = harness.time_safely(
+            [lambda d=d, o=o: (loop(d, o), moe.clamped_swiglu(o, 10.0)) for d, o in zip(dense, outs)], notes, "cublas+swiglu")[0]
     rows.append(row)
     print(" ".join(f"{k}={harness.fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
     del sets, dense

@@ -427,8 +427,15 @@ class GemmWgmmaDecoderKernel:
     (256 weight rows x 128 tokens) measured slower than 128 x 256 (1.33 against 1.17 ms at M = 8192)."""
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
-                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False):
+                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False):
         _check_shape(k, tile_n)
+        # swiglu: the weight is gate_up ([gate; up], 2I rows) and y the clamped SwiGLU [M, I]. Decoder warp w takes
+        # gate row group 4 rb + w and its up row group and writes them interleaved by 8 rows (tile row group 2w + h:
+        # rows 0-7 the gate rows 8h..8h+7 of the pair, rows 8-15 the same up rows), so that the thread holding the
+        # gate accumulator of (column, token) in the WGMMA fragment (row g) also holds its up (row g + 8)
+        self.swiglu = swiglu
+        if swiglu and tile_m != TILE_M:
+            raise ValueError(f"the SwiGLU epilogue needs tile_m={TILE_M} (one gate and one up row group per decoder warp)")
         # grouped: E weights stacked, token tile j of the grid is row j of a tile table (expert, first row, end row
         # of its expert; see grouped_tile_table), so one launch covers every expert's rows
         self.grouped = grouped
@@ -461,12 +468,15 @@ class GemmWgmmaDecoderKernel:
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
                  y_ptr: cute.Pointer, tiles_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, experts: Int32,
-                 token_tiles: Int32, stream):
+                 token_tiles: Int32, limit: Float32, stream):
         """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2]), with E =
         ``experts`` weights stacked (words [E * RG, ...], scale words [E * RG, ...], alpha fp32 [E, n]; E = 1
         when not grouped). ``token_tiles``: the grid's token tiles (ceil(m / tile_n) when not grouped); grouped,
-        tiles_ptr is int32 [token_tiles, 3] (:func:`grouped_tile_table`), else unused."""
+        tiles_ptr is int32 [token_tiles, 3] (:func:`grouped_tile_table`), else unused. With ``swiglu``: n = I (y is
+        bf16 [m, I]), row_groups = 2I / 16, alpha [E, 2I], ``limit`` the SwiGLU clamp."""
         mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, experts * row_groups, self.k)
+        if cutlass.const_expr(self.swiglu):
+            mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((2 * n,)))
         mS = cute.make_tensor(s_ptr, cute.make_layout((experts * row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
         mTiles = cute.make_tensor(tiles_ptr, cute.make_layout((token_tiles, 3), stride=(3, 1)))
         tiled_mma = _tiled_mma(self.tile_n, warpgroup.OperandSource.SMEM)
@@ -491,15 +501,15 @@ class GemmWgmmaDecoderKernel:
         self.shared_storage = SharedStorage
         self.tma_bytes = tma_bytes
         rg_per_cta = self.tile_m // D.ROWS_PER_GROUP
-        row_blocks = (row_groups + rg_per_cta - 1) // rg_per_cta
+        row_blocks = (row_groups + rg_per_cta - 1) // rg_per_cta  # with swiglu: I / 64 (64 gate and 64 up rows a CTA)
         row_blocks = (row_blocks + self.cluster_m - 1) // self.cluster_m * self.cluster_m  # whole clusters
-        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, tiled_mma, a_staged, x_staged, m, n, row_groups).launch(
+        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, tiled_mma, a_staged, x_staged, m, n, row_groups, limit).launch(
             grid=[row_blocks, token_tiles, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
                mY: cute.Tensor, mTiles: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout,
-               x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32):
+               x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32, limit: Float32):
         tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
         if cutlass.const_expr(self.grouped):
             expert, row0, row_end = mTiles[tb, 0], mTiles[tb, 1], mTiles[tb, 2]
@@ -509,13 +519,13 @@ class GemmWgmmaDecoderKernel:
         # they skip together, before any cluster-wide barrier)
         if row0 < row_end:
             self._tile(tma_atom, mX_tma, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, tidx, rb, warp, lane, g, expert,
-                       row0, row_end, n, row_groups)
+                       row0, row_end, n, row_groups, limit)
 
     @cute.jit
     def _tile(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
               mY: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout,
               tidx: Int32, rb: Int32, warp: Int32, lane: Int32, g: Int32, expert: Int32, row0: Int32, row_end: Int32, n: Int32,
-              row_groups: Int32):
+              row_groups: Int32, limit: Float32):
         """One CTA tile: weight rows of row block rb (of weight ``expert``) x the tile_n token rows from row0."""
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
@@ -572,8 +582,12 @@ class GemmWgmmaDecoderKernel:
             # the last chunk's stages too: with a cluster the producer's tail waits for every release
             x_pipe.consumer_release(release)
             a_pipe.consumer_release(release)
-            alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
-            store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m)
+            if cutlass.const_expr(self.swiglu):
+                alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
+                store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
+            else:
+                alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
+                store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m)
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
@@ -592,7 +606,11 @@ class GemmWgmmaDecoderKernel:
         flip = (g >> 1) & 1  # word order: lanes of odd g // 2 store words kk ^ 1 (bank-conflict-free stores)
         flip_mask = Int32(0) - flip
         R = self.rg_per_warp
-        rgs = [rg_base + cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
+        if cutlass.const_expr(self.swiglu):  # [gate row group, its up row group]
+            gate_rg = cutlass.min(rb * 4 + warp, row_groups // 2 - 1)
+            rgs = [rg_base + gate_rg, rg_base + gate_rg + row_groups // 2]
+        else:
+            rgs = [rg_base + cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
         # raw words [slot, row group, word], `ahead` chunks in flight; scale words [row group, word] per quad
         wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, R, 4), order=(2, 1, 0)), Int32)
         scur = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
@@ -628,7 +646,12 @@ class GemmWgmmaDecoderKernel:
                     sel = (ci % 2) * 2
                     scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + SCALE_BIAS2
                     scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + SCALE_BIAS2
-                    row = (R * warp + i) * D.ROWS_PER_GROUP + g  # local row of the rows g (and g + 8)
+                    # tile rows of the row group's rows g and g + 8
+                    row = (R * warp + i) * D.ROWS_PER_GROUP + g
+                    row8 = row + 8
+                    if cutlass.const_expr(self.swiglu):  # interleaved: gate (i = 0) rows 0-7, up (i = 1) rows 8-15
+                        row = R * warp * D.ROWS_PER_GROUP + 8 * i + g
+                        row8 = row + D.ROWS_PER_GROUP
                     for j in cutlass.range_constexpr(4):
                         # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
                         a_word = wr[slot, i, j]
@@ -645,7 +668,7 @@ class GemmWgmmaDecoderKernel:
                         hi[0] = regs[1]
                         hi[1] = regs[3]
                         cute.autovec_copy(lo, cute.make_tensor(sA32.iterator + base + row * 32 + chunk, cute.make_layout((2,))))
-                        cute.autovec_copy(hi, cute.make_tensor(sA32.iterator + base + (row + 8) * 32 + chunk, cute.make_layout((2,))))
+                        cute.autovec_copy(hi, cute.make_tensor(sA32.iterator + base + row8 * 32 + chunk, cute.make_layout((2,))))
                 if cutlass.const_expr(self.probe != "nofence"):
                     cute.arch.fence_view_async_shared()  # the generic-proxy stores, visible to the WGMMAs (async proxy)
                 a_pipe.producer_commit(a_state)
@@ -681,14 +704,46 @@ def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, 
         mm, nn = tCcC[2 * p]
         col = rb * tile_m + mm
         a = mAlpha[cutlass.min(col, n - 1)] * shift7
-        v0 = acc[2 * p] * a
-        v1 = acc[2 * p + 1] * a
-        recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
-        lo = cutlass.select_(odd == 1, recv, v0)
-        hi = cutlass.select_(odd == 1, v1, recv)
-        tok = row0 + nn + odd
-        if (tok < row_end) & (col < n):
-            mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
+        _store_pair(mY32, acc[2 * p] * a, acc[2 * p + 1] * a, odd, row0 + nn, col, row_end, n)
+
+
+@cute.jit
+def _store_pair(mY32: cute.Tensor, v0: Float32, v1: Float32, odd: Int32, tok0: Int32, col: Int32, row_end: Int32, n: Int32):
+    """Column ``col`` of tokens tok0 and tok0 + 1 (v0, v1) -> y. Lanes g and g ^ 1 (same t, columns col and
+    col ^ 1) swap halves so that each stores two adjacent columns of one token (4 bytes): the even lane token
+    tok0, the odd lane tok0 + 1."""
+    recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
+    lo = cutlass.select_(odd == 1, recv, v0)
+    hi = cutlass.select_(odd == 1, v1, recv)
+    tok = tok0 + odd
+    if (tok < row_end) & (col < n):
+        mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
+
+
+@cute.jit
+def store_tile_swiglu(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32,
+                      n: Int32, g: Int32, limit: Float32, tile_n: cutlass.Constexpr):
+    """Epilogue of the SwiGLU decoder kernel (tile_m 128): tile row 16j + r is gate (r < 8) or up (r >= 8) of
+    output column ``64 rb + 8 j + r % 8``, so a thread's accumulators of rows g and g + 8 (fragment index
+    v1 = 0, 1) are gate and up of one column -> ``y[token, col] = bf16(silu(min(gate, L)) * clamp(up, -L, L))``,
+    gate and up each scaled by their alpha (``mAlpha``: [2I], gate columns first) and 2**7; y is [M, I]."""
+    mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((mY.shape[0], n // 2), stride=(n // 2, 1)))
+    shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
+    odd = g % 2
+    tCcC = thr_mma.partition_C(cute.make_identity_tensor((TILE_M, tile_n)))
+    # acc is compact ((2 tokens, 2 rows g / g + 8, tile_n / 8), 1, 1): flat index 4 v2 + 2 v1 + v0
+    for v2 in cutlass.range_constexpr(cute.size(acc) // 4):
+        mm, nn = tCcC[4 * v2]
+        col = rb * 64 + 8 * (mm // D.ROWS_PER_GROUP) + mm % 8
+        cc = cutlass.min(col, n - 1)
+        a_gate = mAlpha[cc] * shift7
+        a_up = mAlpha[cc + n] * shift7
+        h = []
+        for v0 in cutlass.range_constexpr(2):
+            gate = cute.arch.fmin(acc[4 * v2 + v0] * a_gate, limit)
+            up = cute.arch.fmax(cute.arch.fmin(acc[4 * v2 + 2 + v0] * a_up, limit), -limit)
+            h.append(gate / (Float32(1.0) + cute.math.exp(-gate)) * up)
+        _store_pair(mY32, h[0], h[1], odd, row0 + nn, col, row_end, n)
 
 
 @dsl_user_op
@@ -715,10 +770,11 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=No
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-                  tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False):
+                  tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
-    only): the one-launch grouped kernel of :func:`run_grouped_wgmma`."""
+    only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
+    clamped SwiGLU of a gate_up weight in the epilogue."""
     from cutlass.cute.runtime import make_fake_stream
 
     schedule = SCHEDULE if schedule is None else schedule
@@ -727,13 +783,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M, grouped)
+                                        cluster_m or DECODER_CLUSTER_M, grouped, swiglu)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped)
-        return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(8), Int32(1), Int32(1),
-                              make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped:
-        raise ValueError("only the decoder schedule has a grouped kernel")
+               grouped, swiglu)
+        return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
+                              Float32(0.0), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+    if grouped or swiglu:
+        raise ValueError("only the decoder schedule has the grouped and SwiGLU kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -795,7 +851,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         compiled(*_pointers(*tensors, with_tiles=True), Int32(m), Int32(n), Int32(row_groups), Int32(1), Int32(-(-m // tile_n)),
-                 _current_stream())
+                 Float32(0.0), _current_stream())
     else:
         compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), _current_stream())
     return y
@@ -834,15 +890,18 @@ def grouped_tile_n(m: int, experts: int) -> int:
 
 def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
                       alpha: torch.Tensor, n: int, out: torch.Tensor | None = None, tile_n: int | None = None,
-                      tiles: torch.Tensor | None = None, cluster_m: int | None = None) -> torch.Tensor:
+                      tiles: torch.Tensor | None = None, cluster_m: int | None = None,
+                      swiglu_limit: float | None = None) -> torch.Tensor:
     """One launch for E weights: ``y[rows of group e] = x[rows of group e] @ dequant(W_e)^T * alpha[e]``.
 
     x bf16 [M, K] (contiguous, expert-sorted rows); offsets int [E+1] on the device (0 .. M, non-decreasing;
     not checked here: no host sync); words int32 [E, RG, K/64, 32, 4], scale_words int32 [E, RG, K/256, 32, 2]
     (:func:`nvfp4lib.moe.repack_experts`); alpha fp32 [E, n]. ``tiles``: a precomputed
     :func:`grouped_tile_table` for this tile_n (the gate_up and down GEMMs of one MoE block share it).
-    Returns bf16 [M, n]; rows outside every group are left unwritten. CUDA-graph capturable after a first
-    eager call (which compiles)."""
+    ``swiglu_limit`` (a float, ``inf`` for no clamp): W is gate_up ([gate; up], n = 2I rows, I a multiple of 64)
+    and the result the clamped SwiGLU of the product, computed in the epilogue from the fp32 accumulators
+    (one bf16 rounding). Returns bf16 [M, n] (or [M, I]); rows outside every group are left unwritten.
+    CUDA-graph capturable after a first eager call (which compiles)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -856,11 +915,15 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
         raise ValueError(f"n={n} must be even and match {row_groups} row groups of 16")
     if alpha.shape != (experts, n) or alpha.dtype != torch.float32:
         raise ValueError(f"alpha must be fp32 [E, n] = [{experts}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    swiglu = swiglu_limit is not None
+    if swiglu and n % 128:
+        raise ValueError(f"the SwiGLU epilogue takes 64 gate and 64 up rows a CTA: gate_up must have 2I rows, I a multiple of 64, got {n}")
+    out_n = n // 2 if swiglu else n
     if offsets.shape != (experts + 1,) or offsets.dtype.is_floating_point:
         raise ValueError(f"offsets must be an integer tensor [E+1] = [{experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
-    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
+    y = out if out is not None else torch.empty(m, out_n, dtype=torch.bfloat16, device=x.device)
+    if out is not None and (out.shape != (m, out_n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous bf16 [{m}, {out_n}] tensor")
     if m == 0:
         return y
     tile_n = tile_n or grouped_tile_n(m, experts)
@@ -871,7 +934,8 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
         raise ValueError(f"tiles must be int32 [{max_tiles}, 3] (grouped_tile_table for tile_n={tile_n}), got {tiles.dtype} {tuple(tiles.shape)}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True)
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
-             Int32(m), Int32(n), Int32(row_groups), Int32(experts), Int32(max_tiles), _current_stream())
+             Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
+             _current_stream())
     return y
