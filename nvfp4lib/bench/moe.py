@@ -197,7 +197,7 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
         "grouped_mm_bf16_us": grouped_mm, "grouped_mm_bf16_method": grouped_mm_how,
         "layout": weights0.gate_up.layout,
         "our_path": ("one-launch grouped decode kernel x2 (gate_up + fused SwiGLU, down)" if use_grouped
-                     else "one-launch grouped WGMMA kernel x2 (gate_up, SwiGLU pass, down)" if use_wgmma
+                     else "one-launch grouped WGMMA kernel x2 (gate_up + fused SwiGLU, down)" if use_wgmma
                      else "the grouped op (host loop of sm90 GEMMs over non-empty experts when eager)"),
     }
     if case == "decode":

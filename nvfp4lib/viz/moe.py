@@ -110,3 +110,30 @@ def plot_recorded_speed(results: Sequence[dict], axes=None):
         ax.set_title(f"{result.get('device', '?')} @ {result.get('commit', '?')}", fontsize=10)
         ax.legend(fontsize=8)
     return axes
+
+
+def plot_grouped_probe(result: dict, ax=None):
+    """The recorded per-projection probe of the grouped WGMMA kernel (``data/bench/grouped_probe_*.json``,
+    ``scripts/gpu/grouped_probe.py``): for gate_up and down over the MoE prefill routing, the cuBLAS BF16
+    loop over experts, ``torch._grouped_mm`` (both on dequantized weights) and our one-launch kernel at each
+    recorded (tile_n, cluster) variant, as achieved TFLOP/s (higher is better); gate_up also with the
+    SwiGLU (ours fused in the epilogue, cuBLAS followed by the SwiGLU pass)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4.2))
+    rows = result["rows"]
+    series = [("cublas_loop_us", "cuBLAS BF16 loop", "tab:orange"), ("grouped_mm_us", "torch._grouped_mm bf16", "tab:red")]
+    variants = sorted({k[len("wgmma_"):-len("_us")] for r in rows for k in r if k.startswith("wgmma_t") and k.endswith("_us")})
+    blues = plt.cm.Blues(np.linspace(0.45, 0.9, max(1, len(variants))))
+    series += [(f"wgmma_{v}_us", f"ours {v.replace('_', ' ')}", c) for v, c in zip(variants, blues)]
+    series += [("cublas_loop_swiglu_us", "cuBLAS loop + SwiGLU pass", "tab:brown"), ("wgmma_swiglu_us", "ours + fused SwiGLU", "tab:green")]
+    width = 0.8 / len(series)
+    x = np.arange(len(rows))
+    for i, (key, name, color) in enumerate(series):
+        values = [r["flops"] / r[key] / 1e6 if r.get(key) else 0 for r in rows]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name, color=color)
+    ax.set_xticks(x, [f"{r['shape']}\n[{r['n']}, {r['k']}] x {r['rows']} rows" for r in rows])
+    ax.set_ylabel("TFLOP/s (higher is better)")
+    ax.set_title(f"grouped GEMM per projection, {rows[0]['experts']} experts - recorded on {result.get('device', '?')} "
+                 f"@ {result.get('commit', '?')}", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    return ax
