@@ -22,12 +22,11 @@ Each projection of every expert goes through :func:`expert_gemm`, the one dispat
   is compile-verified only: it has never run on hardware here (no Blackwell GPU exists in this
   workbook's environment).** :func:`moe_block_w4a4_reference` is what it must equal.
 - Hopper (weights prepared in the ``"sm90"`` layout, the default there): op
-  ``nvfp4lib::grouped_gemm_w4a16_sm90``, weight-only. Groups of at most 64 rows (decode), and anything
-  under CUDA-graph capture, run the ONE-LAUNCH grouped CuTeDSL kernel
-  (:func:`nvfp4lib.kernels.sm90.gemm_decode.run_grouped_decode`: offsets read on the device, no host
-  sync); gate_up runs with the clamped SwiGLU in its epilogue, so the block is two grouped launches plus
-  routing and combine. Larger groups (prefill, eager) loop over the experts on the host through the sm90
-  GEMM (fast, not graph safe).
+  ``nvfp4lib::grouped_gemm_w4a16_sm90``, weight-only, one launch per projection with the offsets read on
+  the device (no host sync, CUDA-graph safe): groups of at most 64 rows (decode) run the grouped decode
+  kernel (:func:`nvfp4lib.kernels.sm90.gemm_decode.run_grouped_decode`), larger groups (prefill) the grouped
+  WGMMA kernel (:func:`nvfp4lib.kernels.sm90.gemm_wgmma.run_grouped_wgmma`). Both run gate_up with the
+  clamped SwiGLU in their epilogue, so the block is two grouped launches plus routing and combine.
 - Everything else: :func:`grouped_gemm_w4a16` (op ``nvfp4lib::grouped_gemm_w4a16``, weight-only,
   ModelOpt layout). On CPU the exact reference (:func:`reference_grouped_gemm_w4a16`: fp32
   ``x @ (e2m1*block)^T * alpha`` per group, rounded once to bf16); on a CUDA GPU a loop over experts
@@ -338,8 +337,8 @@ def grouped_gemm_w4a16(x_sorted: torch.Tensor, offsets: torch.Tensor, weights: G
     device -> bf16 [M, N] (rows of group e times expert e), or with ``swiglu_limit`` the clamped SwiGLU of
     it, bf16 [M, N/2] (gate_up weights).
 
-    sm90 layout: op ``nvfp4lib::grouped_gemm_w4a16_sm90`` (one launch on the GPU for groups of at most 64
-    rows and under graph capture; see :mod:`nvfp4lib.ops.moe`). max_rows bounds any group's rows (None: M,
+    sm90 layout: op ``nvfp4lib::grouped_gemm_w4a16_sm90`` (one launch on the GPU: the grouped decode kernel
+    for groups of at most 64 rows, the grouped WGMMA kernel above; see :mod:`nvfp4lib.ops.moe`). max_rows bounds any group's rows (None: M,
     always safe; a tighter bound launches fewer token blocks per group). ModelOpt layout: op
     ``nvfp4lib::grouped_gemm_w4a16`` (exact reference on CPU, a per-expert loop on CUDA; the SwiGLU then
     runs separately)."""

@@ -15,12 +15,12 @@ times the whole :func:`nvfp4lib.moe.moe_block` with them, decode only). "ours" i
 
 - decode (groups of at most 64 rows): two launches of the one-launch grouped CuTeDSL kernel (SwiGLU in
   the gate_up epilogue), offsets on the device: ``grouped_us``, also the time reported as ours;
-- prefill: the op's eager path, a host loop of sm90 GEMMs over the non-empty experts (dequantize +
-  cuBLAS per expert, the next expert's dequantization on a side stream; with the SwiGLU, one pass over
-  all rows after the GEMMs; the bounds are read on the host once, before capture, so the loop can be
-  captured): ``loop_us``, reported as ours (``grouped_us`` is null there: the one-launch kernel is a
-  decode design). Tried and measured slower on an H200 (d11259c: 16.4 ms against the loop's 15.2 ms):
-  blocks of 6 experts dequantized in one launch and multiplied in one ``torch._grouped_mm``.
+- prefill: two launches of the grouped WGMMA kernel (gate_up with the SwiGLU in its epilogue, then down):
+  ``grouped_us``, reported as ours. The earlier path is timed beside it: a host loop of sm90 GEMMs over
+  the non-empty experts (dequantize + cuBLAS per expert, the next expert's dequantization on a side
+  stream; the bounds read on the host once, before capture): ``loop_us``. Tried and measured slower on
+  an H200 (d11259c: 16.4 ms against the loop's 15.2 ms): blocks of 6 experts dequantized in one launch
+  and multiplied in one ``torch._grouped_mm``.
 
 The baseline the target names is the loop with ``F.linear`` on each expert's dequantized bf16 weights
 (``cublas_bf16_us``). A stronger bf16 baseline is recorded beside it: ``torch._grouped_mm`` over all
