@@ -133,27 +133,21 @@ def test_bad_input_is_refused():
 
 
 @requires_cute
-@pytest.mark.parametrize("tiles,swiglu,prefetch_x,x_smem,depth", [(1, False, True, False, 2), (2, False, False, False, 2),
-                                                                 (2, True, True, False, 2), (1, False, False, True, 2),
-                                                                 (2, True, False, True, 2), (1, False, False, False, 4),
-                                                                 (1, True, False, True, 3)])
-def test_decode_kernel_ptx_sm90a(tiles, swiglu, prefetch_x, x_smem, depth):
+@pytest.mark.parametrize("tiles,swiglu,prefetch_x,x_smem", [(1, False, True, False), (2, False, False, False), (2, True, True, False),
+                                                           (1, False, False, True), (2, True, False, True)])
+def test_decode_kernel_ptx_sm90a(tiles, swiglu, prefetch_x, x_smem):
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_decode
 
-    ptx = ptx_of(gemm_decode.compile_decode(3072, tiles, False, swiglu, prefetch_x, arch="sm_90a", keep_ptx=True, x_smem=x_smem,
-                                            depth=depth))
+    ptx = ptx_of(gemm_decode.compile_decode(3072, tiles, False, swiglu, prefetch_x, arch="sm_90a", keep_ptx=True, x_smem=x_smem))
     assert ".target sm_90a" in ptx
     groups = 2 if swiglu else 1
-    # 4 chunks x 4 steps x tiles x groups MMAs per 256-k step, tensor-core bf16 with fp32 accumulate; the loop
-    # over 256-k steps is unrolled by the depth of the weight ring (its slots are static registers)
-    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles * groups * depth
-    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups * depth  # the exact scale fold, 4 per word
-    # 16-byte weight loads: 4 per quad and row group, in the prologue (depth - 1 quads) and the loop (depth)
-    assert len(re.findall(r"ld\.global(\.nc)?\.v4", ptx)) >= 4 * groups * (2 * depth - 1)
-    assert "shl.b32" in ptx and "shr.u32" in ptx  # register decode
+    # 4 chunks x 4 steps x tiles x groups MMAs per 256-k step, tensor-core bf16 with fp32 accumulate
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles * groups
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups  # the exact scale fold, 4 per word
+    assert "shl.b32" in ptx and "shr.u32" in ptx and "ld.global.v4" in ptx  # register decode, 16-byte weight loads
     if x_smem:  # activations staged once per CTA, then 16-byte shared loads for the B fragments
-        assert "bar.sync" in ptx and len(re.findall(r"ld\.shared\.v4", ptx)) == 8 * tiles * depth
+        assert "bar.sync" in ptx and len(re.findall(r"ld\.shared\.v4", ptx)) == 8 * tiles
     assert "atom" in ptx and "ld.global.cg" in ptx  # split-K: arrival counter, L2 reads of partials
     assert ".local" not in ptx  # no spills to local memory
     if swiglu:
@@ -168,11 +162,11 @@ def test_grouped_decode_kernel_ptx_sm90a(swiglu):
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_decode
 
-    ptx = ptx_of(gemm_decode.compile_decode(3072, 1, False, swiglu, arch="sm_90a", keep_ptx=True, grouped=True, depth=2))
-    plain = ptx_of(gemm_decode.compile_decode(3072, 1, False, swiglu, arch="sm_90a", keep_ptx=True, depth=2))
+    ptx = ptx_of(gemm_decode.compile_decode(3072, 1, False, swiglu, arch="sm_90a", keep_ptx=True, grouped=True))
+    plain = ptx_of(gemm_decode.compile_decode(3072, 1, False, swiglu, arch="sm_90a", keep_ptx=True))
     groups = 2 if swiglu else 1
-    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * groups * 2
-    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups * 2
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * groups
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups
     assert ".local" not in ptx
     # two more global loads than the plain kernel: offsets[e] and offsets[e + 1]
     assert len(re.findall(r"ld\.global\.u32|ld\.global\.b32|ld\.global\.s32", ptx)) >= len(re.findall(r"ld\.global\.u32|ld\.global\.b32|ld\.global\.s32", plain)) + 2

@@ -111,11 +111,8 @@ class GemmDecodeKernel:
     the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
-                 grouped: bool = False, depth: int = 2):
+                 grouped: bool = False):
         D.check_decode_shape(16, k)
-        if depth not in range(2, 9):
-            raise ValueError(f"depth (weight ring slots: depth - 1 quads in flight per warp) must be 2..8, got {depth}")
-        self.depth = depth
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
         if swiglu and has_bias:
@@ -231,54 +228,50 @@ class GemmDecodeKernel:
             acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
             for i in cutlass.range_constexpr(G * self.tiles * 4):
                 acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
-            # weight ring: slot d holds the words [G, 4 chunks, 4] and scale words [G, 2] of quad q_begin + d (mod
-            # depth); quad q + depth - 1 is loaded as quad q is consumed, so depth - 1 quads are in flight
-            depth = self.depth
-            wring = cute.make_rmem_tensor(cute.make_ordered_layout((depth * G, 4, 4), order=(2, 1, 0)), Int32)
-            sring = cute.make_rmem_tensor(cute.make_ordered_layout((depth * G, 2), order=(1, 0)), Int32)
+            wcur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
+            wnxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
+            scur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
+            snxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
             xr = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
             xnxt = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
-            for d in cutlass.range_constexpr(depth - 1):
-                if q_begin + d < q_end:
-                    for j in cutlass.range_constexpr(G):
-                        self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q_begin + d, lane, wring, sring, d * G + j)
-            if cutlass.const_expr(self.prefetch_x):
-                if q_begin < q_end:
+            if q_begin < q_end:
+                for j in cutlass.range_constexpr(G):
+                    self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q_begin, lane, wcur, scur, j)
+                if cutlass.const_expr(self.prefetch_x):
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
-            for q0 in cutlass.range(q_begin, q_end, depth):
-                for d in cutlass.range_constexpr(depth):  # unrolled: the ring slots are static
-                    q = q0 + d
-                    if q < q_end:
-                        if q + depth - 1 < q_end:
-                            for j in cutlass.range_constexpr(G):
-                                self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q + depth - 1, lane, wring, sring,
-                                                ((d + depth - 1) % depth) * G + j)
-                        if cutlass.const_expr(self.prefetch_x):
-                            if q + 1 < q_end:
-                                self._load_x(mX, first_row, g, t, q + 1, row_end, xnxt)
-                        if cutlass.const_expr(self.x_smem):
+            for q in cutlass.range(q_begin, q_end, 1):
+                if q + 1 < q_end:
+                    for j in cutlass.range_constexpr(G):
+                        self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
+                    if cutlass.const_expr(self.prefetch_x):
+                        self._load_x(mX, first_row, g, t, q + 1, row_end, xnxt)
+                if cutlass.const_expr(self.x_smem):
+                    for tau in cutlass.range_constexpr(self.tiles):
+                        for ci in cutlass.range_constexpr(4):
+                            cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
+                elif cutlass.const_expr(not self.prefetch_x):
+                    self._load_x(mX, first_row, g, t, q, row_end, xr)
+                for j in cutlass.range_constexpr(G):
+                    for ci in cutlass.range_constexpr(4):
+                        word = scur[j, ci // 2]
+                        sel = (ci % 2) * 2
+                        scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                        scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+                        for kk in cutlass.range_constexpr(4):
+                            a = decode_word(wcur[j, ci, kk], scale_g, scale_g8)
                             for tau in cutlass.range_constexpr(self.tiles):
-                                for ci in cutlass.range_constexpr(4):
-                                    cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
-                        elif cutlass.const_expr(not self.prefetch_x):
-                            self._load_x(mX, first_row, g, t, q, row_end, xr)
-                        for j in cutlass.range_constexpr(G):
-                            for ci in cutlass.range_constexpr(4):
-                                word = sring[d * G + j, ci // 2]
-                                sel = (ci % 2) * 2
-                                scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                                scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                                for kk in cutlass.range_constexpr(4):
-                                    a = decode_word(wring[d * G + j, ci, kk], scale_g, scale_g8)
-                                    for tau in cutlass.range_constexpr(self.tiles):
-                                        c = mma_bf16_16816(a, xr[tau, ci, 2 * kk], xr[tau, ci, 2 * kk + 1],
-                                                           [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
-                                        for i in cutlass.range_constexpr(4):
-                                            acc[j, tau, i] = c[i]
-                        if cutlass.const_expr(self.prefetch_x):
-                            if q + 1 < q_end:
-                                for i in cutlass.range_constexpr(self.tiles * 32):
-                                    xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
+                                c = mma_bf16_16816(a, xr[tau, ci, 2 * kk], xr[tau, ci, 2 * kk + 1],
+                                                   [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
+                                for i in cutlass.range_constexpr(4):
+                                    acc[j, tau, i] = c[i]
+                if q + 1 < q_end:
+                    for i in cutlass.range_constexpr(G * 16):
+                        wcur[i // 16, (i // 4) % 4, i % 4] = wnxt[i // 16, (i // 4) % 4, i % 4]
+                    for i in cutlass.range_constexpr(G * 2):
+                        scur[i // 2, i % 2] = snxt[i // 2, i % 2]
+                    if cutlass.const_expr(self.prefetch_x):
+                        for i in cutlass.range_constexpr(self.tiles * 32):
+                            xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
 
             nfrag = G * self.tiles * 4
             last = Boolean(True)
@@ -344,24 +337,21 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
-                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
-                   depth: int | None = None):
+                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant). Works
     without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
-    depth = depth or DEFAULTS["swiglu_depth" if swiglu else "depth"]
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, depth)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, depth)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12,  # chosen from the variants recorded at 15f0806 (H100)
-                depth=2, swiglu_depth=2)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12)  # chosen from the variants recorded at 15f0806 (H100)
 
 
 def tiles_for(m: int) -> int:
@@ -401,7 +391,7 @@ def _current_stream():
 
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
-            offsets=None, experts=1, max_rows=None, active_groups=1, depth=None):
+            offsets=None, experts=1, max_rows=None, active_groups=1):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -419,7 +409,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
     per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
                                    warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
-    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None, depth=depth)
+    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -438,18 +428,17 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-               x_smem: bool | None = None, depth: int | None = None) -> torch.Tensor:
+               x_smem: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
     (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
-    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, depth=depth)
+    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
                        alpha: torch.Tensor, n: int, max_rows: int, swiglu_limit: float | None = None,
-                       out: torch.Tensor | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-                       depth: int | None = None, x_smem: bool | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, warps_per_sm: int | None = None, tiles: int | None = None) -> torch.Tensor:
     """One launch for E weights: rows ``offsets[e]:offsets[e+1]`` of x (bf16 [M, K], contiguous) times weight e.
 
     offsets: int32 [E+1] on the GPU (non-decreasing, 0 .. M; not checked here: no host sync);
@@ -471,8 +460,8 @@ def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tens
     # experts, ~1 row each) is fastest with 1 tile, wo_a at 16 tokens (16 rows in every group) with 2
     # (H200, data/bench/grouped_variants_nvidia_h200.json).
     tiles = tiles or (1 if -(-x.shape[0] // experts) <= TOKENS_PER_TILE else MAX_TILES)
-    return _launch(x, *stacked, alpha.reshape(-1), n, None, out, swiglu_limit, None, warps_per_sm, tiles, x_smem,
-                   offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active, depth=depth)
+    return _launch(x, *stacked, alpha.reshape(-1), n, None, out, swiglu_limit, None, warps_per_sm, tiles, None,
+                   offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active)
 
 
 def _sm_count(device) -> int:
