@@ -41,8 +41,9 @@ def test_accuracy_and_graph_replay(fresh_seed, n, k, m):
     assert torch.equal(static, nvfp4_linear(x, p))
 
 
-@pytest.mark.parametrize("m", [1, 16, 64, 200])
+@pytest.mark.parametrize("m", [1, 16, 64, 200, 1000, 4097])
 def test_fused_swiglu(fresh_seed, m):
+    """The decode kernel (M <= 64) and the WGMMA kernel (above) with the SwiGLU in the epilogue."""
     inter, hidden = 3072, 7168
     gate, up = quantize(torch.randn(inter, hidden, device="cuda") * 0.02), quantize(torch.randn(inter, hidden, device="cuda") * 0.05)
     p = prepare_weight(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale]),

@@ -223,6 +223,8 @@ def test_grouped_decoder_ptx_sm90a():
     assert len(re.findall(r"ex2\.approx", ptx)) == 256 // 4 and ".local" not in ptx
     with pytest.raises(ValueError, match="tile_m"):
         gemm_wgmma.GemmWgmmaDecoderKernel(512, 128, tile_m=256, swiglu=True)
+    dense = ptx_of(gemm_wgmma.compile_wgmma(7168, 128, arch="sm_90a", keep_ptx=True, schedule="decoder", swiglu=True))
+    assert len(re.findall(r"ex2\.approx", dense)) == 128 // 4 and ".local" not in dense
 
 
 def _grouped_case(counts, n, k):

@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "data/bench"), "gemm_h100.json"))
     parser.add_argument("--no-quack", action="store_true")
     parser.add_argument("--variants", default="1,16,64", help="decode M values at which to time the tuning alternatives ('' for none)")
-    parser.add_argument("--expert-ms", default="1,16,64,256", help="M values for the shared-expert timing ('' for none)")
+    parser.add_argument("--expert-ms", default="1,16,64,256,1024,4096", help="M values for the shared-expert timing ('' for none)")
     args = parser.parse_args(argv)
     shapes = parse_shapes(args.shapes)
     ms = [int(v) for v in args.ms.split(",")]

@@ -45,6 +45,13 @@ WGMMA_LONG_K = 4096
 WGMMA_MIN_CTAS = 96  # gate_up at M = 256 (48 row blocks x 2 token blocks) won; fewer CTAs leave most SMs idle
 
 
+def wgmma_takes(k: int) -> bool:
+    """Whether the WGMMA kernel can run here at all: K a multiple of 256, CuTeDSL installed."""
+    from ..kernels.cute_compile import cute_available
+
+    return k % 256 == 0 and cute_available()
+
+
 def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM (see WGMMA_MAX_M)."""
     most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
@@ -259,9 +266,11 @@ def clamped_swiglu_reference(h: torch.Tensor, limit: float) -> torch.Tensor:
 def gemm_w4a16_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, alpha: torch.Tensor, n: int, limit: float) -> torch.Tensor:
     """gate_up GEMM with the clamped SwiGLU fused: weight rows [gate (n/2); up (n/2)] in the ModelOpt or the
     sm90 layout (int32 words), alpha fp32 [n] -> bf16 [M, n/2] = ``silu(min(gate, limit)) *
-    clamp(up, -limit, limit)`` (``limit = inf``: no clamp). CUDA + sm90 layout + M <= DECODE_MAX_M + n/2 a
-    multiple of 16: the decode kernel with the SwiGLU in its epilogue (fp32 accumulators, one bf16
-    rounding); otherwise the GEMM (bf16 out on the GPU, fp32 on CPU) then the SwiGLU in fp32."""
+    clamp(up, -limit, limit)`` (``limit = inf``: no clamp). CUDA + sm90 layout, the SwiGLU in the kernel's
+    epilogue (fp32 accumulators, one bf16 rounding): M <= DECODE_MAX_M with n/2 a multiple of 16, the decode
+    kernel; larger M with n/2 a multiple of 64 and K of 256, the WGMMA kernel (decoder schedule; at every M
+    measured it beat the GEMM followed by the SwiGLU pass, whose fp32 round trip over [M, n] costs about a
+    third of the GEMM). Otherwise the GEMM (bf16 out on the GPU, fp32 on CPU) then the SwiGLU in fp32."""
     if n % 2:
         raise ValueError(f"gate_up must have an even number of rows, got n={n}")
     sm90 = weight.dtype == torch.int32
@@ -275,6 +284,10 @@ def gemm_w4a16_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
             from ..kernels.sm90 import gemm_decode
 
             return gemm_decode.run_decode(x.contiguous(), weight, weight_scale, alpha, half, swiglu_limit=float(limit))
+        if sm90 and x.shape[0] > DECODE_MAX_M and half % 64 == 0 and wgmma_takes(x.shape[1]):
+            from ..kernels.sm90 import gemm_wgmma
+
+            return gemm_wgmma.run_wgmma(x.contiguous(), weight, weight_scale, alpha, n, swiglu_limit=float(limit))
         h = gemm_w4a16_sm90(x, weight, weight_scale, alpha, None, n) if sm90 else gemm_w4a16(x, weight, weight_scale, alpha, None)
     else:
         rows = dequantize_sm90(weight, weight_scale, n) if sm90 else dequantize_rows(weight, weight_scale)

@@ -179,10 +179,9 @@ def grouped_gemm_w4a16_sm90(x_sorted: torch.Tensor, offsets: torch.Tensor, words
 
 def grouped_wgmma_fits(k: int) -> bool:
     """Whether the one-launch grouped WGMMA kernel takes groups of K = k (a multiple of 256; CuTeDSL installed)."""
-    from ..kernels.cute_compile import cute_available
-    from ..kernels.sm90 import dequant as D
+    from .gemm import wgmma_takes
 
-    return GROUPED_WGMMA and k % D.QUAD_K == 0 and cute_available()
+    return GROUPED_WGMMA and wgmma_takes(k)
 
 
 def grouped_wgmma_takes(k: int, n: int, swiglu: bool) -> bool:

@@ -819,10 +819,12 @@ def _current_stream():
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-              tile_m: int | None = None, cluster_m: int | None = None) -> torch.Tensor:
+              tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
-    alpha fp32 [N] -> bf16 [M, N] (``out`` if given). No host sync; CUDA-graph capturable after a first
-    eager call (which compiles)."""
+    alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
+    decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
+    SwiGLU of the product, bf16 [M, I], computed in the epilogue. No host sync; CUDA-graph capturable after
+    a first eager call (which compiles)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -837,21 +839,25 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         raise ValueError(f"the WGMMA kernel stores column pairs: N must be even, got N={n}")
     if alpha.shape != (n,) or alpha.dtype != torch.float32:
         raise ValueError(f"alpha must be fp32 [{n}], got {alpha.dtype} {tuple(alpha.shape)}")
-    y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    swiglu = swiglu_limit is not None
+    if swiglu and n % 128:
+        raise ValueError(f"the SwiGLU epilogue takes 64 gate and 64 up rows a CTA: gate_up must have 2I rows, I a multiple of 64, got {n}")
+    out_n = n // 2 if swiglu else n
+    y = out if out is not None else torch.empty(m, out_n, dtype=torch.bfloat16, device=x.device)
     if m == 0:
         return y
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
-    if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous bf16 [{m}, {n}] tensor")
+    if out is not None and (out.shape != (m, out_n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous bf16 [{m}, {out_n}] tensor")
     tile_n = tile_n or tile_n_for(m)
     schedule = SCHEDULE if schedule is None else schedule
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m)
+                             cluster_m=cluster_m, swiglu=swiglu)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
-        compiled(*_pointers(*tensors, with_tiles=True), Int32(m), Int32(n), Int32(row_groups), Int32(1), Int32(-(-m // tile_n)),
-                 Float32(0.0), _current_stream())
+        compiled(*_pointers(*tensors, with_tiles=True), Int32(m), Int32(out_n), Int32(row_groups), Int32(1), Int32(-(-m // tile_n)),
+                 Float32(swiglu_limit if swiglu else 0.0), _current_stream())
     else:
         compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), _current_stream())
     return y
