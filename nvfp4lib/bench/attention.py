@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..checkpoint import FP8Linear, NVFP4Linear
 from ..formats import E4M3_MAX
 from ..modules.attention import FusedWqaWkv, GroupedFP8Projection, GroupedNVFP4Projection, NVFP4Projection
+from ..ops.moe import GROUPED_KERNEL_MAX_ROWS
 from ..ops.gemm import dequantize_rows
 from ..synthetic import DEEPSEEK_V4_PRO, TINY, WKV, WO_A, WO_B, WQ_A, WQ_B, DSV4Dims
 from . import harness
@@ -136,11 +137,16 @@ def bench_wo_a(dims: DSV4Dims, ms, args, bandwidth) -> List[dict]:
         if m <= args.diagonal_max_m:  # one GEMM over all groups' rows, diagonal blocks kept (decode only)
             diagonal_acc = _accuracy(module.forward_diagonal(xs[0]), reference)
             diagonal = _time([lambda mod=mod, x=x: mod.forward_diagonal(x) for (mod, _, _), x in zip(sets, xs)], args, errors, "diagonal")
+        grouped = grouped_acc = None
+        if module.grouped_kernel and m > GROUPED_KERNEL_MAX_ROWS and args.device == "cuda":
+            # the grouped op above the decode bound: the grouped WGMMA kernel over x regrouped to [G*M, K]
+            grouped_acc = _accuracy(module.forward_grouped(xs[0]), reference)
+            grouped = _time([lambda mod=mod, x=x: mod.forward_grouped(x) for (mod, _, _), x in zip(sets, xs)], args, errors, "grouped")
         fp8_time = _time([lambda f=f, x=x: f(x) for (_, f, _), x in zip(sets, xs)], args, errors, "fp8")
         cublas = _time([lambda w=w, x=x: torch.bmm(x, w) for (_, _, w), x in zip(sets, xs_grouped)], args, errors, "cublas")
         nbytes = nvfp4_bytes(groups * n_group, k) + 2 * m * groups * (k + n_group)
         floor = harness.hbm_floor_us(nbytes, bandwidth) if bandwidth else None
-        rows.append({"case": "wo_a_grouped", "m": m, "n": n_group, "k": k, "groups": groups, "time_us": ours, "cublas_bf16_us": cublas, "fp8_us": fp8_time, "fp8_rel_err": fp8_acc["rel_err"], "diagonal_us": diagonal, "diagonal_rel_err": None if diagonal_acc is None else diagonal_acc["rel_err"], "floor_us": floor, "bytes": nbytes, "errors": errors, "grouped_kernel": module.grouped_kernel, **_accuracy(out, reference), "target": "<= cuBLAS BF16", "target_met": None if ours is None or cublas is None else ours <= cublas})
+        rows.append({"case": "wo_a_grouped", "m": m, "n": n_group, "k": k, "groups": groups, "time_us": ours, "cublas_bf16_us": cublas, "fp8_us": fp8_time, "fp8_rel_err": fp8_acc["rel_err"], "diagonal_us": diagonal, "diagonal_rel_err": None if diagonal_acc is None else diagonal_acc["rel_err"], "grouped_wgmma_us": grouped, "grouped_wgmma_rel_err": None if grouped_acc is None else grouped_acc["rel_err"], "floor_us": floor, "bytes": nbytes, "errors": errors, "grouped_kernel": module.grouped_kernel, **_accuracy(out, reference), "target": "<= cuBLAS BF16", "target_met": None if ours is None or cublas is None else ours <= cublas})
     return rows
 
 
