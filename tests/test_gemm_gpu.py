@@ -70,35 +70,3 @@ def test_modelopt_layout_on_gpu_and_subnormal_fallback(fresh_seed, m):
     ref = x.float() @ (dequantize_rows(q.packed, scales) * p.alpha[:, None]).t() + bias.float()
     y = nvfp4_linear(x, p, bias)
     assert torch.isfinite(y).all() and rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
-
-
-@pytest.mark.parametrize("m", [1, 16, 64])
-def test_decode_pdl_chain_equals_plain(fresh_seed, m):
-    """Programmatic dependent launch: a chain of decode GEMMs (shared expert: gate_up with the SwiGLU, then
-    down, whose input is the first's output), eager and replayed in a CUDA graph, equals the same chain
-    launched without PDL bit for bit (the kernel is deterministic): the dependent waits for its producer."""
-    from nvfp4lib.kernels.sm90 import gemm_decode
-
-    inter, hidden = 3072, 7168
-    gu = quantize(torch.randn(2 * inter, hidden, device="cuda") * 0.02)
-    dn = quantize(torch.randn(hidden, inter, device="cuda") * 0.02)
-    p_gu = prepare_weight(gu.packed, gu.block_scale, gu.global_scale, layout="sm90")
-    p_dn = prepare_weight(dn.packed, dn.block_scale, dn.global_scale, layout="sm90")
-    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16)
-
-    def chain(pdl):
-        h = gemm_decode.run_decode(x, p_gu.weight, p_gu.block_scale, p_gu.alpha, inter, swiglu_limit=10.0, pdl=pdl)
-        y = gemm_decode.run_decode(h, p_dn.weight, p_dn.block_scale, p_dn.alpha, hidden, pdl=pdl)
-        return gemm_decode.run_decode(y, p_gu.weight, p_gu.block_scale, p_gu.alpha, 2 * inter, pdl=pdl)
-
-    plain = chain(False)
-    assert torch.isfinite(plain).all()
-    assert torch.equal(chain(True), plain)
-    chain(True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = chain(True)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static, chain(False))

@@ -111,14 +111,8 @@ class GemmDecodeKernel:
     the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
-                 grouped: bool = False, pdl: bool = False):
+                 grouped: bool = False):
         D.check_decode_shape(16, k)
-        # pdl: programmatic dependent launch. The kernel is launched with programmatic stream serialization
-        # allowed and its CTAs trigger their dependents at once, so the NEXT kernel in the stream (if launched
-        # the same way) becomes resident while this one runs and waits in griddepcontrol.wait, which every CTA
-        # executes before its first global memory access: nothing is read or written before the previous
-        # grid has completed and flushed, only the launch latency is hidden
-        self.pdl = pdl
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
         if swiglu and has_bias:
@@ -166,8 +160,7 @@ class GemmDecodeKernel:
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((experts * token_blocks, warp_groups), stride=(warp_groups, 1)))
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
                     token_blocks).launch(
-            grid=[token_blocks, (warp_groups + self.warps - 1) // self.warps, splits * experts], block=[self.threads, 1, 1], stream=stream,
-            use_pdl=self.pdl)
+            grid=[token_blocks, (warp_groups + self.warps - 1) // self.warps, splits * experts], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
@@ -190,9 +183,6 @@ class GemmDecodeKernel:
     def kernel(self, mX: cute.Tensor, mXv: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
                mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mOff: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
                quads_per_split: Int32, splits: Int32, limit: Float32, token_blocks: Int32):
-        if cutlass.const_expr(self.pdl):
-            cute.arch.griddepcontrol_launch_dependents()
-            cute.arch.griddepcontrol_wait()
         tidx, _, _ = cute.arch.thread_idx()
         tb, rgb, z = cute.arch.block_idx()
         G = self.groups
@@ -347,24 +337,21 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
-                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
-                   pdl: bool | None = None):
+                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant). Works
     without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
-    pdl = DEFAULTS["pdl"] if pdl is None else pdl
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, pdl)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, pdl)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12,  # chosen from the variants recorded at 15f0806 (H100)
-                pdl=False)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12)  # chosen from the variants recorded at 15f0806 (H100)
 
 
 def tiles_for(m: int) -> int:
@@ -404,7 +391,7 @@ def _current_stream():
 
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
-            offsets=None, experts=1, max_rows=None, active_groups=1, pdl=None):
+            offsets=None, experts=1, max_rows=None, active_groups=1):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -422,7 +409,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
     per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
                                    warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
-    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None, pdl=pdl)
+    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -441,18 +428,17 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-               x_smem: bool | None = None, pdl: bool | None = None) -> torch.Tensor:
+               x_smem: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
     (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
-    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, pdl=pdl)
+    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
                        alpha: torch.Tensor, n: int, max_rows: int, swiglu_limit: float | None = None,
-                       out: torch.Tensor | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-                       pdl: bool | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, warps_per_sm: int | None = None, tiles: int | None = None) -> torch.Tensor:
     """One launch for E weights: rows ``offsets[e]:offsets[e+1]`` of x (bf16 [M, K], contiguous) times weight e.
 
     offsets: int32 [E+1] on the GPU (non-decreasing, 0 .. M; not checked here: no host sync);
@@ -475,7 +461,7 @@ def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tens
     # (H200, data/bench/grouped_variants_nvidia_h200.json).
     tiles = tiles or (1 if -(-x.shape[0] // experts) <= TOKENS_PER_TILE else MAX_TILES)
     return _launch(x, *stacked, alpha.reshape(-1), n, None, out, swiglu_limit, None, warps_per_sm, tiles, None,
-                   offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active, pdl=pdl)
+                   offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active)
 
 
 def _sm_count(device) -> int:
