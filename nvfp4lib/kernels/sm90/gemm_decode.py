@@ -43,7 +43,6 @@ WARPS = 8
 THREADS = 32 * WARPS
 TOKENS_PER_TILE = 8
 MAX_TILES = 2
-FIXUP_UNROLL = 8  # split-K partials in flight at once in the last warp's sum
 MAX_SMEM_QUADS = 8  # with x_smem a split covers at most 8 x 256 k (the smem slice is sized for it)
 
 
@@ -122,7 +121,6 @@ class GemmDecodeKernel:
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
         self.tiles = tiles
-        self.fixup_unroll = FIXUP_UNROLL
         self.has_bias = has_bias
         self.swiglu = swiglu
         self.groups = 2 if swiglu else 1
@@ -295,26 +293,16 @@ class GemmDecodeKernel:
                     cute.arch.fence_acq_rel_gpu()
                     for i in cutlass.range_constexpr(nfrag):
                         acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
-                    # FIXUP_UNROLL splits' partials are loaded before any is added: their L2 round trips overlap
-                    # instead of queueing one per split (the summation order stays 0 .. splits - 1)
-                    unroll = self.fixup_unroll
-                    parts = cute.make_rmem_tensor(cute.make_ordered_layout((unroll, nfrag), order=(1, 0)), Float32)
-                    for first in cutlass.range(0, splits, unroll):
-                        for u in cutlass.range_constexpr(unroll):
-                            other = first + u
-                            if other < splits:
-                                if other == split:
-                                    for i in cutlass.range_constexpr(nfrag):
-                                        parts[u, i] = frag[i]
-                                else:
-                                    base = mWs.iterator + cute.crd2idx((slot, other, wg, lane, 0), mWs.layout)
-                                    for i in cutlass.range_constexpr(nfrag):
-                                        parts[u, i] = cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")
-                        for u in cutlass.range_constexpr(unroll):
-                            if first + u < splits:
-                                for i in cutlass.range_constexpr(nfrag):
-                                    idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
-                                    acc[idx] = acc[idx] + parts[u, i]
+                    for other in cutlass.range(0, splits, 1):
+                        if other == split:
+                            for i in cutlass.range_constexpr(nfrag):
+                                idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
+                                acc[idx] = acc[idx] + frag[i]
+                        else:
+                            base = mWs.iterator + cute.crd2idx((slot, other, wg, lane, 0), mWs.layout)
+                            for i in cutlass.range_constexpr(nfrag):
+                                idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
+                                acc[idx] = acc[idx] + cute.arch.load((base + i).llvm_ptr, Float32, cop="cg")
                     if lane == 0:
                         mCnt[slot, wg] = Int32(0)
             if last:
@@ -358,7 +346,7 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, FIXUP_UNROLL)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
