@@ -391,7 +391,7 @@ def _current_stream():
 
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
-            offsets=None, experts=1, max_rows=None, active_groups=1):
+            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -409,6 +409,9 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
     per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
                                    warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
+    if splits:  # an explicit split count (probes): per split ceil(quads / splits) quads
+        per_split = -(-quads // splits)
+        nsplit = -(-quads // per_split)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
@@ -428,12 +431,12 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-               x_smem: bool | None = None) -> torch.Tensor:
+               x_smem: bool | None = None, splits: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
     (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
-    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem)
+    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
