@@ -1,7 +1,9 @@
 """CPU tests of the W4A16 GEMM: the sm90 layout (repack, register-decode model), the ops' exact CPU
 reference (both layouts, fused segments, bias, fused SwiGLU), the fake ops under torch.compile, bad
 input, the CuTeDSL kernels' PTX (sm_90a, compiled here without a GPU) and the benchmark's CPU behaviour."""
+import os
 import re
+import tempfile
 
 import pytest
 import torch
@@ -214,3 +216,47 @@ def test_wgmma_dispatch_rule():
     assert not use_wgmma(256, 2048, 7168, False)  # fused_wqa_wkv: 16 row blocks x 2 token blocks, most SMs idle
     assert not use_wgmma(256, 6144, 7168, True)  # no bias in the WGMMA epilogue
     assert not use_wgmma(256, 6143, 7168, False)  # the kernel stores column pairs
+
+
+@requires_cute
+@pytest.mark.parametrize("swiglu,tiles", [(False, 1), (False, 2), (True, 1), (True, 2)])
+def test_decode_register_table_matches_ptxas(swiglu, tiles):
+    """gemm_decode.REGISTERS (which sets the resident warps the split rule plans for) is what ptxas allocates."""
+    import shutil
+    import subprocess
+
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptxas = shutil.which("ptxas") or next((p for p in ("/usr/local/cuda/bin/ptxas", "/usr/local/cuda-13.0/bin/ptxas") if os.path.exists(p)), None)
+    if ptxas is None:
+        pytest.skip("ptxas (CUDA toolkit) is not installed here: the register count cannot be read")
+    ptx = ptx_of(gemm_decode.compile_decode(7168, tiles, False, swiglu, arch="sm_90a", keep_ptx=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    used = int(re.search(r"Used (\d+) registers", out.stderr + out.stdout).group(1))
+    assert used == gemm_decode.REGISTERS[(swiglu, tiles)]
+
+
+def test_decode_split_rule_fills_one_wave():
+    """The plain decode kernel's split count: every warp in one wave of the SMs, splits no shorter than 3 / 4
+    quads; on the DeepSeek-V4 shapes, the counts measured best (or within 8%) on an H100."""
+    from nvfp4lib.kernels.sm90.gemm_decode import REGISTERS, WARPS, splits_for_wave
+
+    def splits(rg, quads, m, swiglu):
+        tiles = 1 if m <= 16 else 2
+        warps = WARPS // 2 if swiglu else WARPS
+        resident = 65536 // (REGISTERS[(swiglu, tiles)] * 32 * warps) * warps
+        per_split, n = splits_for_wave(rg, quads, -(-m // (8 * tiles)), 132, resident)
+        assert (n - 1) * per_split < quads <= n * per_split
+        assert n == 1 or rg * -(-m // (8 * tiles)) * n <= 132 * resident
+        return n
+
+    assert [splits(384, 28, m, False) for m in (1, 16, 64)] == [7, 4, 2]  # gate_up
+    assert [splits(448, 12, m, False) for m in (1, 16, 64)] == [4, 3, 1]  # down
+    assert [splits(128, 28, m, False) for m in (1, 16, 64)] == [7, 7, 6]  # fused_wqa_wkv
+    assert [splits(192, 28, m, True) for m in (1, 16, 64)] == [7, 4, 1]  # gate_up with the SwiGLU
+    assert splits_for_wave(10_000, 28, 8, 132, 24) == (28, 1)  # more warps than a wave: no split

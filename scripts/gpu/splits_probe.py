@@ -32,8 +32,8 @@ for name, (n, k, limit) in {"gate_up": (6144, 7168, None), "down": (7168, 3072, 
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         tiles = gemm_decode.tiles_for(m)
         warp_groups = out_n // 16
-        default = gemm_decode.splits_for(warp_groups, quads, -(-m // (8 * tiles)), sms,
-                                         gemm_decode.DEFAULTS["swiglu_warps_per_sm" if limit else "warps_per_sm"])[1]
+        default = gemm_decode.splits_for_wave(warp_groups, quads, -(-m // (8 * tiles)), sms,
+                                              gemm_decode.resident_warps(limit is not None, tiles))[1]
         ref = gemm_decode.run_decode(x, weights[0].weight, weights[0].block_scale, weights[0].alpha, out_n, swiglu_limit=limit)
         row = dict(shape=name, m=m, n=n, k=k, default_splits=default, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
         seen = set()

@@ -371,6 +371,35 @@ def splits_for(row_groups: int, quads: int, token_blocks: int, sm_count: int = 1
     return per_split, -(-quads // per_split)
 
 
+# Registers per thread of the plain decode kernel, by (swiglu, tiles): ptxas for sm_90a via CuTeDSL 4.8.1
+# (tests/test_gemm.py checks them where ptxas is installed). They set how many CTAs an SM holds at once.
+REGISTERS = {(False, 1): 80, (False, 2): 80, (True, 1): 147, (True, 2): 187}
+
+
+def resident_warps(swiglu: bool, tiles: int) -> int:
+    """Warps of the plain decode kernel one SM holds at once: whole CTAs within the 64K-register file."""
+    warps = WARPS // 2 if swiglu else WARPS
+    ctas = 65536 // (REGISTERS[(swiglu, tiles)] * 32 * warps)
+    return max(1, ctas) * warps
+
+
+def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: int, resident: int,
+                    max_per_split: int | None = None):
+    """(quads per split, splits) of the plain decode kernel: as many splits as keep every warp in ONE wave
+    (row_groups x token_blocks x splits <= SMs x resident warps), but no split shorter than 3 quads
+    (K <= 4096) or 4 (longer K), where the split-K sum costs more than the parallelism gains. Measured on an
+    H100 against every split count (data/bench/splits_probe_nvidia_h100_80gb_hbm3_56e74ac.json): best or
+    within 8% of best for gate_up, down, fused_wqa_wkv and gate_up + SwiGLU at M = 1, 16 and 64, where the
+    former rule (:func:`splits_for`, 16 warps a SM rounded up) spilled into a second wave (down at M = 64:
+    39.3 against 25.3 us)."""
+    cap = max(1, sm_count * resident // (row_groups * token_blocks))
+    splits = max(1, min(cap, quads // (3 if quads <= 16 else 4)))
+    per_split = -(-quads // splits)
+    if max_per_split:
+        per_split = min(per_split, max_per_split)
+    return per_split, -(-quads // per_split)
+
+
 _state: dict = {}
 
 
@@ -407,8 +436,12 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     quads = k // D.QUAD_K
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
-    per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
-                                   warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
+    if offsets is None and warps_per_sm is None:
+        per_split, nsplit = splits_for_wave(warp_groups, quads, token_blocks, _sm_count(x.device), resident_warps(swiglu, tiles),
+                                            MAX_SMEM_QUADS if x_smem else None)
+    else:  # the grouped kernel (measured with this rule: MoE decode and wo_a), or an explicit warps_per_sm (variants)
+        per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
+                                       warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
     if splits:  # an explicit split count (probes): per split ceil(quads / splits) quads
         per_split = -(-quads // splits)
         nsplit = -(-quads // per_split)
