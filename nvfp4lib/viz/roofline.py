@@ -232,3 +232,29 @@ def plot_probe(rows: Sequence[dict], label: str = "", ax=None):
     ax.set_title(f"WGMMA prefill kernel: where the time goes ({label})" if label else "WGMMA prefill kernel: where the time goes")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+def plot_split_sweep(rows: Sequence[dict], label: str = "", axes=None):
+    """The decode kernel's time against its split-K count (``data/bench/splits_probe_*.json``): one panel per
+    shape, one line per M, the split count the op picks marked (filled) and the HBM floor dashed."""
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if axes is None:
+        _, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
+        axes = axes[0]
+    for ax, shape in zip(axes, shapes):
+        for r in (r for r in rows if r["shape"] == shape):
+            times = sorted((int(k[1:-3]), v) for k, v in r.items() if k.startswith("s") and k.endswith("_us") and k[1:-3].isdigit() and v)
+            line, = ax.plot([s for s, _ in times], [t for _, t in times], marker="o", markersize=3, label=f"M = {r['m']}")
+            ax.plot([r["default_splits"]], [r["default_us"]], marker="o", markersize=8, color=line.get_color())
+            ax.axhline(r["floor_us"], color=line.get_color(), linestyle=":", linewidth=0.8)
+        first = next(r for r in rows if r["shape"] == shape)
+        ax.set_title(f"{shape} [{first['n']}, {first['k']}]", fontsize=10)
+        ax.set_xlabel("split-K count")
+        ax.set_ylabel("us per call (lower is better)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    if label:
+        axes[0].figure.suptitle(f"decode kernel vs split count - {label} (large dot: the op's choice; dotted: HBM floor)", fontsize=10)
+    return axes
