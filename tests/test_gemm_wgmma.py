@@ -296,3 +296,53 @@ def test_grouped_wgmma_replays_in_a_graph_with_new_offsets(fresh_seed, limit):
     assert torch.isfinite(out).all()
     assert torch.equal(out, run())
     assert (out.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
+
+
+@requires_cute
+def test_batched_decoder_ptx_sm90a_and_tile_table():
+    """The batched kernel (wo_a): the decoder schedule's MMAs; its static tile table lists every group's token tiles."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(4096, 256, arch="sm_90a", keep_ptx=True, schedule="decoder", batched=True))
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.bf16\.bf16", ptx)) == 4 and ".local" not in ptx
+    table = gemm_wgmma.batched_tile_table(300, 3, 256, "cpu")
+    assert table.tolist() == [[0, 0, 300], [0, 256, 300], [1, 0, 300], [1, 256, 300], [2, 0, 300], [2, 256, 300]]
+    with pytest.raises(ValueError, match="batched"):
+        gemm_wgmma.GemmWgmmaDecoderKernel(512, 256, batched=True, swiglu=True, grouped=True)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("tokens", [65, 256, 300, 1024])
+def test_batched_wgmma_accuracy_and_graph_on_gpu(fresh_seed, tokens):
+    """wo_a through the batched kernel: x [T, 16, 4096] read in place, into a NaN-poisoned [T, 16, 1024], against
+    the exact grouped reference; the module dispatches it; a CUDA-graph replay with new x equals eager."""
+    from nvfp4lib.bench.harness import cosine, rel_error
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+    from nvfp4lib.modules.attention import BATCHED_WGMMA_MAX_T, GroupedNVFP4Projection, reference_grouped_gemm
+    from nvfp4lib.synthetic import quantize_nvfp4_linear
+
+    groups, n, k = 16, 1024, 4096
+    linear = quantize_nvfp4_linear("attn.wo_a", torch.randn(groups * n, k, device="cuda") * 0.02, 4.0)
+    module = GroupedNVFP4Projection(linear, groups, device="cuda")
+    assert module.wgmma_kernel
+    x = torch.randn(tokens, groups, k, device="cuda", dtype=torch.bfloat16)
+    ref = reference_grouped_gemm(x, module.weight, module.weight_scale, module.alpha)
+    p = module.prepared_whole
+    args = (p.weight.view(groups, -1, *p.weight.shape[1:]), p.block_scale.view(groups, -1, *p.block_scale.shape[1:]), p.alpha.view(groups, n), n)
+    y = torch.full((tokens, groups, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemm_wgmma.run_batched_wgmma(x, *args, out=y)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all()
+    assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+    if tokens <= BATCHED_WGMMA_MAX_T:
+        assert torch.equal(module(x), y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = gemm_wgmma.run_batched_wgmma(x, *args)
+    x.copy_(torch.randn_like(x))
+    static.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, gemm_wgmma.run_batched_wgmma(x, *args))

@@ -14,8 +14,9 @@ between them in the model and are not part of this module.
 
 wo_a dispatch: on a CPU the NVFP4 grouped projection is one batched exact reference (fp32 einsum,
 rounded once to bf16). On a Hopper GPU (weights in the sm90 layout) it is the grouped op
-``nvfp4lib::grouped_gemm_w4a16_sm90``: ONE launch of the grouped CuTeDSL kernel for T <= 64 tokens;
-larger T dequantize the whole weight once and run one cuBLAS bmm; other GPUs a loop of 16
+``nvfp4lib::grouped_gemm_w4a16_sm90``: ONE launch of the grouped decode kernel for T <= 64 tokens; up to
+``BATCHED_WGMMA_MAX_T`` tokens ONE launch of the batched WGMMA kernel (each group reads its own columns of
+x in place); larger T dequantize the whole weight once and run one cuBLAS bmm; other GPUs a loop of 16
 :func:`nvfp4_linear` launches. ``GroupedNVFP4Projection.grouped_kernel`` says whether the grouped op can
 run. The FP8 path (:class:`GroupedFP8Projection`, the ModelOpt FP8 per-tensor format a checkpoint may
 carry for wo_a instead) quantizes activations with the static ``input_scale`` (W8A8) and runs
@@ -37,6 +38,11 @@ from ..formats import E4M3_MAX
 from ..ops.moe import GROUPED_KERNEL_MAX_ROWS
 from ..ops.gemm import LAYOUT_SM90, PreparedWeight, dequantize_rows, nvfp4_linear, prepare_weight
 from ..synthetic import WKV, WO_A, WO_B, WQ_A, WQ_B, DSV4Dims
+
+# wo_a above 64 tokens: the batched WGMMA kernel up to this many tokens, dequantize + cuBLAS bmm above. On an
+# H100 (data/bench/wo_a_probe_nvidia_h100_80gb_hbm3_1053aa4.json, kernel alone) it took 55.9 / 225 / 918 us
+# at 256 / 1024 / 4096 tokens against 137 / 262 / 871 for dequantize + bmm
+BATCHED_WGMMA_MAX_T = 1024
 
 
 class _PreparedModule(nn.Module):
@@ -135,9 +141,11 @@ class GroupedNVFP4Projection(_PreparedModule):
 
     - :meth:`forward_reference`: :func:`reference_grouped_gemm`, one batched exact launch (CPU default).
     - :meth:`forward_grouped`: the grouped op over all G groups (GPU default with the sm90 layout and
-      T <= 64): one launch of the grouped kernel.
+      T <= 64): one launch of the grouped decode kernel.
+    - :meth:`forward_wgmma`: one launch of the batched WGMMA kernel, each group reading its own K columns of
+      x in place (GPU default with the sm90 layout for 64 < T <= BATCHED_WGMMA_MAX_T).
     - :meth:`forward_batched`: one dequantization of the whole weight to bf16, one cuBLAS bmm (GPU
-      default with the sm90 layout and T > 64).
+      default with the sm90 layout above).
     - :meth:`forward_loop`: one :func:`nvfp4_linear` per group, G launches (GPU default otherwise).
     - :meth:`forward_diagonal`: ONE :func:`nvfp4_linear` of all G*T rows against the whole weight, keeping
       the G diagonal blocks. It reads the weight once in one launch but does G times the FLOPs and writes
@@ -205,6 +213,24 @@ class GroupedNVFP4Projection(_PreparedModule):
             p.alpha.view(self.groups, self.n_group), self.n_group, max(tokens, 1), None)
         return y.view(self.groups, tokens, self.n_group).transpose(0, 1)
 
+    def forward_wgmma(self, x: torch.Tensor) -> torch.Tensor:
+        """All groups in one launch of the batched WGMMA kernel (sm90 layout; K a multiple of 256): x [T, G, K]
+        read in place, y [T, G, N_g] written in place. Capturable (its tile table is static per T)."""
+        from ..kernels.sm90 import gemm_wgmma
+
+        self._check(x)
+        p = self.prepared_whole
+        return gemm_wgmma.run_batched_wgmma(x.contiguous(), p.weight.view(self.groups, -1, *p.weight.shape[1:]),
+                                            p.block_scale.view(self.groups, -1, *p.block_scale.shape[1:]),
+                                            p.alpha.view(self.groups, self.n_group), self.n_group)
+
+    @property
+    def wgmma_kernel(self) -> bool:
+        """True when :meth:`forward_wgmma` can run: the sm90 layout, K a multiple of 256, CuTeDSL installed."""
+        from ..ops.gemm import wgmma_takes
+
+        return self.grouped_kernel and self.n_group % 2 == 0 and wgmma_takes(self.k)
+
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Prefill (sm90 layout): the whole weight dequantized to bf16 in ONE kernel (alpha folded in, as
         the dense GEMM path does), then one cuBLAS batched GEMM over the groups. Capturable (no host reads)."""
@@ -229,8 +255,13 @@ class GroupedNVFP4Projection(_PreparedModule):
             return self.forward_reference(x)
         if not self.grouped_kernel:
             return self.forward_loop(x)
-        # the grouped kernel suits decode; above it, one dequantization of the whole weight and one bmm
-        return self.forward_grouped(x) if x.shape[0] <= GROUPED_KERNEL_MAX_ROWS else self.forward_batched(x)
+        # the grouped decode kernel up to 64 tokens, the batched WGMMA kernel up to BATCHED_WGMMA_MAX_T, above
+        # it one dequantization of the whole weight and one bmm
+        if x.shape[0] <= GROUPED_KERNEL_MAX_ROWS:
+            return self.forward_grouped(x)
+        if x.shape[0] <= BATCHED_WGMMA_MAX_T and self.wgmma_kernel:
+            return self.forward_wgmma(x)
+        return self.forward_batched(x)
 
 
 def quantize_fp8_activations(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:

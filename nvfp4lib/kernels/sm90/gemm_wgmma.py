@@ -427,8 +427,14 @@ class GemmWgmmaDecoderKernel:
     (256 weight rows x 128 tokens) measured slower than 128 x 256 (1.33 against 1.17 ms at M = 8192)."""
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
-                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False):
+                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False):
         _check_shape(k, tile_n)
+        # batched (with grouped): every group takes its own K columns of one x [m, E * k] (group e: columns
+        # e k .. e k + k - 1, by the TMA coordinates: no regrouping copy) and writes its own n columns of one
+        # y [m, E * n]; the tile table then lists (e, first row, m) for every group (wo_a: 16 groups, all tokens)
+        self.batched = batched
+        if batched and (not grouped or swiglu):
+            raise ValueError("the batched kernel is a grouped kernel without the SwiGLU epilogue")
         # swiglu: the weight is gate_up ([gate; up], 2I rows) and y the clamped SwiGLU [M, I]. Decoder warp w takes
         # gate row group 4 rb + w and its up row group and writes them interleaved by 8 rows (tile row group 2w + h:
         # rows 0-7 the gate rows 8h..8h+7 of the pair, rows 8-15 the same up rows), so that the thread holding the
@@ -475,6 +481,9 @@ class GemmWgmmaDecoderKernel:
         tiles_ptr is int32 [token_tiles, 3] (:func:`grouped_tile_table`), else unused. With ``swiglu``: n = I (y is
         bf16 [m, I]), row_groups = 2I / 16, alpha [E, 2I], ``limit`` the SwiGLU clamp."""
         mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, experts * row_groups, self.k)
+        if cutlass.const_expr(self.batched):
+            mX = cute.make_tensor(x_ptr, cute.make_layout((m, experts * self.k), stride=(experts * self.k, 1)))
+            mY = cute.make_tensor(y_ptr, cute.make_layout((m, experts * n), stride=(experts * n, 1)))
         if cutlass.const_expr(self.swiglu):
             mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((2 * n,)))
         mS = cute.make_tensor(s_ptr, cute.make_layout((experts * row_groups, self.quads, 32, 2), stride=(self.quads * 64, 64, 2, 1)))
@@ -550,7 +559,8 @@ class GemmWgmmaDecoderKernel:
         if warp < DECODER_THREADS // 32:
             sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
                                     cute.make_layout((self.stages * self.a_stage_words,)))
-            gX = cute.local_tile(cute.domain_offset((row0, 0), mX_tma), (self.tile_n, TILE_K), (0, None))
+            x_col0 = expert * self.k if cutlass.const_expr(self.batched) else 0  # batched: the group's K columns
+            gX = cute.local_tile(cute.domain_offset((row0, x_col0), mX_tma), (self.tile_n, TILE_K), (0, None))
             tXsX, tXgX = cpasync.tma_partition(tma_atom, cluster_coord[0], cute.make_layout(self.cluster_m),
                                                cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
             mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0) if cutlass.const_expr(self.cluster_m > 1) else 0
@@ -587,7 +597,8 @@ class GemmWgmmaDecoderKernel:
                 store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
             else:
                 alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
-                store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m)
+                y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
+                store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
@@ -688,13 +699,15 @@ class GemmWgmmaDecoderKernel:
 
 @cute.jit
 def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32, n: Int32,
-               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M):
+               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M, col0: Int32 = 0):
     """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens,
-    the tokens from row ``row0`` of y) -> ``y[token, col] = bf16(acc * alpha[col] * 2**7)``; tokens from
-    ``row_end`` on (the end of y, or of the tile's expert) and columns past n are not stored."""
+    the tokens from row ``row0`` of y) -> ``y[token, col0 + col] = bf16(acc * alpha[col] * 2**7)``; tokens
+    from ``row_end`` on (the end of y, or of the tile's expert) and columns past n are not stored. y's row
+    pitch is ``mY.shape[1]`` (n, or E n for the batched kernel); col0 is even."""
     # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
     # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
-    mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32), cute.make_layout((mY.shape[0], n // 2), stride=(n // 2, 1)))
+    mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32) + col0 // 2,
+                            cute.make_layout((mY.shape[0], n // 2), stride=(mY.shape[1] // 2, 1)))
     shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
     odd = g % 2
     cC = cute.make_identity_tensor((tile_m, tile_n))
@@ -770,7 +783,8 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=No
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-                  tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False):
+                  tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
+                  batched: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -783,13 +797,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M, grouped, swiglu)
+                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped, swiglu)
+               grouped or batched, swiglu, batched)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu:
-        raise ValueError("only the decoder schedule has the grouped and SwiGLU kernels")
+    if grouped or swiglu or batched:
+        raise ValueError("only the decoder schedule has the grouped, batched and SwiGLU kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -944,4 +958,61 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
              _current_stream())
+    return y
+
+
+_batched_tables: dict = {}
+
+
+def batched_tile_table(tokens: int, groups: int, tile_n: int, device) -> torch.Tensor:
+    """int32 [groups * ceil(tokens / tile_n), 3]: the tile table of the batched kernel, (group, first row, tokens)
+    for every group's token tiles, group-major. Static for a (tokens, groups, tile_n): built once on the device
+    and cached (built per call, uncached, under CUDA-graph capture)."""
+    key = (tokens, groups, tile_n, str(device))
+    table = _batched_tables.get(key)
+    if table is None:
+        per_group = -(-tokens // tile_n)
+        t = torch.arange(groups * per_group, device=device, dtype=torch.int32)
+        table = torch.stack([t // per_group, (t % per_group) * tile_n, torch.full_like(t, tokens)], 1).contiguous()
+        if t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _batched_tables[key] = table
+    return table
+
+
+BATCHED_TILE_N = 256  # wo_a on an H100 (data/bench/wo_a_probe_*_1053aa4.json): 55.9 us against 73.3 with 128 at 256 tokens
+
+
+def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
+                      out: torch.Tensor | None = None, tile_n: int | None = None, cluster_m: int | None = None) -> torch.Tensor:
+    """G weights, each over ALL rows of its own slice of x: ``y[:, g] = x[:, g] @ dequant(W_g)^T * alpha[g]`` (wo_a).
+
+    x bf16 [T, G, K] (contiguous; group g reads columns g K .. g K + K - 1 of the [T, G K] view in place, by
+    TMA coordinates); words int32 [G, RG, K/64, 32, 4], scale_words int32 [G, RG, K/256, 32, 2]; alpha fp32
+    [G, n] -> bf16 [T, G, n] (``out`` if given). One launch; the tile table is static per T and cached, so
+    there is nothing to compute per call; CUDA-graph capturable after a first eager call (which compiles)."""
+    if x.dtype != torch.bfloat16 or x.dim() != 3 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous bf16 [T, G, K], got {x.dtype} {tuple(x.shape)}")
+    tokens, groups, k = x.shape
+    if words.dim() != 5 or scale_words.dim() != 5 or words.shape[0] != groups or words.shape[:2] != scale_words.shape[:2]:
+        raise ValueError(f"words / scale_words must be int32 [G={groups}, RG, K/64, 32, 4] / [G, RG, K/256, 32, 2], got "
+                         f"{tuple(words.shape)} and {tuple(scale_words.shape)}")
+    row_groups = words.shape[1]
+    if k % D.QUAD_K or words.shape[2] * D.CHUNK_K != k:
+        raise ValueError(f"the WGMMA kernel needs K a multiple of {D.QUAD_K} matching the words, got K={k}, words {tuple(words.shape)}")
+    if not (row_groups - 1) * D.ROWS_PER_GROUP < n <= row_groups * D.ROWS_PER_GROUP or n % 2:
+        raise ValueError(f"n={n} must be even and match {row_groups} row groups of 16")
+    if alpha.shape != (groups, n) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [G, n] = [{groups}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    y = out if out is not None else torch.empty(tokens, groups, n, dtype=torch.bfloat16, device=x.device)
+    if out is not None and (out.shape != (tokens, groups, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous bf16 [{tokens}, {groups}, {n}] tensor")
+    if tokens == 0:
+        return y
+    if x.data_ptr() % 16:
+        x = x.clone()
+    tile_n = tile_n or BATCHED_TILE_N
+    tiles = batched_tile_table(tokens, groups, tile_n, x.device)
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
+    compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
+             Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), _current_stream())
     return y
