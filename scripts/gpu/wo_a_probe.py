@@ -2,7 +2,8 @@
 
 For T in ``TOKENS``: the grouped WGMMA kernel alone on x already regrouped to [16 T, 4096] with its tile
 table precomputed, at (tile_n, cluster) variants; the same plus the table built per call; the module's
-forward_grouped (regroup copy + table + kernel) and forward_batched (whole-weight dequantization + cuBLAS
+forward_wgmma (the batched kernel: x read in place, a static table), forward_grouped (regroup copy + table
++ kernel) and forward_batched (whole-weight dequantization + cuBLAS
 bmm); cuBLAS BF16 bmm on the dequantized weight. CUDA-graph replay over 4 rotating weight sets. Run there:
   source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/wo_a_probe.py
 Writes $OUT/wo_a_probe.json."""
@@ -16,7 +17,7 @@ from nvfp4lib.kernels.sm90 import gemm_wgmma
 from nvfp4lib.modules.attention import GroupedNVFP4Projection
 from nvfp4lib.synthetic import WO_A
 
-TOKENS = [int(v) for v in os.environ.get("TOKENS", "256,1024,4096").split(",")]
+TOKENS = [int(v) for v in os.environ.get("TOKENS", "256,1024,2048,4096").split(",")]
 VARIANTS = [tuple(int(v) for v in s.split(":")) for s in os.environ.get("VARIANTS", "128:2,128:1,256:2").split(",")]
 G, N, K = 16, 1024, 4096
 notes, rows = [], []
@@ -34,6 +35,7 @@ for t in TOKENS:
     row["cublas_bmm_us"] = harness.time_safely([lambda w=w: torch.bmm(x_g, w) for w in dense], notes, f"bmm {t}")[0]
     row["batched_us"] = harness.time_safely([lambda m=m: m.forward_batched(x) for m in mods], notes, f"batched {t}")[0]
     row["forward_grouped_us"] = harness.time_safely([lambda m=m: m.forward_grouped(x) for m in mods], notes, f"grouped {t}")[0]
+    row["forward_wgmma_us"] = harness.time_safely([lambda m=m: m.forward_wgmma(x) for m in mods], notes, f"batched wgmma {t}")[0]
     row["regroup_copy_us"] = harness.time_safely([lambda: x.transpose(0, 1).reshape(G * t, K).contiguous()], notes, f"copy {t}")[0]
 
     def args(m):
