@@ -40,9 +40,10 @@ from ..ops.gemm import LAYOUT_SM90, PreparedWeight, dequantize_rows, nvfp4_linea
 from ..synthetic import WKV, WO_A, WO_B, WQ_A, WQ_B, DSV4Dims
 
 # wo_a above 64 tokens: the batched WGMMA kernel up to this many tokens, dequantize + cuBLAS bmm above. On an
-# H100 (data/bench/wo_a_probe_nvidia_h100_80gb_hbm3_1053aa4.json, kernel alone) it took 55.9 / 225 / 918 us
-# at 256 / 1024 / 4096 tokens against 137 / 262 / 871 for dequantize + bmm
-BATCHED_WGMMA_MAX_T = 1024
+# H100 (data/bench/wo_a_probe_nvidia_h100_80gb_hbm3_23654fa.json) it took 56.6 / 228 / 447 / 937 us at
+# 256 / 1024 / 2048 / 4096 tokens against 137 / 264 / 465 / 869 for dequantize + bmm (cuBLAS bmm on the
+# dequantized weight alone: 67.3 / 214 / 417 / 823)
+BATCHED_WGMMA_MAX_T = 2048
 
 
 class _PreparedModule(nn.Module):
