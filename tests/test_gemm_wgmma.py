@@ -346,3 +346,28 @@ def test_batched_wgmma_accuracy_and_graph_on_gpu(fresh_seed, tokens):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, gemm_wgmma.run_batched_wgmma(x, *args))
+
+
+def test_grouped_and_batched_runners_reject_bad_shapes():
+    from nvfp4lib.kernels.cute_compile import cute_available
+
+    if not cute_available():
+        pytest.skip("nvidia-cutlass-dsl is not installed")
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    words = torch.zeros(2, 4, 4, 32, 4, dtype=torch.int32)  # E=2, RG=4 (n=64), K=256
+    scale_words = torch.zeros(2, 4, 1, 32, 2, dtype=torch.int32)
+    alpha = torch.ones(2, 64)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gemm_wgmma.run_grouped_wgmma(torch.zeros(4, 128, dtype=torch.bfloat16), torch.tensor([0, 2, 4]), words, scale_words, alpha, 64)
+    with pytest.raises(ValueError, match="alpha"):
+        gemm_wgmma.run_grouped_wgmma(torch.zeros(4, 256, dtype=torch.bfloat16), torch.tensor([0, 2, 4]), words, scale_words, alpha[:, :32], 64)
+    with pytest.raises(ValueError, match="offsets"):
+        gemm_wgmma.run_grouped_wgmma(torch.zeros(4, 256, dtype=torch.bfloat16), torch.tensor([0, 4]), words, scale_words, alpha, 64)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        gemm_wgmma.run_grouped_wgmma(torch.zeros(4, 256, dtype=torch.bfloat16), torch.tensor([0, 2, 4]), words, scale_words, alpha, 64,
+                                     swiglu_limit=10.0)
+    with pytest.raises(ValueError, match="groups"):
+        gemm_wgmma.run_batched_wgmma(torch.zeros(4, 3, 256, dtype=torch.bfloat16), words, scale_words, alpha, 64)
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        gemm_wgmma.run_batched_wgmma(torch.zeros(4, 2, 256), words, scale_words, alpha, 64)

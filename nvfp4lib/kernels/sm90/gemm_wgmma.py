@@ -877,6 +877,21 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     return y
 
 
+def _check_stacked(words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int, k: int):
+    """(E, RG) of E stacked sm90 weights for the grouped / batched kernels, or ValueError naming the mismatch."""
+    if words.dim() != 5 or scale_words.dim() != 5 or words.shape[:2] != scale_words.shape[:2]:
+        raise ValueError(f"words / scale_words must be int32 [E, RG, K/64, 32, 4] / [E, RG, K/256, 32, 2], got "
+                         f"{tuple(words.shape)} and {tuple(scale_words.shape)}")
+    experts, row_groups = words.shape[:2]
+    if k % D.QUAD_K or words.shape[2] * D.CHUNK_K != k:
+        raise ValueError(f"the WGMMA kernel needs K a multiple of {D.QUAD_K} matching the words, got K={k}, words {tuple(words.shape)}")
+    if not (row_groups - 1) * D.ROWS_PER_GROUP < n <= row_groups * D.ROWS_PER_GROUP or n % 2:
+        raise ValueError(f"n={n} must be even and match {row_groups} row groups of 16")
+    if alpha.shape != (experts, n) or alpha.dtype != torch.float32:
+        raise ValueError(f"alpha must be fp32 [E, n] = [{experts}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    return experts, row_groups
+
+
 def grouped_tile_table(offsets: torch.Tensor, tile_n: int, max_tiles: int) -> torch.Tensor:
     """int32 [max_tiles, 3]: per token tile of the grouped kernel, (expert, first row, end row of the expert).
 
@@ -925,16 +940,7 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
-    if words.dim() != 5 or scale_words.dim() != 5 or words.shape[:2] != scale_words.shape[:2]:
-        raise ValueError(f"words / scale_words must be int32 [E, RG, K/64, 32, 4] / [E, RG, K/256, 32, 2], got "
-                         f"{tuple(words.shape)} and {tuple(scale_words.shape)}")
-    experts, row_groups = words.shape[:2]
-    if k % D.QUAD_K or words.shape[2] * D.CHUNK_K != k:
-        raise ValueError(f"the WGMMA kernel needs K a multiple of {D.QUAD_K} matching the words, got K={k}, words {tuple(words.shape)}")
-    if not (row_groups - 1) * D.ROWS_PER_GROUP < n <= row_groups * D.ROWS_PER_GROUP or n % 2:
-        raise ValueError(f"n={n} must be even and match {row_groups} row groups of 16")
-    if alpha.shape != (experts, n) or alpha.dtype != torch.float32:
-        raise ValueError(f"alpha must be fp32 [E, n] = [{experts}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    experts, row_groups = _check_stacked(words, scale_words, alpha, n, k)
     swiglu = swiglu_limit is not None
     if swiglu and n % 128:
         raise ValueError(f"the SwiGLU epilogue takes 64 gate and 64 up rows a CTA: gate_up must have 2I rows, I a multiple of 64, got {n}")
@@ -993,16 +999,9 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
     if x.dtype != torch.bfloat16 or x.dim() != 3 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous bf16 [T, G, K], got {x.dtype} {tuple(x.shape)}")
     tokens, groups, k = x.shape
-    if words.dim() != 5 or scale_words.dim() != 5 or words.shape[0] != groups or words.shape[:2] != scale_words.shape[:2]:
-        raise ValueError(f"words / scale_words must be int32 [G={groups}, RG, K/64, 32, 4] / [G, RG, K/256, 32, 2], got "
-                         f"{tuple(words.shape)} and {tuple(scale_words.shape)}")
-    row_groups = words.shape[1]
-    if k % D.QUAD_K or words.shape[2] * D.CHUNK_K != k:
-        raise ValueError(f"the WGMMA kernel needs K a multiple of {D.QUAD_K} matching the words, got K={k}, words {tuple(words.shape)}")
-    if not (row_groups - 1) * D.ROWS_PER_GROUP < n <= row_groups * D.ROWS_PER_GROUP or n % 2:
-        raise ValueError(f"n={n} must be even and match {row_groups} row groups of 16")
-    if alpha.shape != (groups, n) or alpha.dtype != torch.float32:
-        raise ValueError(f"alpha must be fp32 [G, n] = [{groups}, {n}], got {alpha.dtype} {tuple(alpha.shape)}")
+    experts, row_groups = _check_stacked(words, scale_words, alpha, n, k)
+    if experts != groups:
+        raise ValueError(f"x has {groups} groups, the weights {experts}")
     y = out if out is not None else torch.empty(tokens, groups, n, dtype=torch.bfloat16, device=x.device)
     if out is not None and (out.shape != (tokens, groups, n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{tokens}, {groups}, {n}] tensor")
