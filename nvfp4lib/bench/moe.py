@@ -164,7 +164,9 @@ def bench_case(case: str, tokens: int, sets, args, bandwidth) -> dict:
     offsets, max_rows = routing.offsets, tokens  # top-k ids are distinct per token: an expert holds <= T rows
     reference = fp32_expert_path(xs[0], bounds, weights0)
     use_grouped = max_rows <= moe_ops.GROUPED_KERNEL_MAX_ROWS  # the one-launch decode kernel
-    use_wgmma = args.device == "cuda" and not use_grouped and moe_ops.grouped_wgmma_fits(hidden) and moe_ops.grouped_wgmma_fits(weights0.down.k)
+    # the op's own dispatch test, for the label
+    use_wgmma = (args.device == "cuda" and not use_grouped and moe_ops.grouped_wgmma_takes(hidden, weights0.gate_up.n, True)
+                 and moe_ops.grouped_wgmma_takes(weights0.down.k, weights0.down.n, False))
     loop_out = loop_expert_path(xs[0], bounds, weights0)
     notes: List[str] = []
     grouped_out = grouped_expert_path(xs[0], offsets, max_rows, weights0)
