@@ -111,12 +111,14 @@ class GemmDecodeKernel:
     the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
-                 grouped: bool = False):
+                 grouped: bool = False, rows: int | None = None, ksplit: int = 1):
         D.check_decode_shape(16, k)
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
         if swiglu and has_bias:
             raise ValueError("the SwiGLU epilogue takes no bias")
+        if ksplit < 1 or (ksplit > 1 and x_smem):
+            raise ValueError(f"ksplit must be >= 1 and cannot combine with x_smem, got ksplit={ksplit}, x_smem={x_smem}")
         self.k = k
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
@@ -129,7 +131,13 @@ class GemmDecodeKernel:
         self.prefetch_x = prefetch_x and not x_smem
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
-        self.warps = WARPS // 2 if swiglu else WARPS
+        self.rows = rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
+        # ksplit: warps per row group, each on its own slice of the CTA's K range; their partial sums meet in
+        # shared memory (one barrier) instead of the workspace + atomic counter of the grid's split K
+        self.ksplit = ksplit
+        self.warps = self.rows * ksplit
+        if self.warps * 32 > 1024:
+            raise ValueError(f"rows x ksplit = {self.warps} warps is more than a CTA holds (32)")
         self.threads = 32 * self.warps
 
     @cute.jit
@@ -160,7 +168,7 @@ class GemmDecodeKernel:
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((experts * token_blocks, warp_groups), stride=(warp_groups, 1)))
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
                     token_blocks).launch(
-            grid=[token_blocks, (warp_groups + self.warps - 1) // self.warps, splits * experts], block=[self.threads, 1, 1], stream=stream)
+            grid=[token_blocks, (warp_groups + self.rows - 1) // self.rows, splits * experts], block=[self.threads, 1, 1], stream=stream)
 
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
@@ -201,33 +209,43 @@ class GemmDecodeKernel:
         slot = expert * token_blocks + tb  # this CTA's token block in the workspace and the counters
         lane = tidx % 32
         warp = tidx // 32
-        wg = rgb * self.warps + warp  # this warp's row group (gate row group with swiglu)
+        ks = warp // self.rows  # this warp's slice of the CTA's K range (0 without ksplit)
+        row_slot = warp - ks * self.rows
+        wg = rgb * self.rows + row_slot  # this warp's row group (gate row group with swiglu)
         g = lane // 4
         t = lane % 4
         tpb = self.tiles * TOKENS_PER_TILE
         first_row = row_begin + tb * tpb
         q_begin = split * quads_per_split
         q_end = cutlass.min(q_begin + quads_per_split, self.quads)
+        cta_q_begin = q_begin  # the x_smem slice covers the CTA's whole K range
+        if cutlass.const_expr(self.ksplit > 1):
+            # warp slice ks of ksplit: quads [span*ks/S, span*(ks+1)/S) of the CTA's range (balanced to one quad)
+            span = q_end - q_begin
+            q_end = q_begin + (span * (ks + 1)) // self.ksplit
+            q_begin = q_begin + (span * ks) // self.ksplit
         sX = None
         if cutlass.const_expr(self.x_smem):
             # the CTA's activations [tpb rows, its k range] -> shared memory (rows past m: zeros), once
             smem = SmemAllocator()
             sX = smem.allocate_tensor(Int32, cute.make_layout((tpb, MAX_SMEM_QUADS * 4, 4, 8), stride=(self.row_words, 32, 8, 1)), byte_alignment=16)
             sXv = cute.make_tensor(sX.iterator, cute.make_layout((tpb, MAX_SMEM_QUADS * 32, 4), stride=(self.row_words, 4, 1)))
-            per_row = (q_end - q_begin) * 32
+            per_row = (q_end - cta_q_begin) * 32
             for idx in cutlass.range(tidx, tpb * per_row, self.threads):
                 r = idx // per_row
                 v = idx - r * per_row
                 if first_row + r < row_end:
-                    cute.autovec_copy(mXv[first_row + r, q_begin * 32 + v, None], sXv[r, v, None])
+                    cute.autovec_copy(mXv[first_row + r, cta_q_begin * 32 + v, None], sXv[r, v, None])
                 else:
                     for i in cutlass.range_constexpr(4):
                         sXv[r, v, i] = Int32(0)
             cute.arch.sync_threads()
-        if (wg < warp_groups) & (first_row < row_end):
-            acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
-            for i in cutlass.range_constexpr(G * self.tiles * 4):
-                acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
+        active = (wg < warp_groups) & (first_row < row_end)
+        acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
+        for i in cutlass.range_constexpr(G * self.tiles * 4):
+            acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
+        nfrag = G * self.tiles * 4
+        if active:
             wcur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
             wnxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
             scur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
@@ -273,7 +291,23 @@ class GemmDecodeKernel:
                         for i in cutlass.range_constexpr(self.tiles * 32):
                             xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
 
-            nfrag = G * self.tiles * 4
+        if cutlass.const_expr(self.ksplit > 1):
+            # slices 1.. of each row group hand their partial sums to slice 0 through shared memory
+            red = SmemAllocator().allocate_tensor(
+                Float32, cute.make_layout((self.ksplit - 1, self.rows, 32, nfrag),
+                                          stride=(self.rows * 32 * nfrag, 32 * nfrag, nfrag, 1)), byte_alignment=16)
+            if active & (ks > 0):
+                part = cute.make_rmem_tensor((nfrag,), Float32)
+                for i in cutlass.range_constexpr(nfrag):
+                    part[i] = acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4]
+                cute.autovec_copy(part, red[ks - 1, row_slot, lane, None])
+            cute.arch.sync_threads()
+            if active & (ks == 0):
+                for other in cutlass.range_constexpr(self.ksplit - 1):  # a fixed order: deterministic
+                    for i in cutlass.range_constexpr(nfrag):
+                        idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
+                        acc[idx] = acc[idx] + red[other, row_slot, lane, i]
+        if active & (ks == 0):
             last = Boolean(True)
             if splits > 1:
                 frag = cute.make_rmem_tensor((nfrag,), Float32)
@@ -337,16 +371,17 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
-                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False):
-    """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant). Works
-    without a GPU (fake pointers)."""
+                   arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
+                   rows: int | None = None, ksplit: int = 1):
+    """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
+    ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -420,7 +455,7 @@ def _current_stream():
 
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
-            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None):
+            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -445,7 +480,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     if splits:  # an explicit split count (probes): per split ceil(quads / splits) quads
         per_split = -(-quads // splits)
         nsplit = -(-quads // per_split)
-    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None)
+    compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
+                              rows=rows, ksplit=ksplit)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -464,12 +500,13 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-               x_smem: bool | None = None, splits: int | None = None) -> torch.Tensor:
+               x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int = 1) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
     (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
-    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits)
+    return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
+                   rows=rows, ksplit=ksplit)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,

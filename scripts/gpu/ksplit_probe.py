@@ -1,0 +1,83 @@
+"""GPU host: the decode kernel with its K range split INSIDE the CTA (``rows`` row groups x ``ksplit`` warps,
+partial sums through shared memory) against the default launch (8 row groups a CTA, split K across the grid).
+
+For gate_up, down, fused_wqa_wkv and gate_up with the SwiGLU at M in ``MS`` (default 1,4,16), every
+(rows, ksplit, grid splits, tiles) in the sweep below, CUDA-graph replay over 4 rotating weight sets
+(harness.time_graph). Every variant is checked against an fp32 reference over the same dequantized weight
+(rel err <= 1e-2, cosine >= 0.9999). Run there:
+  source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/ksplit_probe.py
+Writes $OUT/ksplit_probe.json."""
+import os
+
+import torch
+
+from nvfp4lib.bench import harness
+from nvfp4lib.formats import quantize
+from nvfp4lib.kernels.sm90 import gemm_decode
+from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, prepare_weight
+
+MS = [int(v) for v in os.environ.get("MS", "1,4,16").split(",")]
+SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
+          "gate_up_swiglu": (6144, 7168, 10.0)}
+SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
+CTAS = [(1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (8, 2)]  # (rows, ksplit)
+notes, rows_out = [], []
+bandwidth = harness.copy_bandwidth()
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+for name, (n, k, limit) in SHAPES.items():
+    weights = []
+    for _ in range(4):
+        q = quantize(torch.randn(n, k, device="cuda") * 0.02)
+        weights.append(prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90"))
+    p0 = weights[0]
+    out_n = n // 2 if limit else n
+    w32 = dequantize_sm90(p0.weight, p0.block_scale, n).float() * p0.alpha.float()[:, None]
+    regs = gemm_decode.REGISTERS[(limit is not None, 2)]
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w32.t()
+        if limit:
+            ref = clamped_swiglu_reference(ref, limit)
+        row = dict(shape=name, m=m, n=n, k=k, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
+        variants = [("default", {})]
+        for tiles in ([1, 2] if m > 8 else [1]):
+            for r, s in CTAS:
+                if r * s * 32 * regs > 65536:
+                    continue
+                for z in (1, 2):
+                    variants.append((f"t{tiles}_r{r}_k{s}_z{z}", dict(tiles=tiles, rows=r, ksplit=s, splits=z)))
+        for label, kw in variants:
+            try:
+                y = gemm_decode.run_decode(x, p0.weight, p0.block_scale, p0.alpha, out_n, swiglu_limit=limit, **kw)
+                torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+                notes.append(f"{name} {m} {label}: {type(error).__name__}: {str(error)[:160]}")
+                continue
+            err, cos = harness.rel_error(y, ref), cosine(y, ref)
+            row[f"{label}_rel_err"] = err
+            if not (err <= 1e-2 and cos >= 0.9999):
+                notes.append(f"{name} {m} {label}: WRONG rel err {err:.3g} cosine {cos:.6f}")
+                continue
+            row[f"{label}_us"] = harness.time_safely(
+                [lambda p=p: gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
+                 for p in weights], notes, f"{name} {m} {label}")[0]
+        times = {k_[:-3]: v for k_, v in row.items() if k_.endswith("_us") and k_ != "floor_us" and v}
+        best = min(times, key=times.get)
+        row.update(best=best, best_us=times[best], default_us=times.get("default"))
+        rows_out.append(row)
+        top = sorted(times.items(), key=lambda kv: kv[1])[:5]
+        print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} default {harness.fmt(times.get('default'))} | "
+              + " ".join(f"{lab}:{t:.1f}" for lab, t in top), flush=True)
+    del weights, w32
+payload = harness.run_metadata("scripts/gpu/ksplit_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
+                               "the decode kernel with rows x ksplit warps a CTA (partial sums in shared memory) and grid "
+                               "splits z, against the default launch; floor = NVFP4 weight + activation bytes / measured copy bandwidth")
+payload.update(rows=rows_out, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)
+harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "ksplit_probe.json"), payload)
+print(f"{len(notes)} notes", *notes[:20], sep="\n")
