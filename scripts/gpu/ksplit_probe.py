@@ -1,7 +1,7 @@
 """GPU host: the decode kernel with its K range split INSIDE the CTA (``rows`` row groups x ``ksplit`` warps,
 partial sums through shared memory) against the default launch (8 row groups a CTA, split K across the grid).
 
-For gate_up, down, fused_wqa_wkv and gate_up with the SwiGLU at M in ``MS`` (default 1,4,16), every
+For gate_up, down, fused_wqa_wkv and gate_up with the SwiGLU and wo_b at M in ``MS`` (default 1,8,16,32,64), every
 (rows, ksplit, grid splits, tiles) in the sweep below, CUDA-graph replay over 4 rotating weight sets
 (harness.time_graph). Every variant is checked against an fp32 reference over the same dequantized weight
 (rel err <= 1e-2, cosine >= 0.9999). Run there:
@@ -16,11 +16,23 @@ from nvfp4lib.formats import quantize
 from nvfp4lib.kernels.sm90 import gemm_decode
 from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, prepare_weight
 
-MS = [int(v) for v in os.environ.get("MS", "1,4,16").split(",")]
+MS = [int(v) for v in os.environ.get("MS", "1,8,16,32,64").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
-          "gate_up_swiglu": (6144, 7168, 10.0)}
+          "gate_up_swiglu": (6144, 7168, 10.0), "wo_b": (7168, 16384, None)}
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
-CTAS = [(1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (8, 2)]  # (rows, ksplit)
+
+
+def cta_shapes(row_groups, quads, token_blocks, sms, swiglu, tiles):
+    """Every (rows, ksplit) with rows in 1, 2, 4 and up to 16 warps whose CTAs fit in one wave."""
+    regs = gemm_decode.KSPLIT_REGISTERS[(swiglu, tiles)]
+    for rows in (1, 2, 4):
+        for ksplit in range(2, min(quads, 16 // rows) + 1):
+            warps = rows * ksplit
+            resident = min(65536 // (regs * 32 * warps), 64 // warps, 32)
+            if resident and token_blocks * -(-row_groups // rows) <= sms * resident:
+                yield rows, ksplit
+
+
 notes, rows_out = [], []
 bandwidth = harness.copy_bandwidth()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -38,20 +50,18 @@ for name, (n, k, limit) in SHAPES.items():
     p0 = weights[0]
     out_n = n // 2 if limit else n
     w32 = dequantize_sm90(p0.weight, p0.block_scale, n).float() * p0.alpha.float()[:, None]
-    regs = gemm_decode.REGISTERS[(limit is not None, 2)]
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w32.t()
         if limit:
             ref = clamped_swiglu_reference(ref, limit)
-        row = dict(shape=name, m=m, n=n, k=k, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
-        variants = [("default", {})]
+        row = dict(shape=name, m=m, n=n, k=k, plan=gemm_decode.auto_ksplit(out_n // 16, k // 256, m, sms, limit is not None),
+                   floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
+        variants = [("default", {}), ("grid", dict(ksplit=1)), ("default_px", dict(prefetch_x=True))]
         for tiles in ([1, 2] if m > 8 else [1]):
-            for r, s in CTAS:
-                if r * s * 32 * regs > 65536:
-                    continue
-                for z in (1, 2):
-                    variants.append((f"t{tiles}_r{r}_k{s}_z{z}", dict(tiles=tiles, rows=r, ksplit=s, splits=z)))
+            tb = -(-m // (8 * tiles))
+            for r, s in cta_shapes(out_n // 16, k // 256, tb, sms, limit is not None, tiles):
+                variants.append((f"t{tiles}_r{r}_k{s}", dict(tiles=tiles, rows=r, ksplit=s, splits=1)))
         for label, kw in variants:
             try:
                 y = gemm_decode.run_decode(x, p0.weight, p0.block_scale, p0.alpha, out_n, swiglu_limit=limit, **kw)
@@ -72,7 +82,8 @@ for name, (n, k, limit) in SHAPES.items():
         row.update(best=best, best_us=times[best], default_us=times.get("default"))
         rows_out.append(row)
         top = sorted(times.items(), key=lambda kv: kv[1])[:5]
-        print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} default {harness.fmt(times.get('default'))} | "
+        print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} default {row['plan']} {harness.fmt(times.get('default'))} "
+              f"grid {harness.fmt(times.get('grid'))} | "
               + " ".join(f"{lab}:{t:.1f}" for lab, t in top), flush=True)
     del weights, w32
 payload = harness.run_metadata("scripts/gpu/ksplit_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "

@@ -408,7 +408,12 @@ def splits_for(row_groups: int, quads: int, token_blocks: int, sm_count: int = 1
 
 # Registers per thread of the plain decode kernel, by (swiglu, tiles): ptxas for sm_90a via CuTeDSL 4.8.1
 # (tests/test_gemm.py checks them where ptxas is installed). They set how many CTAs an SM holds at once.
-REGISTERS = {(False, 1): 80, (False, 2): 80, (True, 1): 147, (True, 2): 187}
+REGISTERS = {(False, 1): 72, (False, 2): 80, (True, 1): 145, (True, 2): 193}
+# The same with the in-CTA K split, any rows x ksplit: an upper bound, rounded up to the allocation unit of 8
+# (the counts vary by a few registers with rows and ksplit; tests/test_gemm.py checks the bound).
+KSPLIT_REGISTERS = {(False, 1): 80, (False, 2): 80, (True, 1): 152, (True, 2): 192}
+KSPLIT_MAX_M = 16  # the in-CTA K split is measured (and used) up to 16 rows
+KSPLIT_MAX_WARPS = 16  # CTAs of at most 512 threads
 
 
 def resident_warps(swiglu: bool, tiles: int) -> int:
@@ -416,6 +421,28 @@ def resident_warps(swiglu: bool, tiles: int) -> int:
     warps = WARPS // 2 if swiglu else WARPS
     ctas = 65536 // (REGISTERS[(swiglu, tiles)] * 32 * warps)
     return max(1, ctas) * warps
+
+
+def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int):
+    """(rows, ksplit, warps, resident warps per SM) of the in-CTA K split launch, or None: the CTA shape
+    (``rows`` row groups x ``ksplit`` K slices) that puts the most warps on each row group's K range while
+    every CTA fits in ONE wave (CTAs <= SMs x resident CTAs). Ties go to more resident warps per SM, then
+    to 2 rows (L1 sharing of x). The decode kernel is latency-bound: a warp waits on each quad's loads, so
+    many warps with few quads each keep the most bytes in flight; measured on an H100 against the grid's
+    split K (data/bench/ksplit_probe_*.json): gate_up M = 1 16.1 -> 12.7 us, fused_wqa_wkv 9.8 -> 5.7."""
+    regs = KSPLIT_REGISTERS[(swiglu, tiles)]
+    best = None
+    for rows in (1, 2, 4, 8):
+        blocks = -(-row_groups // rows)
+        for ksplit in range(2, min(quads, KSPLIT_MAX_WARPS // rows) + 1):
+            warps = rows * ksplit
+            resident = min(65536 // (regs * 32 * warps), 64 // warps, 32)
+            if resident == 0 or token_blocks * blocks > sm_count * resident:
+                continue
+            key = (blocks * rows * ksplit, resident * warps, -abs(rows - 2))
+            if best is None or key > best[0]:
+                best = (key, rows, ksplit)
+    return None if best is None else (best[1], best[2], best[0][0], best[0][1])
 
 
 def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: int, resident: int,
@@ -433,6 +460,23 @@ def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: in
     if max_per_split:
         per_split = min(per_split, max_per_split)
     return per_split, -(-quads // per_split)
+
+
+def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu: bool, tiles: int | None = None):
+    """(tiles, rows, ksplit) the plain launch takes for M = ``rows_m`` <= :data:`KSPLIT_MAX_M`, or None (then
+    the grid's split K): :func:`ksplit_plan` for each token tiling, the one with the most warps per row
+    group, then the most resident warps, then fewer token tiles (no MMA on empty token columns)."""
+    if rows_m > KSPLIT_MAX_M:
+        return None
+    plans = []
+    for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
+        plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t)
+        if plan:
+            plans.append((plan[2:], -t, t, plan[:2]))
+    if not plans:
+        return None
+    _, _, t, (rows, ksplit) = max(plans)
+    return t, rows, ksplit
 
 
 _state: dict = {}
@@ -465,11 +509,20 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         raise ValueError(f"the fused SwiGLU needs gate_up of 2*I rows with I a multiple of 16, got I={n} and {row_groups} row groups")
     warp_groups = row_groups // groups
     max_rows = m if max_rows is None else max_rows
+    quads = k // D.QUAD_K
+    x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
+    if ksplit is None:  # automatic: the in-CTA K split where measured and a one-wave CTA shape exists
+        ksplit = 1
+        if offsets is None and warps_per_sm is None and not x_smem and not splits and rows is None:
+            plan = auto_ksplit(warp_groups, quads, max_rows, _sm_count(x.device), swiglu, tiles)
+            if plan:
+                tiles, rows, ksplit = plan
+                splits = 1
+    if ksplit > 1 and not splits:
+        splits = 1  # the K split is inside the CTA
     tiles = tiles or tiles_for(max_rows)
     tpb = tiles * TOKENS_PER_TILE
     token_blocks = -(-max_rows // tpb)
-    quads = k // D.QUAD_K
-    x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
     if offsets is None and warps_per_sm is None:
         per_split, nsplit = splits_for_wave(warp_groups, quads, token_blocks, _sm_count(x.device), resident_warps(swiglu, tiles),
@@ -500,11 +553,13 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-               x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int = 1) -> torch.Tensor:
+               x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
-    (``n`` is then I). No host sync; CUDA-graph capturable after a first eager call (compile, counters)."""
+    (``n`` is then I). ``rows`` / ``ksplit``: the CTA shape (:class:`GemmDecodeKernel`); ``ksplit=None`` picks
+    it (:func:`ksplit_plan`, M <= 16), ``ksplit=1`` forces the grid's split K. No host sync; CUDA-graph
+    capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
                    rows=rows, ksplit=ksplit)
 
