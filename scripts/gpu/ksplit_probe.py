@@ -16,7 +16,7 @@ from nvfp4lib.formats import quantize
 from nvfp4lib.kernels.sm90 import gemm_decode
 from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, prepare_weight
 
-MS = [int(v) for v in os.environ.get("MS", "1,8,16,32,64").split(",")]
+MS = [int(v) for v in os.environ.get("MS", "1,16,32,48,64").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
           "gate_up_swiglu": (6144, 7168, 10.0), "wo_b": (7168, 16384, None)}
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}

@@ -139,6 +139,14 @@ class GemmDecodeKernel:
         if self.warps * 32 > 1024:
             raise ValueError(f"rows x ksplit = {self.warps} warps is more than a CTA holds (32)")
         self.threads = 32 * self.warps
+        # With the in-CTA split the launch plan counts on ksplit_ctas(...) CTAs per SM: ptxas is told so
+        # (minnctapersm), which caps the registers (the counts otherwise move by +-10 with rows and ksplit,
+        # and one more allocation unit halves a wave: gate_up at M = 64 ran 58 instead of 36 us)
+        self.min_ctas = ksplit_ctas(swiglu, tiles, self.warps) if ksplit > 1 else 0
+        self.smem_carveout = 0
+        if ksplit > 1:  # percent of the 228 KB unified L1 / shared memory the CTAs' reduction buffers need
+            need = self.min_ctas * ((ksplit - 1) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
+            self.smem_carveout = min(100, -(-100 * need // (228 * 1024)))
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -168,7 +176,8 @@ class GemmDecodeKernel:
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((experts * token_blocks, warp_groups), stride=(warp_groups, 1)))
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
                     token_blocks).launch(
-            grid=[token_blocks, (warp_groups + self.rows - 1) // self.rows, splits * experts], block=[self.threads, 1, 1], stream=stream)
+            grid=[token_blocks, (warp_groups + self.rows - 1) // self.rows, splits * experts], block=[self.threads, 1, 1], stream=stream,
+            min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=self.smem_carveout if self.min_ctas else None)
 
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
@@ -412,7 +421,7 @@ REGISTERS = {(False, 1): 72, (False, 2): 80, (True, 1): 145, (True, 2): 193}
 # The same with the in-CTA K split, any rows x ksplit: an upper bound, rounded up to the allocation unit of 8
 # (the counts vary by a few registers with rows and ksplit; tests/test_gemm.py checks the bound).
 KSPLIT_REGISTERS = {(False, 1): 80, (False, 2): 80, (True, 1): 152, (True, 2): 192}
-KSPLIT_MAX_M = 16  # the in-CTA K split is measured (and used) up to 16 rows
+KSPLIT_MAX_M = 64  # the in-CTA K split is measured (and used) up to 64 rows (the decode kernel's range)
 KSPLIT_MAX_WARPS = 16  # CTAs of at most 512 threads
 
 
@@ -423,6 +432,12 @@ def resident_warps(swiglu: bool, tiles: int) -> int:
     return max(1, ctas) * warps
 
 
+def ksplit_ctas(swiglu: bool, tiles: int, warps: int) -> int:
+    """CTAs of ``warps`` warps an SM holds with the in-CTA K split (registers per :data:`KSPLIT_REGISTERS`,
+    at most 64 warps and 32 CTAs); the kernel is compiled to fit that many (minnctapersm)."""
+    return min(65536 // (KSPLIT_REGISTERS[(swiglu, tiles)] * 32 * warps), 64 // warps, 32)
+
+
 def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int):
     """(rows, ksplit, warps, resident warps per SM) of the in-CTA K split launch, or None: the CTA shape
     (``rows`` row groups x ``ksplit`` K slices) that puts the most warps on each row group's K range while
@@ -430,13 +445,12 @@ def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, s
     to 2 rows (L1 sharing of x). The decode kernel is latency-bound: a warp waits on each quad's loads, so
     many warps with few quads each keep the most bytes in flight; measured on an H100 against the grid's
     split K (data/bench/ksplit_probe_*.json): gate_up M = 1 16.1 -> 12.7 us, fused_wqa_wkv 9.8 -> 5.7."""
-    regs = KSPLIT_REGISTERS[(swiglu, tiles)]
     best = None
     for rows in (1, 2, 4, 8):
         blocks = -(-row_groups // rows)
         for ksplit in range(2, min(quads, KSPLIT_MAX_WARPS // rows) + 1):
             warps = rows * ksplit
-            resident = min(65536 // (regs * 32 * warps), 64 // warps, 32)
+            resident = ksplit_ctas(swiglu, tiles, warps)
             if resident == 0 or token_blocks * blocks > sm_count * resident:
                 continue
             key = (blocks * rows * ksplit, resident * warps, -abs(rows - 2))
@@ -469,7 +483,8 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     if rows_m > KSPLIT_MAX_M:
         return None
     plans = []
-    for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
+    # the SwiGLU kernel at 2 token tiles holds ~190 registers: slower than 1 tile at M = 16 (20.3 against 16.8 us)
+    for t in ([tiles] if tiles else [1] if swiglu else range(1, MAX_TILES + 1)):
         plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t)
         if plan:
             plans.append((plan[2:], -t, t, plan[:2]))
