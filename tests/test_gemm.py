@@ -262,3 +262,45 @@ def test_decode_split_rule_fills_one_wave():
     assert [splits(128, 28, m, False) for m in (1, 16, 64)] == [7, 7, 6]  # fused_wqa_wkv
     assert [splits(192, 28, m, True) for m in (1, 16, 64)] == [7, 4, 1]  # gate_up with the SwiGLU
     assert splits_for_wave(10_000, 28, 8, 132, 24) == (28, 1)  # more warps than a wave: no split
+
+
+@requires_cute
+@pytest.mark.parametrize("tiles,swiglu,rows,ksplit", [(1, False, 1, 16), (2, False, 2, 6), (1, True, 2, 6), (2, True, 1, 2)])
+def test_decode_ksplit_kernel_ptx_sm90a(tiles, swiglu, rows, ksplit):
+    """The in-CTA K split: the same MMAs and decode as the grid-split kernel, the partial sums of the K slices
+    through shared memory behind one barrier, and the CTAs per SM its plan counts on told to ptxas."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptx = ptx_of(gemm_decode.compile_decode(3072, tiles, False, swiglu, arch="sm_90a", keep_ptx=True, rows=rows, ksplit=ksplit))
+    groups = 2 if swiglu else 1
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles * groups
+    assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups
+    assert "bar.sync" in ptx and "st.shared.v4" in ptx and "ld.shared.v4" in ptx
+    assert re.search(rf"\.reqntid {32 * rows * ksplit}, 1, 1", ptx)
+    assert re.search(rf"\.minnctapersm {gemm_decode.ksplit_ctas(swiglu, tiles, rows * ksplit)}\b", ptx)
+    assert ".local" not in ptx
+
+
+def test_ksplit_plan_fills_one_wave():
+    """The in-CTA K split plan: every CTA in one wave, the most warps per row group; on the DeepSeek-V4 shapes
+    the plans measured best or within 6% of the best CTA shape on an H100 (data/bench/ksplit_probe_*.json)."""
+    from nvfp4lib.kernels.sm90.gemm_decode import auto_ksplit, ksplit_ctas, ksplit_plan
+
+    for rg, quads, swiglu in [(384, 28, False), (448, 12, False), (128, 28, False), (192, 28, True), (448, 64, False)]:
+        for m in (1, 8, 16, 32, 48, 64):
+            plan = auto_ksplit(rg, quads, m, 132, swiglu)
+            if plan is None:
+                continue
+            tiles, rows, ksplit = plan
+            ctas = -(-m // (8 * tiles)) * -(-rg // rows)
+            assert 2 <= ksplit <= quads and rows * ksplit <= 16
+            assert ctas <= 132 * ksplit_ctas(swiglu, tiles, rows * ksplit)
+            assert ksplit_plan(rg, quads, -(-m // (8 * tiles)), 132, swiglu, tiles)[:2] == (rows, ksplit)
+    assert auto_ksplit(384, 28, 1, 132, False) == (1, 1, 8)  # gate_up: 12.1 us (grid split K: 16.3)
+    assert auto_ksplit(128, 28, 1, 132, False) == (1, 1, 16)  # fused_wqa_wkv: 5.2 us (9.9)
+    assert auto_ksplit(448, 12, 1, 132, False) == (1, 2, 6)  # down: 8.3 us (11.1)
+    assert auto_ksplit(192, 28, 16, 132, True) == (1, 1, 4)  # gate_up + SwiGLU at M = 16: 1 token tile
+    assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 8)  # 2 token tiles, one token block
+    assert auto_ksplit(448, 12, 64, 132, False) is None  # down at M = 64: no one-wave shape, the grid split
+    assert auto_ksplit(384, 28, 65, 132, False) is None  # above the measured range

@@ -70,3 +70,22 @@ def test_modelopt_layout_on_gpu_and_subnormal_fallback(fresh_seed, m):
     ref = x.float() @ (dequantize_rows(q.packed, scales) * p.alpha[:, None]).t() + bias.float()
     y = nvfp4_linear(x, p, bias)
     assert torch.isfinite(y).all() and rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("tiles,rows,ksplit", [(1, 1, 8), (2, 2, 3), (1, 4, 2), (2, 1, 16)])
+def test_decode_in_cta_ksplit(fresh_seed, m, tiles, rows, ksplit):
+    """The decode kernel with its K range split inside the CTA, on a shape that leaves a CTA's last row slots
+    empty (65 row groups) and K slices of unequal length (20 quads), with a bias, into NaN-poisoned outputs."""
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    n, k = 1040, 5120
+    q = quantize(torch.randn(n, k, device="cuda") * 0.02)
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ (dequantize_rows(q.packed, q.block_scale) * p.alpha[:, None]).t() + bias.float()
+    y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, n, bias, out=y, tiles=tiles, rows=rows, ksplit=ksplit)
+    assert torch.isfinite(y).all()
+    assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999

@@ -444,7 +444,7 @@ def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, s
     every CTA fits in ONE wave (CTAs <= SMs x resident CTAs). Ties go to more resident warps per SM, then
     to 2 rows (L1 sharing of x). The decode kernel is latency-bound: a warp waits on each quad's loads, so
     many warps with few quads each keep the most bytes in flight; measured on an H100 against the grid's
-    split K (data/bench/ksplit_probe_*.json): gate_up M = 1 16.1 -> 12.7 us, fused_wqa_wkv 9.8 -> 5.7."""
+    split K (data/bench/ksplit_probe_nvidia_h100_80gb_hbm3_c2e6517.json): gate_up M = 1 16.3 -> 12.1 us, down 11.1 -> 8.3, fused_wqa_wkv 9.9 -> 5.2, fused_wqa_wkv M = 64 25.2 -> 13.1."""
     best = None
     for rows in (1, 2, 4, 8):
         blocks = -(-row_groups // rows)
@@ -483,8 +483,8 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     if rows_m > KSPLIT_MAX_M:
         return None
     plans = []
-    # the SwiGLU kernel at 2 token tiles holds ~190 registers: slower than 1 tile at M = 16 (20.3 against 16.8 us)
-    for t in ([tiles] if tiles else [1] if swiglu else range(1, MAX_TILES + 1)):
+    # the SwiGLU kernel at 2 token tiles holds ~190 registers: slower than 1 tile up to M = 16 (17.7 against 16.8 us)
+    for t in ([tiles] if tiles else [1] if swiglu and rows_m <= 2 * TOKENS_PER_TILE else range(1, MAX_TILES + 1)):
         plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t)
         if plan:
             plans.append((plan[2:], -t, t, plan[:2]))
