@@ -258,3 +258,31 @@ def plot_split_sweep(rows: Sequence[dict], label: str = "", axes=None):
     if label:
         axes[0].figure.suptitle(f"decode kernel vs split count - {label} (large dot: the op's choice; dotted: HBM floor)", fontsize=10)
     return axes
+
+
+def plot_ksplit_probe(rows: Sequence[dict], label: str = "", axes=None):
+    """The decode kernel with its K range split inside the CTA (``data/bench/ksplit_probe_*.json``): one panel
+    per shape, time against M for the grid's split K, the op's in-CTA plan and the best CTA shape measured,
+    the HBM floor dotted."""
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if axes is None:
+        _, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes), 3.4), squeeze=False)
+        axes = axes[0]
+    for ax, shape in zip(axes, shapes):
+        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["m"])
+        ms = [r["m"] for r in mine]
+        ax.plot(ms, [r.get("grid_us") for r in mine], marker="s", markersize=3, label="split K across the grid")
+        ax.plot(ms, [r.get("default_us") for r in mine], marker="o", markersize=4, label="op (in-CTA plan)")
+        ax.plot(ms, [r.get("best_us") for r in mine], linestyle="--", linewidth=0.8, label="best CTA shape measured")
+        ax.plot(ms, [r["floor_us"] for r in mine], color="gray", linestyle=":", label="HBM floor")
+        ax.set_title(f"{shape} [{mine[0]['n']}, {mine[0]['k']}]", fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("us per call (lower is better)")
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    if label:
+        axes[0].figure.suptitle(f"decode kernel: in-CTA K split vs grid split K - {label}", fontsize=10)
+    return axes

@@ -19,17 +19,18 @@ from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, prepare
 MS = [int(v) for v in os.environ.get("MS", "1,16,32,48,64").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
           "gate_up_swiglu": (6144, 7168, 10.0), "wo_b": (7168, 16384, None)}
+WAVES = int(os.environ.get("WAVES", "1"))  # CTA shapes up to this many waves (2: where one wave holds none)
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
 
 
 def cta_shapes(row_groups, quads, token_blocks, sms, swiglu, tiles):
-    """Every (rows, ksplit) with rows in 1, 2, 4 and up to 16 warps whose CTAs fit in one wave."""
+    """Every (rows, ksplit) with rows in 1, 2, 4 and up to 16 warps whose CTAs fit in ``WAVES`` waves."""
     regs = gemm_decode.KSPLIT_REGISTERS[(swiglu, tiles)]
     for rows in (1, 2, 4):
         for ksplit in range(2, min(quads, 16 // rows) + 1):
             warps = rows * ksplit
             resident = min(65536 // (regs * 32 * warps), 64 // warps, 32)
-            if resident and token_blocks * -(-row_groups // rows) <= sms * resident:
+            if resident and token_blocks * -(-row_groups // rows) <= WAVES * sms * resident:
                 yield rows, ksplit
 
 
