@@ -294,13 +294,15 @@ def test_ksplit_plan_fills_one_wave():
                 continue
             tiles, rows, ksplit = plan
             ctas = -(-m // (8 * tiles)) * -(-rg // rows)
+            waves = 1 if ksplit_plan(rg, quads, -(-m // (8 * tiles)), 132, swiglu, tiles) else 2
             assert 2 <= ksplit <= quads and rows * ksplit <= 16
-            assert ctas <= 132 * ksplit_ctas(swiglu, tiles, rows * ksplit)
-            assert ksplit_plan(rg, quads, -(-m // (8 * tiles)), 132, swiglu, tiles)[:2] == (rows, ksplit)
+            assert ctas <= waves * 132 * ksplit_ctas(swiglu, tiles, rows * ksplit)
+            assert ksplit_plan(rg, quads, -(-m // (8 * tiles)), 132, swiglu, tiles, waves)[:2] == (rows, ksplit)
     assert auto_ksplit(384, 28, 1, 132, False) == (1, 1, 8)  # gate_up: 12.1 us (grid split K: 16.3)
     assert auto_ksplit(128, 28, 1, 132, False) == (1, 1, 16)  # fused_wqa_wkv: 5.2 us (9.9)
     assert auto_ksplit(448, 12, 1, 132, False) == (1, 2, 6)  # down: 8.3 us (11.1)
     assert auto_ksplit(192, 28, 16, 132, True) == (1, 1, 4)  # gate_up + SwiGLU at M = 16: 1 token tile
     assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 8)  # 2 token tiles, one token block
-    assert auto_ksplit(448, 12, 64, 132, False) is None  # down at M = 64: no one-wave shape, the grid split
+    assert auto_ksplit(448, 12, 64, 132, False) == (2, 2, 3)  # down at M = 64: no one-wave shape, two waves
+    assert auto_ksplit(192, 28, 64, 132, True) is None  # the SwiGLU kernel there: the grid split
     assert auto_ksplit(384, 28, 65, 132, False) is None  # above the measured range

@@ -438,10 +438,10 @@ def ksplit_ctas(swiglu: bool, tiles: int, warps: int) -> int:
     return min(65536 // (KSPLIT_REGISTERS[(swiglu, tiles)] * 32 * warps), 64 // warps, 32)
 
 
-def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int):
+def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int, waves: int = 1):
     """(rows, ksplit, warps, resident warps per SM) of the in-CTA K split launch, or None: the CTA shape
     (``rows`` row groups x ``ksplit`` K slices) that puts the most warps on each row group's K range while
-    every CTA fits in ONE wave (CTAs <= SMs x resident CTAs). Ties go to more resident warps per SM, then
+    every CTA fits in ONE wave (CTAs <= SMs x resident CTAs; ``waves``: that many). Ties go to more resident warps per SM, then
     to 2 rows (L1 sharing of x). The decode kernel is latency-bound: a warp waits on each quad's loads, so
     many warps with few quads each keep the most bytes in flight; measured on an H100 against the grid's
     split K (data/bench/ksplit_probe_nvidia_h100_80gb_hbm3_c2e6517.json): gate_up M = 1 16.3 -> 12.1 us, down 11.1 -> 8.3, fused_wqa_wkv 9.9 -> 5.2, fused_wqa_wkv M = 64 25.2 -> 13.1."""
@@ -451,7 +451,7 @@ def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, s
         for ksplit in range(2, min(quads, KSPLIT_MAX_WARPS // rows) + 1):
             warps = rows * ksplit
             resident = ksplit_ctas(swiglu, tiles, warps)
-            if resident == 0 or token_blocks * blocks > sm_count * resident:
+            if resident == 0 or token_blocks * blocks > waves * sm_count * resident:
                 continue
             key = (blocks * rows * ksplit, resident * warps, -abs(rows - 2))
             if best is None or key > best[0]:
@@ -488,6 +488,13 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
         plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t)
         if plan:
             plans.append((plan[2:], -t, t, plan[:2]))
+    if not plans and not swiglu:
+        # no one-wave shape (down and wo_b at M = 64): two waves still beat the grid's split K there
+        # (down 22.6 against 26.8 us, wo_b 104.9 against 171.6; the SwiGLU kernel was not measured so)
+        for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
+            plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t, waves=2)
+            if plan:
+                plans.append((plan[2:], -t, t, plan[:2]))
     if not plans:
         return None
     _, _, t, (rows, ksplit) = max(plans)
