@@ -19,6 +19,7 @@ from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, prepare
 MS = [int(v) for v in os.environ.get("MS", "1,16,32,48,64").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
           "gate_up_swiglu": (6144, 7168, 10.0), "wo_b": (7168, 16384, None)}
+SWEEP = os.environ.get("SWEEP", "1") == "1"  # 0: only the op's plan, the grid split and their load variants
 WAVES = int(os.environ.get("WAVES", "1"))  # CTA shapes up to this many waves (2: where one wave holds none)
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
 
@@ -58,8 +59,9 @@ for name, (n, k, limit) in SHAPES.items():
             ref = clamped_swiglu_reference(ref, limit)
         row = dict(shape=name, m=m, n=n, k=k, plan=gemm_decode.auto_ksplit(out_n // 16, k // 256, m, sms, limit is not None),
                    floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
-        variants = [("default", {}), ("grid", dict(ksplit=1)), ("default_px", dict(prefetch_x=True))]
-        for tiles in ([1, 2] if m > 8 else [1]):
+        variants = [("default", {}), ("grid", dict(ksplit=1)), ("default_px", dict(prefetch_x=True)),
+                    ("default_stream", dict(stream_loads=True)), ("grid_stream", dict(ksplit=1, stream_loads=True))]
+        for tiles in ([1, 2] if m > 8 and SWEEP else [1] if SWEEP else []):
             tb = -(-m // (8 * tiles))
             for r, s in cta_shapes(out_n // 16, k // 256, tb, sms, limit is not None, tiles):
                 variants.append((f"t{tiles}_r{r}_k{s}", dict(tiles=tiles, rows=r, ksplit=s, splits=1)))

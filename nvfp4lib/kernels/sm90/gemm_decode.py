@@ -88,6 +88,17 @@ def decode_word(word: Int32, scale_g: Int32, scale_g8: Int32, *, loc=None, ip=No
 
 
 @dsl_user_op
+def load_stream_v4(ptr, *, loc=None, ip=None):
+    """16 bytes (four words) the kernel reads once: ``ld.global.nc.L1::no_allocate.L2::256B.v4.b32`` (read-only
+    path, no L1 line kept, L2 fetches 256-byte pieces from HBM)."""
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32()] * 4), [ptr],
+        "ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0,$1,$2,$3}, [$4];", "=r,=r,=r,=r,l",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
 def mma_bf16_16816(a, b0: Int32, b1: Int32, c, *, loc=None, ip=None):
     """``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32``: a = 4 Int32 (bf16x2), c = 4 Float32."""
     res = llvm.inline_asm(
@@ -111,7 +122,7 @@ class GemmDecodeKernel:
     the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
-                 grouped: bool = False, rows: int | None = None, ksplit: int = 1):
+                 grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False):
         D.check_decode_shape(16, k)
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
@@ -135,6 +146,7 @@ class GemmDecodeKernel:
         # ksplit: warps per row group, each on its own slice of the CTA's K range; their partial sums meet in
         # shared memory (one barrier) instead of the workspace + atomic counter of the grid's split K
         self.ksplit = ksplit
+        self.stream_loads = stream_loads  # weight loads through load_stream_v4 (no L1 allocation, L2 256-byte fetches)
         self.warps = self.rows * ksplit
         if self.warps * 32 > 1024:
             raise ValueError(f"rows x ksplit = {self.warps} warps is more than a CTA holds (32)")
@@ -182,7 +194,12 @@ class GemmDecodeKernel:
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
         for ci in cutlass.range_constexpr(4):
-            cute.autovec_copy(mW[rg, 4 * q + ci, lane, None], wreg[j, ci, None])
+            if cutlass.const_expr(self.stream_loads):
+                words = load_stream_v4((mW.iterator + cute.crd2idx((rg, 4 * q + ci, lane, 0), mW.layout)).llvm_ptr)
+                for e in cutlass.range_constexpr(4):
+                    wreg[j, ci, e] = words[e]
+            else:
+                cute.autovec_copy(mW[rg, 4 * q + ci, lane, None], wreg[j, ci, None])
         cute.autovec_copy(mS[rg, q, lane, None], sreg[j, None])
 
     @cute.jit
@@ -381,21 +398,22 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
-                   rows: int | None = None, ksplit: int = 1):
+                   rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
 
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit)
+    stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12)  # chosen from the variants recorded at 15f0806 (H100)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False)  # chosen from the variants recorded at 15f0806 (H100)
 
 
 def tiles_for(m: int) -> int:
@@ -521,7 +539,7 @@ def _current_stream():
 
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
-            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1):
+            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -556,7 +574,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         per_split = -(-quads // splits)
         nsplit = -(-quads // per_split)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -575,7 +593,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
 def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
-               x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None) -> torch.Tensor:
+               x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
+               stream_loads: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -583,7 +602,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     it (:func:`ksplit_plan`, M <= 16), ``ksplit=1`` forces the grid's split K. No host sync; CUDA-graph
     capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
