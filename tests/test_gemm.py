@@ -306,3 +306,16 @@ def test_ksplit_plan_fills_one_wave():
     assert auto_ksplit(448, 12, 64, 132, False) == (2, 2, 3)  # down at M = 64: no one-wave shape, two waves
     assert auto_ksplit(192, 28, 64, 132, True) is None  # the SwiGLU kernel there: the grid split
     assert auto_ksplit(384, 28, 65, 132, False) is None  # above the measured range
+
+
+@requires_cute
+def test_decode_stream_loads_ptx_sm90a():
+    """Streaming weight loads: the four 16-byte weight loads per 256 k (and their prologue) through the
+    read-only path without an L1 line and with 256-byte L2 fetches; the activations keep plain loads."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptx = ptx_of(gemm_decode.compile_decode(3072, 1, False, False, arch="sm_90a", keep_ptx=True, rows=1, ksplit=8, stream_loads=True))
+    assert len(re.findall(r"ld\.global\.nc\.L1::no_allocate\.L2::256B\.v4\.b32", ptx)) == 8
+    assert len(re.findall(r"ld\.global\.v4", ptx)) == 8  # x: two 16-byte loads per 64-k chunk
+    assert gemm_decode.stream_loads_for(8) and gemm_decode.stream_loads_for(1) and not gemm_decode.stream_loads_for(16)

@@ -154,7 +154,8 @@ class GemmDecodeKernel:
         # With the in-CTA split the launch plan counts on ksplit_ctas(...) CTAs per SM: ptxas is told so
         # (minnctapersm), which caps the registers (the counts otherwise move by +-10 with rows and ksplit,
         # and one more allocation unit halves a wave: gate_up at M = 64 ran 58 instead of 36 us)
-        self.min_ctas = ksplit_ctas(swiglu, tiles, self.warps) if ksplit > 1 else 0
+        # (not with prefetch_x: its 32 more registers would spill under that cap)
+        self.min_ctas = ksplit_ctas(swiglu, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
         self.smem_carveout = 0
         if ksplit > 1:  # percent of the 228 KB unified L1 / shared memory the CTAs' reduction buffers need
             need = self.min_ctas * ((ksplit - 1) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
@@ -450,6 +451,14 @@ def resident_warps(swiglu: bool, tiles: int) -> int:
     return max(1, ctas) * warps
 
 
+def stream_loads_for(ksplit: int) -> bool:
+    """Whether the plain launch streams its weights (:func:`load_stream_v4`). Measured on an H100 at M = 1..64
+    (data/bench/ksplit_probe_nvidia_h100_80gb_hbm3_9399366.json): faster for every CTA shape the plans take
+    (gate_up M = 1 12.1 -> 11.0 us, down 8.3 -> 7.4, wo_b M = 16 40.9 -> 31.3) and for the grid's split K,
+    except the 1 x 12..16 slice shapes of fused_wqa_wkv (equal at M <= 8, 8.1 against 7.2 us at M = 16)."""
+    return ksplit < 12
+
+
 def ksplit_ctas(swiglu: bool, tiles: int, warps: int) -> int:
     """CTAs of ``warps`` warps an SM holds with the in-CTA K split (registers per :data:`KSPLIT_REGISTERS`,
     at most 64 warps and 32 CTAs); the kernel is compiled to fit that many (minnctapersm)."""
@@ -560,6 +569,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
                 splits = 1
     if ksplit > 1 and not splits:
         splits = 1  # the K split is inside the CTA
+    if stream_loads is None:
+        stream_loads = DEFAULTS["stream_loads"] if offsets is not None else stream_loads_for(ksplit)
     tiles = tiles or tiles_for(max_rows)
     tpb = tiles * TOKENS_PER_TILE
     token_blocks = -(-max_rows // tpb)
