@@ -265,20 +265,23 @@ def test_decode_split_rule_fills_one_wave():
 
 
 @requires_cute
-@pytest.mark.parametrize("tiles,swiglu,rows,ksplit", [(1, False, 1, 16), (2, False, 2, 6), (1, True, 2, 6), (2, True, 1, 2)])
-def test_decode_ksplit_kernel_ptx_sm90a(tiles, swiglu, rows, ksplit):
+@pytest.mark.parametrize("tiles,swiglu,rows,ksplit,paired", [(1, False, 1, 16, False), (2, False, 2, 6, False), (1, True, 2, 6, False),
+                                                             (2, True, 1, 2, False), (1, True, 2, 6, True), (2, True, 2, 4, True)])
+def test_decode_ksplit_kernel_ptx_sm90a(tiles, swiglu, rows, ksplit, paired):
     """The in-CTA K split: the same MMAs and decode as the grid-split kernel, the partial sums of the K slices
     through shared memory behind one barrier, and the CTAs per SM its plan counts on told to ptxas."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_decode
 
-    ptx = ptx_of(gemm_decode.compile_decode(3072, tiles, False, swiglu, arch="sm_90a", keep_ptx=True, rows=rows, ksplit=ksplit))
-    groups = 2 if swiglu else 1
+    ptx = ptx_of(gemm_decode.compile_decode(3072, tiles, False, swiglu, arch="sm_90a", keep_ptx=True, rows=rows, ksplit=ksplit,
+                                            paired=paired))
+    groups = 2 if swiglu and not paired else 1  # paired: one weight fragment a warp, the up sums through shared memory
     assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles * groups
     assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == 64 * groups
     assert "bar.sync" in ptx and "st.shared.v4" in ptx and "ld.shared.v4" in ptx
     assert re.search(rf"\.reqntid {32 * rows * ksplit}, 1, 1", ptx)
-    assert re.search(rf"\.minnctapersm {gemm_decode.ksplit_ctas(swiglu, tiles, rows * ksplit)}\b", ptx)
+    assert re.search(rf"\.minnctapersm {gemm_decode.ksplit_ctas(swiglu and not paired, tiles, rows * ksplit)}\b", ptx)
+    assert ptx.count("bar.sync") == (2 if paired else 1)
     assert ".local" not in ptx
 
 
@@ -292,19 +295,22 @@ def test_ksplit_plan_fills_one_wave():
             plan = auto_ksplit(rg, quads, m, 132, swiglu)
             if plan is None:
                 continue
-            tiles, rows, ksplit = plan
-            ctas = -(-m // (8 * tiles)) * -(-rg // rows)
-            waves = 1 if ksplit_plan(rg, quads, -(-m // (8 * tiles)), 132, swiglu, tiles) else 2
+            tiles, rows, ksplit, paired = plan
+            assert paired == swiglu  # the SwiGLU kernel plans its paired form (a gate and an up warp per K slice)
+            blocks = rg if paired else -(-rg // rows)
+            ctas = -(-m // (8 * tiles)) * blocks
+            options = dict(rows_options=(2,)) if paired else {}
+            rgs = 2 * rg if paired else rg
+            waves = 1 if ksplit_plan(rgs, quads, -(-m // (8 * tiles)), 132, False, tiles, **options) else 2
             assert 2 <= ksplit <= quads and rows * ksplit <= 16
-            assert ctas <= waves * 132 * ksplit_ctas(swiglu, tiles, rows * ksplit)
-            assert ksplit_plan(rg, quads, -(-m // (8 * tiles)), 132, swiglu, tiles, waves)[:2] == (rows, ksplit)
-    assert auto_ksplit(384, 28, 1, 132, False) == (1, 1, 8)  # gate_up: 12.1 us (grid split K: 16.3)
-    assert auto_ksplit(128, 28, 1, 132, False) == (1, 1, 16)  # fused_wqa_wkv: 5.2 us (9.9)
-    assert auto_ksplit(448, 12, 1, 132, False) == (1, 2, 6)  # down: 8.3 us (11.1)
-    assert auto_ksplit(192, 28, 16, 132, True) == (1, 1, 4)  # gate_up + SwiGLU at M = 16: 1 token tile
-    assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 8)  # 2 token tiles, one token block
-    assert auto_ksplit(448, 12, 64, 132, False) == (2, 2, 3)  # down at M = 64: no one-wave shape, two waves
-    assert auto_ksplit(192, 28, 64, 132, True) is None  # the SwiGLU kernel there: the grid split
+            assert ctas <= waves * 132 * ksplit_ctas(False, tiles, rows * ksplit)
+            assert ksplit_plan(rgs, quads, -(-m // (8 * tiles)), 132, False, tiles, waves, **options)[:2] == (rows, ksplit)
+    assert auto_ksplit(384, 28, 1, 132, False) == (1, 1, 8, False)  # gate_up: 12.1 us (grid split K: 16.3)
+    assert auto_ksplit(128, 28, 1, 132, False) == (1, 1, 16, False)  # fused_wqa_wkv: 5.2 us (9.9)
+    assert auto_ksplit(448, 12, 1, 132, False) == (1, 2, 6, False)  # down: 8.3 us (11.1)
+    assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 8, False)  # 2 token tiles, one token block
+    assert auto_ksplit(448, 12, 64, 132, False) == (2, 2, 3, False)  # down at M = 64: no one-wave shape, two waves
+    assert auto_ksplit(192, 28, 1, 132, True) == (1, 2, 6, True)  # gate_up + SwiGLU: 192 CTAs of a gate and an up row group
     assert auto_ksplit(384, 28, 65, 132, False) is None  # above the measured range
 
 

@@ -89,3 +89,24 @@ def test_decode_in_cta_ksplit(fresh_seed, m, tiles, rows, ksplit):
     gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, n, bias, out=y, tiles=tiles, rows=rows, ksplit=ksplit)
     assert torch.isfinite(y).all()
     assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
+def test_decode_paired_swiglu(fresh_seed, m):
+    """The paired SwiGLU decode kernel (a gate and an up warp per K slice, up sums handed over in shared
+    memory) on I = 1040 (65 row groups, K = 5120: unequal K slices) against the fp32 reference, into NaN."""
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    inter, hidden = 1040, 5120
+    gate, up = quantize(torch.randn(inter, hidden, device="cuda") * 0.02), quantize(torch.randn(inter, hidden, device="cuda") * 0.05)
+    p = prepare_weight(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale]),
+                       [gate.global_scale, up.global_scale], [inter, inter])
+    w = torch.cat([dequantize_rows(gate.packed, gate.block_scale), dequantize_rows(up.packed, up.block_scale)]) * p.alpha[:, None]
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) * 8
+    ref = clamped_swiglu_reference(x.float() @ w.t(), 10.0)
+    for tiles, ksplit in [(1, 6), (2, 4), (1, 3)]:
+        y = torch.full((m, inter), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, inter, out=y, swiglu_limit=10.0, tiles=tiles, rows=2, ksplit=ksplit,
+                               paired=True)
+        assert torch.isfinite(y).all()
+        assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999

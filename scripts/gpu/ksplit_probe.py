@@ -65,6 +65,10 @@ for name, (n, k, limit) in SHAPES.items():
             tb = -(-m // (8 * tiles))
             for r, s in cta_shapes(out_n // 16, k // 256, tb, sms, limit is not None, tiles):
                 variants.append((f"t{tiles}_r{r}_k{s}", dict(tiles=tiles, rows=r, ksplit=s, splits=1)))
+            if limit:  # the paired SwiGLU kernel: CTAs of a gate and an up row group x ksplit
+                for s in range(2, 9):
+                    if tb * (out_n // 16) <= WAVES * sms * gemm_decode.ksplit_ctas(False, tiles, 2 * s):
+                        variants.append((f"t{tiles}_p{s}", dict(tiles=tiles, rows=2, ksplit=s, splits=1, paired=True)))
         for label, kw in variants:
             try:
                 y = gemm_decode.run_decode(x, p0.weight, p0.block_scale, p0.alpha, out_n, swiglu_limit=limit, **kw)

@@ -119,10 +119,15 @@ class GemmDecodeKernel:
 
     With swiglu the weight's rows are [gate (I rows); up (I rows)], I a multiple of 16: each warp owns gate
     row group rg and up row group rg + I/16, so the gate and up accumulators of an output column sit in
-    the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I)."""
+    the same lane and the epilogue ``silu(min(gate, L)) * clamp(up, -L, L)`` is lane-local (n = I).
+
+    ``paired`` (SwiGLU with the in-CTA K split): one row group per warp instead, a CTA of 2 x ksplit warps
+    on gate row group rg (slot 0) and up row group rg + I/16 (slot 1); after the K slices meet, the up warp
+    hands its sums to the gate warp through shared memory. The warps then hold one weight fragment, not two:
+    the plain kernel's ~80 registers instead of ~150, so twice the warps fit on an SM."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
-                 grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False):
+                 grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False):
         D.check_decode_shape(16, k)
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
@@ -136,13 +141,17 @@ class GemmDecodeKernel:
         self.tiles = tiles
         self.has_bias = has_bias
         self.swiglu = swiglu
-        self.groups = 2 if swiglu else 1
+        if paired and (not swiglu or ksplit < 2 or grouped or rows not in (None, 2)):
+            raise ValueError("paired is the SwiGLU kernel with the in-CTA K split (ksplit >= 2), 2 rows, not grouped")
+        self.paired = paired
+        self.groups = 2 if swiglu and not paired else 1  # row groups (weight fragments) a warp holds
+        self.row_mult = 2 if swiglu else 1  # weight row groups per output row group (gate and up)
         self.grouped = grouped  # E stacked weights, rows grouped by offsets (see the module docstring)
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
         self.prefetch_x = prefetch_x and not x_smem
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
-        self.rows = rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
+        self.rows = 2 if paired else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
         # ksplit: warps per row group, each on its own slice of the CTA's K range; their partial sums meet in
         # shared memory (one barrier) instead of the workspace + atomic counter of the grid's split K
         self.ksplit = ksplit
@@ -155,10 +164,10 @@ class GemmDecodeKernel:
         # (minnctapersm), which caps the registers (the counts otherwise move by +-10 with rows and ksplit,
         # and one more allocation unit halves a wave: gate_up at M = 64 ran 58 instead of 36 us)
         # (not with prefetch_x: its 32 more registers would spill under that cap)
-        self.min_ctas = ksplit_ctas(swiglu, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
+        self.min_ctas = ksplit_ctas(swiglu and not paired, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
         self.smem_carveout = 0
         if ksplit > 1:  # percent of the 228 KB unified L1 / shared memory the CTAs' reduction buffers need
-            need = self.min_ctas * ((ksplit - 1) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
+            need = self.min_ctas * ((ksplit - 1 + paired) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
             self.smem_carveout = min(100, -(-100 * need // (228 * 1024)))
 
     @cute.jit
@@ -174,7 +183,7 @@ class GemmDecodeKernel:
         max_rows: a bound on any group's rows (m when not grouped)."""
         tpb = self.tiles * TOKENS_PER_TILE
         token_blocks = (max_rows + tpb - 1) // tpb
-        row_groups = warp_groups * self.groups
+        row_groups = warp_groups * self.row_mult
         mX = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks, 4, 8), stride=(self.k // 2, 32, 8, 1)))
         mXv = cute.make_tensor(x_ptr, cute.make_layout((m, self.chunks * 8, 4), stride=(self.k // 2, 4, 1)))
         mW = cute.make_tensor(w_ptr, cute.make_layout((experts * row_groups, self.chunks, 32, 4), stride=(self.chunks * 128, 128, 4, 1)))
@@ -189,7 +198,8 @@ class GemmDecodeKernel:
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((experts * token_blocks, warp_groups), stride=(warp_groups, 1)))
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
                     token_blocks).launch(
-            grid=[token_blocks, (warp_groups + self.rows - 1) // self.rows, splits * experts], block=[self.threads, 1, 1], stream=stream,
+            grid=[token_blocks, warp_groups if self.paired else (warp_groups + self.rows - 1) // self.rows, splits * experts],
+            block=[self.threads, 1, 1], stream=stream,
             min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=self.smem_carveout if self.min_ctas else None)
 
     @cute.jit
@@ -231,7 +241,7 @@ class GemmDecodeKernel:
             split = z - expert * splits
             row_begin = mOff[expert]
             row_end = mOff[expert + 1]
-        rg_base = expert * (warp_groups * G)
+        rg_base = expert * (warp_groups * self.row_mult)
         col_base = rg_base * D.ROWS_PER_GROUP
         slot = expert * token_blocks + tb  # this CTA's token block in the workspace and the counters
         lane = tidx % 32
@@ -239,6 +249,10 @@ class GemmDecodeKernel:
         ks = warp // self.rows  # this warp's slice of the CTA's K range (0 without ksplit)
         row_slot = warp - ks * self.rows
         wg = rgb * self.rows + row_slot  # this warp's row group (gate row group with swiglu)
+        my_rg = rg_base + wg  # the weight row group of its first fragment
+        if cutlass.const_expr(self.paired):  # the CTA's gate row group rgb: slot 0 loads it, slot 1 its up row group
+            wg = rgb
+            my_rg = rg_base + rgb + row_slot * warp_groups
         g = lane // 4
         t = lane % 4
         tpb = self.tiles * TOKENS_PER_TILE
@@ -281,13 +295,13 @@ class GemmDecodeKernel:
             xnxt = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
             if q_begin < q_end:
                 for j in cutlass.range_constexpr(G):
-                    self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q_begin, lane, wcur, scur, j)
+                    self._load_quad(mW, mS, my_rg + j * warp_groups, q_begin, lane, wcur, scur, j)
                 if cutlass.const_expr(self.prefetch_x):
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
             for q in cutlass.range(q_begin, q_end, 1):
                 if q + 1 < q_end:
                     for j in cutlass.range_constexpr(G):
-                        self._load_quad(mW, mS, rg_base + wg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
+                        self._load_quad(mW, mS, my_rg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
                     if cutlass.const_expr(self.prefetch_x):
                         self._load_x(mX, first_row, g, t, q + 1, row_end, xnxt)
                 if cutlass.const_expr(self.x_smem):
@@ -318,11 +332,15 @@ class GemmDecodeKernel:
                         for i in cutlass.range_constexpr(self.tiles * 32):
                             xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
 
+        ups = None
         if cutlass.const_expr(self.ksplit > 1):
             # slices 1.. of each row group hand their partial sums to slice 0 through shared memory
-            red = SmemAllocator().allocate_tensor(
+            smem_red = SmemAllocator()
+            red = smem_red.allocate_tensor(
                 Float32, cute.make_layout((self.ksplit - 1, self.rows, 32, nfrag),
                                           stride=(self.rows * 32 * nfrag, 32 * nfrag, nfrag, 1)), byte_alignment=16)
+            if cutlass.const_expr(self.paired):
+                ups = smem_red.allocate_tensor(Float32, cute.make_layout((32, nfrag), stride=(nfrag, 1)), byte_alignment=16)
             if active & (ks > 0):
                 part = cute.make_rmem_tensor((nfrag,), Float32)
                 for i in cutlass.range_constexpr(nfrag):
@@ -334,7 +352,17 @@ class GemmDecodeKernel:
                     for i in cutlass.range_constexpr(nfrag):
                         idx = (i // (4 * self.tiles), (i // 4) % self.tiles, i % 4)
                         acc[idx] = acc[idx] + red[other, row_slot, lane, i]
-        if active & (ks == 0):
+            if cutlass.const_expr(self.paired):  # the up warp's sums -> the gate warp
+                if active & (ks == 0) & (row_slot == 1):
+                    part = cute.make_rmem_tensor((nfrag,), Float32)
+                    for i in cutlass.range_constexpr(nfrag):
+                        part[i] = acc[0, (i // 4) % self.tiles, i % 4]
+                    cute.autovec_copy(part, ups[lane, None])
+                cute.arch.sync_threads()
+        lead = ks == 0  # the warp that finishes its row group (with paired: the gate warp only)
+        if cutlass.const_expr(self.paired):
+            lead = lead & (row_slot == 0)
+        if active & lead:
             last = Boolean(True)
             if splits > 1:
                 frag = cute.make_rmem_tensor((nfrag,), Float32)
@@ -375,7 +403,10 @@ class GemmDecodeKernel:
                         if (tok < row_end) & (col < n):
                             value = acc[0, tau, i] * (mAlpha[col_base + col] * shift)
                             if cutlass.const_expr(self.swiglu):
-                                up = acc[1, tau, i] * (mAlpha[col_base + col + n] * shift)
+                                if cutlass.const_expr(self.paired):
+                                    up = ups[lane, tau * 4 + i] * (mAlpha[col_base + col + n] * shift)
+                                else:
+                                    up = acc[1, tau, i] * (mAlpha[col_base + col + n] * shift)
                                 gate = cute.arch.fmin(value, limit)
                                 up = cute.arch.fmax(cute.arch.fmin(up, limit), -limit)
                                 value = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
@@ -399,7 +430,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
-                   rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None):
+                   rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -407,9 +438,9 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -465,7 +496,8 @@ def ksplit_ctas(swiglu: bool, tiles: int, warps: int) -> int:
     return min(65536 // (KSPLIT_REGISTERS[(swiglu, tiles)] * 32 * warps), 64 // warps, 32)
 
 
-def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int, waves: int = 1):
+def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int, waves: int = 1,
+                rows_options=(1, 2, 4, 8)):
     """(rows, ksplit, warps, resident warps per SM) of the in-CTA K split launch, or None: the CTA shape
     (``rows`` row groups x ``ksplit`` K slices) that puts the most warps on each row group's K range while
     every CTA fits in ONE wave (CTAs <= SMs x resident CTAs; ``waves``: that many). Ties go to more resident warps per SM, then
@@ -473,7 +505,7 @@ def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, s
     many warps with few quads each keep the most bytes in flight; measured on an H100 against the grid's
     split K (data/bench/ksplit_probe_nvidia_h100_80gb_hbm3_c2e6517.json): gate_up M = 1 16.3 -> 12.1 us, down 11.1 -> 8.3, fused_wqa_wkv 9.9 -> 5.2, fused_wqa_wkv M = 64 25.2 -> 13.1."""
     best = None
-    for rows in (1, 2, 4, 8):
+    for rows in rows_options:
         blocks = -(-row_groups // rows)
         for ksplit in range(2, min(quads, KSPLIT_MAX_WARPS // rows) + 1):
             warps = rows * ksplit
@@ -504,11 +536,18 @@ def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: in
 
 
 def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu: bool, tiles: int | None = None):
-    """(tiles, rows, ksplit) the plain launch takes for M = ``rows_m`` <= :data:`KSPLIT_MAX_M`, or None (then
+    """(tiles, rows, ksplit, paired) the plain launch takes for M = ``rows_m`` <= :data:`KSPLIT_MAX_M`, or None (then
     the grid's split K): :func:`ksplit_plan` for each token tiling, the one with the most warps per row
     group, then the most resident warps, then fewer token tiles (no MMA on empty token columns)."""
     if rows_m > KSPLIT_MAX_M:
         return None
+    if swiglu:  # the paired SwiGLU kernel: CTAs of a gate and its up row group, the plain kernel's registers
+        plans = []
+        for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
+            plan = ksplit_plan(2 * row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, False, t, rows_options=(2,))
+            if plan:
+                plans.append((plan[2:], -t, t, plan[:2]))
+        return (max(plans)[2], 2, max(plans)[3][1], True) if plans else None
     plans = []
     # the SwiGLU kernel at 2 token tiles holds ~190 registers: slower than 1 tile up to M = 16 (17.7 against 16.8 us)
     for t in ([tiles] if tiles else [1] if swiglu and rows_m <= 2 * TOKENS_PER_TILE else range(1, MAX_TILES + 1)):
@@ -525,7 +564,7 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     if not plans:
         return None
     _, _, t, (rows, ksplit) = max(plans)
-    return t, rows, ksplit
+    return t, rows, ksplit, False
 
 
 _state: dict = {}
@@ -548,7 +587,8 @@ def _current_stream():
 
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
-            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None):
+            offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
+            paired=False):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -565,7 +605,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         if offsets is None and warps_per_sm is None and not x_smem and not splits and rows is None:
             plan = auto_ksplit(warp_groups, quads, max_rows, _sm_count(x.device), swiglu, tiles)
             if plan:
-                tiles, rows, ksplit = plan
+                tiles, rows, ksplit, paired = plan
                 splits = 1
     if ksplit > 1 and not splits:
         splits = 1  # the K split is inside the CTA
@@ -585,10 +625,12 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         per_split = -(-quads // splits)
         nsplit = -(-quads // per_split)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit, stream_loads=stream_loads)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
+    if paired and nsplit > 1:
+        raise ValueError(f"the paired SwiGLU kernel splits K inside the CTA only (got {nsplit} grid splits)")
     ws = torch.empty(slots * nsplit * warp_groups * 32 * frag if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
     cnt = _counters(x.device, slots * warp_groups) if nsplit > 1 else ws  # read only with split K
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
@@ -605,7 +647,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
-               stream_loads: bool | None = None) -> torch.Tensor:
+               stream_loads: bool | None = None, paired: bool = False) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -613,7 +655,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     it (:func:`ksplit_plan`, M <= 16), ``ksplit=1`` forces the grid's split K. No host sync; CUDA-graph
     capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit, stream_loads=stream_loads)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
