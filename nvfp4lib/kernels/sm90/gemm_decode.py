@@ -538,25 +538,27 @@ def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: in
 def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu: bool, tiles: int | None = None):
     """(tiles, rows, ksplit, paired) the plain launch takes for M = ``rows_m`` <= :data:`KSPLIT_MAX_M`, or None (then
     the grid's split K): :func:`ksplit_plan` for each token tiling, the one with the most warps per row
-    group, then the most resident warps, then fewer token tiles (no MMA on empty token columns)."""
+    group, then the most resident warps, then fewer token tiles (no MMA on empty token columns). The SwiGLU
+    kernel takes its paired form (``paired`` True: CTAs of one gate and one up row group x ksplit); on an
+    H100 gate_up + SwiGLU at M = 1 went 16.3 (grid split) -> 14.1 (two fragments a warp) -> 12.1 us."""
     if rows_m > KSPLIT_MAX_M:
         return None
     if swiglu:  # the paired SwiGLU kernel: CTAs of a gate and its up row group, the plain kernel's registers
         plans = []
-        for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
+        # 1 token tile up to M = 16: 2 tiles measured slower there (18.4 against 16.0 us at M = 16, H100)
+        for t in ([tiles] if tiles else [1] if rows_m <= 2 * TOKENS_PER_TILE else range(1, MAX_TILES + 1)):
             plan = ksplit_plan(2 * row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, False, t, rows_options=(2,))
             if plan:
                 plans.append((plan[2:], -t, t, plan[:2]))
         return (max(plans)[2], 2, max(plans)[3][1], True) if plans else None
     plans = []
-    # the SwiGLU kernel at 2 token tiles holds ~190 registers: slower than 1 tile up to M = 16 (17.7 against 16.8 us)
-    for t in ([tiles] if tiles else [1] if swiglu and rows_m <= 2 * TOKENS_PER_TILE else range(1, MAX_TILES + 1)):
+    for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
         plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t)
         if plan:
             plans.append((plan[2:], -t, t, plan[:2]))
-    if not plans and not swiglu:
+    if not plans:
         # no one-wave shape (down and wo_b at M = 64): two waves still beat the grid's split K there
-        # (down 22.6 against 26.8 us, wo_b 104.9 against 171.6; the SwiGLU kernel was not measured so)
+        # (down 22.6 against 26.8 us, wo_b 104.9 against 171.6)
         for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
             plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t, waves=2)
             if plan:
