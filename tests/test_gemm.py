@@ -203,9 +203,8 @@ def test_bench_without_gpu_says_so(capsys):
 
 @requires_cute  # the rule reads the kernel's tile sizes
 def test_wgmma_dispatch_rule():
-    """The sm90 op runs the WGMMA kernel for M in (64, 1024] (512 for K > 4096) when its grid is large enough
-    and there is no bias; the decode kernel below, dequantize + cuBLAS above or for small grids (measured on
-    an H200)."""
+    """The sm90 op runs the WGMMA kernel for M in (64, 1024] (512 for K > 4096) when its grid (with K splits)
+    is large enough and there is no bias; the decode kernel below, dequantize + cuBLAS above."""
     from nvfp4lib.ops.gemm import use_wgmma
 
     assert use_wgmma(256, 6144, 7168, False) and use_wgmma(256, 7168, 3072, False) and use_wgmma(1024, 7168, 3072, False)
@@ -213,7 +212,8 @@ def test_wgmma_dispatch_rule():
     assert not use_wgmma(1024, 6144, 7168, False)  # gate_up at M = 1024: dequantize + cuBLAS was faster
     assert not use_wgmma(64, 6144, 7168, False)  # decode kernel
     assert not use_wgmma(2048, 7168, 3072, False)  # dequantize + cuBLAS
-    assert not use_wgmma(256, 2048, 7168, False)  # fused_wqa_wkv: 16 row blocks x 2 token blocks, most SMs idle
+    assert use_wgmma(256, 2048, 7168, False)  # fused_wqa_wkv: 16 row blocks x 2 token blocks x 4 K splits
+    assert use_wgmma(65, 6144, 7168, False)  # 48 row blocks x 2 K splits
     assert not use_wgmma(256, 6144, 7168, True)  # no bias in the WGMMA epilogue
     assert not use_wgmma(256, 6143, 7168, False)  # the kernel stores column pairs
 

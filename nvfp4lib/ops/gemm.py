@@ -42,7 +42,7 @@ DECODE_MAX_M = 64  # M up to this runs the memory-bound decode kernel; larger M 
 WGMMA_MAX_M = 1024
 WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K
 WGMMA_LONG_K = 4096
-WGMMA_MIN_CTAS = 96  # gate_up at M = 256 (48 row blocks x 2 token blocks) won; fewer CTAs leave most SMs idle
+WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, fused_wqa_wkv's 16 row blocks too
 
 
 def wgmma_takes(k: int) -> bool:
@@ -57,9 +57,10 @@ def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
     if has_bias or n % 2 or not DECODE_MAX_M < m <= most:
         return False
-    from ..kernels.sm90.gemm_wgmma import TILE_M, tile_n_for
+    from ..kernels.sm90.gemm_wgmma import wgmma_plan
 
-    return -(-n // TILE_M) * -(-m // tile_n_for(m)) >= WGMMA_MIN_CTAS
+    tile_n, splits = wgmma_plan(m, -(-n // 16), k)
+    return -(-n // 128) * -(-m // tile_n) * splits >= WGMMA_MIN_CTAS
 
 
 @dataclass

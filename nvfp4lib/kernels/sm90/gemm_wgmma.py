@@ -436,8 +436,17 @@ class GemmWgmmaDecoderKernel:
     (256 weight rows x 128 tokens) measured slower than 128 x 256 (1.33 against 1.17 ms at M = 8192)."""
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
-                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False):
+                 tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
+                 split_k: bool = False):
         _check_shape(k, tile_n)
+        # split_k: the grid's z axis splits K (quads per split from the launch); each MMA warp writes its fp32
+        # fragment to a workspace (16-byte stores, coalesced across the warp) and the last of a tile's splits to
+        # arrive (an acq_rel counter per tile and warp, reset by it) adds the others' (2 splits: own + other,
+        # the same sum whichever arrives last; more: all in split order) and runs the epilogue. For grids too
+        # small to fill the SMs (see wgmma_plan)
+        self.split_k = split_k
+        if split_k and grouped:
+            raise ValueError("split_k is for the plain (and SwiGLU) kernel, not the grouped or batched ones")
         # batched (with grouped): every group takes its own K columns of one x [m, E * k] (group e: columns
         # e k .. e k + k - 1, by the TMA coordinates: no regrouping copy) and writes its own n columns of one
         # y [m, E * n]; the tile table then lists (e, first row, m) for every group (wo_a: 16 groups, all tokens)
@@ -471,6 +480,8 @@ class GemmWgmmaDecoderKernel:
             raise ValueError(f"ahead=8 unrolls two quads: K must be a multiple of {2 * D.QUAD_K}, got K={k}")
         if probe not in DECODER_PROBES:
             raise ValueError(f"probe must be one of {DECODER_PROBES}, got {probe!r}")
+        if split_k and ahead == 8:
+            ahead = 4  # one quad per decode-loop trip: a split may hold an odd number of quads
         self.ahead = ahead
         self.probe = probe  # timing only: "noload" (made-up words), "nofence" (no proxy fence: results may be wrong)
         self.k = k
@@ -482,13 +493,16 @@ class GemmWgmmaDecoderKernel:
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
-                 y_ptr: cute.Pointer, tiles_ptr: cute.Pointer, m: Int32, n: Int32, row_groups: Int32, experts: Int32,
-                 token_tiles: Int32, limit: Float32, stream):
+                 y_ptr: cute.Pointer, tiles_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer, m: Int32, n: Int32,
+                 row_groups: Int32, experts: Int32, token_tiles: Int32, limit: Float32, splits: Int32, stream):
         """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2]), with E =
         ``experts`` weights stacked (words [E * RG, ...], scale words [E * RG, ...], alpha fp32 [E, n]; E = 1
         when not grouped). ``token_tiles``: the grid's token tiles (ceil(m / tile_n) when not grouped); grouped,
         tiles_ptr is int32 [token_tiles, 3] (:func:`grouped_tile_table`), else unused. With ``swiglu``: n = I (y is
-        bf16 [m, I]), row_groups = 2I / 16, alpha [E, 2I], ``limit`` the SwiGLU clamp."""
+        bf16 [m, I]), row_groups = 2I / 16, alpha [E, 2I], ``limit`` the SwiGLU clamp. With ``split_k``: ``splits``
+        K splits (grid z), ws_ptr fp32 [tiles, splits, F / 4, 256, 4] (F = tile_m * tile_n / 256 accumulators a
+        thread) and cnt_ptr int32 [tiles, 8], zero before the first launch (the kernel leaves it zero); tiles =
+        row blocks x token tiles."""
         mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, experts * row_groups, self.k)
         if cutlass.const_expr(self.batched):
             mX = cute.make_tensor(x_ptr, cute.make_layout((m, experts * self.k), stride=(experts * self.k, 1)))
@@ -521,14 +535,29 @@ class GemmWgmmaDecoderKernel:
         rg_per_cta = self.tile_m // D.ROWS_PER_GROUP
         row_blocks = (row_groups + rg_per_cta - 1) // rg_per_cta  # with swiglu: I / 64 (64 gate and 64 up rows a CTA)
         row_blocks = (row_blocks + self.cluster_m - 1) // self.cluster_m * self.cluster_m  # whole clusters
-        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, tiled_mma, a_staged, x_staged, m, n, row_groups, limit).launch(
-            grid=[row_blocks, token_tiles, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
+        frag = self.tile_m * self.tile_n // THREADS
+        # [tile, split, frag / 4, thread, 4]: a warp's 16-byte store of fragment elements 4j..4j+3 is 512
+        # consecutive bytes (coalesced)
+        mWs = cute.make_tensor(ws_ptr, cute.make_layout((row_blocks * token_tiles, splits, frag // 4, THREADS, 4),
+                                                        stride=(splits * THREADS * frag, THREADS * frag, THREADS * 4, 4, 1)))
+        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((row_blocks * token_tiles, THREADS // 32), stride=(THREADS // 32, 1)))
+        self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, mWs, mCnt, tiled_mma, a_staged, x_staged, m, n, row_groups, limit,
+                    splits, row_blocks).launch(
+            grid=[row_blocks, token_tiles, splits], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
-               mY: cute.Tensor, mTiles: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout,
-               x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32, limit: Float32):
+               mY: cute.Tensor, mTiles: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tiled_mma: cute.TiledMma,
+               a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32, limit: Float32,
+               splits: Int32, row_blocks: Int32):
         tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
+        # this CTA's quads of K: all of them, or split z of ``splits`` (ceil(quads / splits) quads each)
+        q_begin, q_end, split = 0, self.quads, Int32(0)
+        if cutlass.const_expr(self.split_k):
+            _, _, split = cute.arch.block_idx()
+            per_split = (self.quads + splits - 1) // splits
+            q_begin = split * per_split
+            q_end = cutlass.min(q_begin + per_split, self.quads)
         if cutlass.const_expr(self.grouped):
             expert, row0, row_end = mTiles[tb, 0], mTiles[tb, 1], mTiles[tb, 2]
         else:
@@ -536,14 +565,14 @@ class GemmWgmmaDecoderKernel:
         # grouped: the table's tiles past the last expert's have no rows (both CTAs of a cluster share tb, so
         # they skip together, before any cluster-wide barrier)
         if row0 < row_end:
-            self._tile(tma_atom, mX_tma, mW, mS, mAlpha, mY, tiled_mma, a_staged, x_staged, tidx, rb, warp, lane, g, expert,
-                       row0, row_end, n, row_groups, limit)
+            self._tile(tma_atom, mX_tma, mW, mS, mAlpha, mY, mWs, mCnt, tiled_mma, a_staged, x_staged, tidx, rb, warp, lane, g, expert,
+                       row0, row_end, n, row_groups, limit, q_begin, q_end, split, splits, tb * row_blocks + rb)
 
     @cute.jit
     def _tile(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
-              mY: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout,
-              tidx: Int32, rb: Int32, warp: Int32, lane: Int32, g: Int32, expert: Int32, row0: Int32, row_end: Int32, n: Int32,
-              row_groups: Int32, limit: Float32):
+              mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout,
+              x_staged: cute.ComposedLayout, tidx: Int32, rb: Int32, warp: Int32, lane: Int32, g: Int32, expert: Int32, row0: Int32,
+              row_end: Int32, n: Int32, row_groups: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32):
         """One CTA tile: weight rows of row block rb (of weight ``expert``) x the tile_n token rows from row0."""
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
@@ -574,7 +603,7 @@ class GemmWgmmaDecoderKernel:
                                                cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
             mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0) if cutlass.const_expr(self.cluster_m > 1) else 0
             self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, expert * row_groups, row_groups,
-                              mcast_mask)
+                              mcast_mask, q_begin, q_end)
         else:
             thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -584,7 +613,7 @@ class GemmWgmmaDecoderKernel:
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            for kt in cutlass.range(self.chunks, unroll=1):
+            for kt in cutlass.range((q_end - q_begin) * 4, unroll=1):
                 x_pipe.consumer_wait(read)
                 a_pipe.consumer_wait(read)
                 warpgroup.fence()
@@ -601,13 +630,60 @@ class GemmWgmmaDecoderKernel:
             # the last chunk's stages too: with a cluster the producer's tail waits for every release
             x_pipe.consumer_release(release)
             a_pipe.consumer_release(release)
-            if cutlass.const_expr(self.swiglu):
-                alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
-                store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
-            else:
-                alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
-                y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
-                store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
+            last = cutlass.Boolean(True)
+            if cutlass.const_expr(self.split_k):
+                if splits > 1:
+                    last = self._sum_splits(acc, mWs, mCnt, tidx - DECODER_THREADS, lane, split, splits, slot)
+            if last:
+                if cutlass.const_expr(self.swiglu):
+                    alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
+                    store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
+                else:
+                    alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
+                    y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
+                    store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
+
+    @cute.jit
+    def _add_partial(self, flat: cute.Tensor, base, frag: int):
+        """flat[i] += the partial at ``base`` (one thread's [frag / 4, stride THREADS * 4, 4] slice), 16 loads in flight."""
+        for j0 in cutlass.range_constexpr(0, frag // 4, 16):
+            part = [load_cg_v4_f32((base + (j0 + j) * THREADS * 4).llvm_ptr) for j in range(min(16, frag // 4 - j0))]
+            for j in cutlass.range_constexpr(len(part)):
+                for e in cutlass.range_constexpr(4):
+                    flat[4 * (j0 + j) + e] = flat[4 * (j0 + j) + e] + part[j][e]
+
+    @cute.jit
+    def _sum_splits(self, acc: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mt: Int32, lane: Int32, split: Int32,
+                    splits: Int32, slot: Int32):
+        """Split K: this thread's fragment -> workspace; the warp that arrives last for (tile, warp) sums the
+        splits' fragments into ``acc`` (deterministic whichever arrives last) and resets the counter. Returns
+        whether this warp is that last one (warp-uniform)."""
+        frag = cute.size(acc)
+        flat = cute.make_tensor(acc.iterator, cute.make_layout(frag))  # acc is compact: a flat view
+        base = mWs.iterator + cute.crd2idx((slot, split, 0, mt, 0), mWs.layout)
+        for j in cutlass.range_constexpr(frag // 4):
+            store_v4_f32((base + j * THREADS * 4).llvm_ptr, flat[4 * j], flat[4 * j + 1], flat[4 * j + 2], flat[4 * j + 3])
+        cute.arch.fence_acq_rel_gpu()
+        cute.arch.sync_warp()
+        mwarp = mt // 32
+        arrived = Int32(0)
+        if lane == 0:
+            arrived = cute.arch.atomic_add((mCnt.iterator + slot * (THREADS // 32) + mwarp).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
+        arrived = cute.arch.shuffle_sync(arrived, 0)
+        last = arrived == splits - 1
+        if last:
+            cute.arch.fence_acq_rel_gpu()
+            if splits == 2:  # own + other: the same two fp32 whichever split arrives last (addition commutes)
+                base = mWs.iterator + cute.crd2idx((slot, 1 - split, 0, mt, 0), mWs.layout)
+                self._add_partial(flat, base, frag)
+            else:  # every split in split order (deterministic)
+                for i in cutlass.range_constexpr(frag):
+                    flat[i] = Float32(0.0)
+                for s in cutlass.range(splits, unroll=1):
+                    self._add_partial(flat, mWs.iterator + cute.crd2idx((slot, s, 0, mt, 0), mWs.layout), frag)
+            if lane == 0:
+                mCnt[slot, mwarp] = Int32(0)
+        return last
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
@@ -619,8 +695,9 @@ class GemmWgmmaDecoderKernel:
 
     @cute.jit
     def _decode_loop(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX,
-                     warp: Int32, lane: Int32, rb: Int32, rg_base: Int32, row_groups: Int32, mcast_mask):
-        """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory."""
+                     warp: Int32, lane: Int32, rb: Int32, rg_base: Int32, row_groups: Int32, mcast_mask, q_begin, q_end):
+        """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory;
+        quads q_begin .. q_end - 1 of K (all of them unless split_k)."""
         g = lane // 4
         t = lane % 4
         flip = (g >> 1) & 1  # word order: lanes of odd g // 2 store words kk ^ 1 (bank-conflict-free stores)
@@ -635,27 +712,28 @@ class GemmWgmmaDecoderKernel:
         wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, R, 4), order=(2, 1, 0)), Int32)
         scur = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
         snxt = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
+        c_end = q_end * 4
         for i in cutlass.range_constexpr(R):
             for c in cutlass.range_constexpr(self.ahead):
-                self._load_words(mW, rgs[i], Int32(c), lane, wr, c, i)
-            cute.autovec_copy(mS[rgs[i], 0, lane, None], scur[i, None])
-            cute.autovec_copy(mS[rgs[i], cutlass.min(1, self.quads - 1), lane, None], snxt[i, None])
+                self._load_words(mW, rgs[i], cutlass.min(q_begin * 4 + c, c_end - 1), lane, wr, c, i)
+            cute.autovec_copy(mS[rgs[i], q_begin, lane, None], scur[i, None])
+            cute.autovec_copy(mS[rgs[i], cutlass.min(q_begin + 1, q_end - 1), lane, None], snxt[i, None])
         x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         per_trip = max(1, self.ahead // 4)  # quads per loop trip: the word ring is indexed statically
-        for qt in cutlass.range(self.quads // per_trip, unroll=1):
+        for qt in cutlass.range((q_end - q_begin) // per_trip, unroll=1):
             for cu in cutlass.range_constexpr(4 * per_trip):
                 ci = cu % 4
-                q = qt * per_trip + cu // 4
+                q = q_begin + qt * per_trip + cu // 4
                 kt = q * 4 + ci
                 slot = cu % self.ahead
                 if warp == 0:
                     x_pipe.producer_acquire(x_state)
                     if cutlass.const_expr(self.cluster_m > 1):
-                        cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
+                        cute.copy(tma_atom, tXgX[(None, q_begin * 4 + x_state.count)], tXsX[(None, x_state.index)],
                                   tma_bar_ptr=x_pipe.producer_get_barrier(x_state), mcast_mask=mcast_mask)
                     else:
-                        cute.copy(tma_atom, tXgX[(None, x_state.count)], tXsX[(None, x_state.index)],
+                        cute.copy(tma_atom, tXgX[(None, q_begin * 4 + x_state.count)], tXsX[(None, x_state.index)],
                                   tma_bar_ptr=x_pipe.producer_get_barrier(x_state))
                     x_pipe.producer_commit(x_state)
                     x_state.advance()
@@ -695,12 +773,12 @@ class GemmWgmmaDecoderKernel:
                 a_state.advance()
                 # words of chunk kt + ahead into the slot just decoded; scale words of quad q + 2 at the quad's end
                 for i in cutlass.range_constexpr(R):
-                    self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, self.chunks - 1), lane, wr, slot, i)
+                    self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, c_end - 1), lane, wr, slot, i)
                 if cutlass.const_expr(ci == 3):
                     for i in cutlass.range_constexpr(R):
                         for w in cutlass.range_constexpr(2):
                             scur[i, w] = snxt[i, w]
-                        cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, self.quads - 1), lane, None], snxt[i, None])
+                        cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, q_end - 1), lane, None], snxt[i, None])
         if cutlass.const_expr(self.cluster_m > 1):
             if warp == 0:  # every release (the peer CTA's too) has landed before this CTA exits
                 x_pipe.producer_tail(x_state)
@@ -769,6 +847,29 @@ def store_tile_swiglu(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
 
 
 @dsl_user_op
+def store_v4_f32(ptr, a: Float32, b: Float32, c: Float32, d: Float32, *, loc=None, ip=None):
+    """Four fp32 to 16 aligned bytes of global memory (``st.global.v4``)."""
+    from cutlass._mlir import ir
+    from cutlass._mlir.dialects import arith
+
+    v = llvm.mlir_undef(ir.VectorType.get([4], T.f32()), loc=loc, ip=ip)
+    for i, value in enumerate((a, b, c, d)):
+        v = llvm.insertelement(v, Float32(value).ir_value(loc=loc, ip=ip), arith.constant(T.i32(), i, loc=loc, ip=ip), loc=loc, ip=ip)
+    cute.arch.store(ptr, v, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def load_cg_v4_f32(ptr, *, loc=None, ip=None):
+    """Four fp32 (16 aligned bytes) from global memory through L2 only (``ld.global.cg.v4``: another CTA wrote
+    them; an ordinary load, so the compiler keeps it after the fences and may batch it)."""
+    from cutlass._mlir import ir
+    from cutlass._mlir.dialects import arith
+
+    v = cute.arch.load(ptr, ir.VectorType.get([4], T.f32()), cop="cg", loc=loc, ip=ip)
+    return [Float32(llvm.extractelement(v, arith.constant(T.i32(), i, loc=loc, ip=ip), loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
 def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
     """bf16x2 (lo in the low half) of two fp32, each rounded to nearest even."""
     return Int32(llvm.inline_asm(
@@ -777,7 +878,7 @@ def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
         asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
-def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=None, with_tiles=False):
+def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=None, with_tiles=False, ws=None, cnt=None):
     from cutlass.cute.runtime import make_ptr
 
     gmem = cute.AddressSpace.gmem
@@ -787,13 +888,13 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=No
 
     pointers = (pointer(BFloat16, x, 16), pointer(Int32, words, 16), pointer(Int32, scale_words, 16), pointer(Float32, alpha, 4),
                 pointer(BFloat16, y, 4))
-    return pointers + (pointer(Int32, tiles, 4),) if with_tiles else pointers
+    return pointers + (pointer(Int32, tiles, 4), pointer(Float32, ws, 16), pointer(Int32, cnt, 4)) if with_tiles else pointers
 
 
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
-                  batched: bool = False):
+                  batched: bool = False, split_k: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -806,13 +907,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched)
+                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched)
+               grouped or batched, swiglu, batched, split_k)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
-                              Float32(0.0), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched:
-        raise ValueError("only the decoder schedule has the grouped, batched and SwiGLU kernels")
+                              Float32(0.0), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+    if grouped or swiglu or batched or split_k:
+        raise ValueError("only the decoder schedule has the grouped, batched, SwiGLU and split-K kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -825,6 +926,33 @@ DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
+
+
+WGMMA_MAX_SPLITS = 4  # measured up to 4 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_865f051.json)
+
+
+def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: int | None = None) -> tuple:
+    """(tile_n, K splits) of the plain / SwiGLU decoder kernel: the most CTAs that fit in ONE wave, over tiles
+    of 128 tokens (256 too from M = 256) and 1..WGMMA_MAX_SPLITS splits (each at least 2 quads); ties go to
+    256 tokens for K >= 4096 (the split sum, a fixed cost per tile, pays off over a long K), to 128 below.
+    With no one-wave choice, :func:`tile_n_for` and no split. H100 (data/bench/wgmma_split_probe_*_865f051.json):
+    gate_up M = 128 48 CTAs -> 2 splits: 39.2 against 59.8 us; M = 256 256 tokens x 2 splits: 52.7 against 60.1;
+    wo_b M = 256 98.7 against 129.3 (cuBLAS 91.2); fused_wqa_wkv M = 256 4 splits 27.5 (dequantize + cuBLAS 32.7)."""
+    cluster_m = cluster_m or DECODER_CLUSTER_M
+    row_blocks = -(-(-(-row_groups // (TILE_M // D.ROWS_PER_GROUP))) // cluster_m) * cluster_m
+    quads = k // D.QUAD_K
+    best = None
+    for tile_n in (128, 256):
+        if tile_n == 256 and m < 256:
+            continue
+        ctas = row_blocks * -(-m // tile_n)
+        for splits in range(1, WGMMA_MAX_SPLITS + 1):
+            if ctas * splits > sm_count or (splits > 1 and quads < 2 * splits):
+                break
+            key = (ctas * splits, tile_n if k >= 4096 else -tile_n)
+            if best is None or key > best[0]:
+                best = (key, tile_n, splits)
+    return (tile_n_for(m), 1) if best is None else best[1:]
 
 
 def tile_n_for(m: int) -> int:
@@ -842,12 +970,14 @@ def _current_stream():
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
-              tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None) -> torch.Tensor:
+              tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
+              splits: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
-    SwiGLU of the product, bf16 [M, I], computed in the epilogue. No host sync; CUDA-graph capturable after
-    a first eager call (which compiles)."""
+    SwiGLU of the product, bf16 [M, I], computed in the epilogue. ``splits`` (decoder schedule): K split
+    over that many CTAs per tile (1: none); with neither ``tile_n`` nor ``splits`` given, :func:`wgmma_plan`
+    picks both. No host sync; CUDA-graph capturable after a first eager call (which compiles)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -873,17 +1003,50 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
     if out is not None and (out.shape != (m, out_n) or out.dtype != torch.bfloat16 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous bf16 [{m}, {out_n}] tensor")
-    tile_n = tile_n or tile_n_for(m)
     schedule = SCHEDULE if schedule is None else schedule
+    if tile_n is None and splits is None and schedule == "decoder" and (tile_m or TILE_M) == TILE_M:
+        tile_n, splits = wgmma_plan(m, row_groups, k, _sm_count(x.device), cluster_m)
+    tile_n = tile_n or tile_n_for(m)
+    quads = k // D.QUAD_K
+    splits = max(1, min(splits or 1, quads))
+    splits = -(-quads // -(-quads // splits))  # every split holds at least one quad
+    if splits > 1 and schedule != "decoder":
+        raise ValueError("split K needs the decoder schedule")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m, swiglu=swiglu)
+                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
-        compiled(*_pointers(*tensors, with_tiles=True), Int32(m), Int32(out_n), Int32(row_groups), Int32(1), Int32(-(-m // tile_n)),
-                 Float32(swiglu_limit if swiglu else 0.0), _current_stream())
+        ws = cnt = None
+        if splits > 1:
+            tm, cm = tile_m or TILE_M, cluster_m or DECODER_CLUSTER_M
+            row_blocks = -(-(-(-row_groups // (tm // D.ROWS_PER_GROUP))) // cm) * cm
+            tiles = row_blocks * -(-m // tile_n)
+            ws = torch.empty(tiles * splits * tm * tile_n, dtype=torch.float32, device=x.device)
+            cnt = _split_counters(x.device, tiles * (THREADS // 32))
+        compiled(*_pointers(*tensors, with_tiles=True, ws=ws, cnt=cnt), Int32(m), Int32(out_n), Int32(row_groups), Int32(1),
+                 Int32(-(-m // tile_n)), Float32(swiglu_limit if swiglu else 0.0), Int32(splits), _current_stream())
     else:
         compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), _current_stream())
     return y
+
+
+_split_state: dict = {}
+
+
+def _sm_count(device) -> int:
+    key = ("sms", device)
+    if key not in _split_state:
+        _split_state[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _split_state[key]
+
+
+def _split_counters(device, size: int) -> torch.Tensor:
+    """A zeroed int32 counter buffer per device for split K, grown on demand (the kernel leaves it zero)."""
+    buf = _split_state.get(device)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _split_state[device] = buf
+    return buf
 
 
 def _check_stacked(words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int, k: int):
@@ -978,7 +1141,7 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
     compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
-             _current_stream())
+             Int32(1), _current_stream())
     return y
 
 
@@ -1028,5 +1191,5 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
     tiles = batched_tile_table(tokens, groups, tile_n, x.device)
     compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
-             Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), _current_stream())
+             Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), _current_stream())
     return y
