@@ -203,12 +203,12 @@ def test_bench_without_gpu_says_so(capsys):
 
 @requires_cute  # the rule reads the kernel's tile sizes
 def test_wgmma_dispatch_rule():
-    """The sm90 op runs the WGMMA kernel for M in (64, 1024] (512 for K > 4096) when its grid (with K splits)
+    """The sm90 op runs the WGMMA kernel for M in (64, 1024] (512 for 4096 < K < 16384) when its grid (with K splits)
     is large enough and there is no bias; the decode kernel below, dequantize + cuBLAS above."""
     from nvfp4lib.ops.gemm import use_wgmma
 
     assert use_wgmma(256, 6144, 7168, False) and use_wgmma(256, 7168, 3072, False) and use_wgmma(1024, 7168, 3072, False)
-    assert use_wgmma(256, 7168, 16384, False)  # wo_b
+    assert use_wgmma(256, 7168, 16384, False) and use_wgmma(1024, 7168, 16384, False)  # wo_b
     assert not use_wgmma(1024, 6144, 7168, False)  # gate_up at M = 1024: dequantize + cuBLAS was faster
     assert not use_wgmma(64, 6144, 7168, False)  # decode kernel
     assert not use_wgmma(2048, 7168, 3072, False)  # dequantize + cuBLAS

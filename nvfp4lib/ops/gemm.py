@@ -40,8 +40,9 @@ DECODE_MAX_M = 64  # M up to this runs the memory-bound decode kernel; larger M 
 # (gate_up 59.8 against 69.0 us, down 29.5 against 33.9, wo_b 129.3 against 175.6) and at M = 1024 for
 # K = 3072 (down 77.4 against 80.2); slower at M = 1024 for K = 7168 (gate_up 160.6 against 146.5) and above.
 WGMMA_MAX_M = 1024
-WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K
+WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K (and below WGMMA_VERY_LONG_K)
 WGMMA_LONG_K = 4096
+WGMMA_VERY_LONG_K = 16384  # wo_b at M = 1024 on an H100: 392 us against 470 for dequantize + cuBLAS (wgmma_split_probe)
 WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, fused_wqa_wkv's 16 row blocks too
 
 
@@ -54,7 +55,7 @@ def wgmma_takes(k: int) -> bool:
 
 def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM (see WGMMA_MAX_M)."""
-    most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
+    most = WGMMA_MAX_M if k <= WGMMA_LONG_K or k >= WGMMA_VERY_LONG_K else WGMMA_MAX_M_LONG_K
     if has_bias or n % 2 or not DECODE_MAX_M < m <= most:
         return False
     from ..kernels.sm90.gemm_wgmma import wgmma_plan

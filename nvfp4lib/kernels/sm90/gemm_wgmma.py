@@ -928,14 +928,14 @@ SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H20
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
 
-WGMMA_MAX_SPLITS = 4  # measured up to 4 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_865f051.json)
+WGMMA_MAX_SPLITS = 4  # measured up to 4 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_7e5ffe1.json)
 
 
 def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: int | None = None) -> tuple:
     """(tile_n, K splits) of the plain / SwiGLU decoder kernel: the most CTAs that fit in ONE wave, over tiles
     of 128 tokens (256 too from M = 256) and 1..WGMMA_MAX_SPLITS splits (each at least 2 quads); ties go to
     256 tokens for K >= 4096 (the split sum, a fixed cost per tile, pays off over a long K), to 128 below.
-    With no one-wave choice, :func:`tile_n_for` and no split. H100 (data/bench/wgmma_split_probe_*_865f051.json):
+    With no one-wave choice, :func:`tile_n_for` and no split. H100 (data/bench/wgmma_split_probe_*_7e5ffe1.json):
     gate_up M = 128 48 CTAs -> 2 splits: 39.2 against 59.8 us; M = 256 256 tokens x 2 splits: 52.7 against 60.1;
     wo_b M = 256 98.7 against 129.3 (cuBLAS 91.2); fused_wqa_wkv M = 256 4 splits 27.5 (dequantize + cuBLAS 32.7)."""
     cluster_m = cluster_m or DECODER_CLUSTER_M
