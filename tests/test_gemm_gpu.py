@@ -41,16 +41,22 @@ def test_accuracy_and_graph_replay(fresh_seed, n, k, m):
     assert torch.equal(static, nvfp4_linear(x, p))
 
 
-@pytest.mark.parametrize("m", [1, 16, 64, 200, 1000, 4097])
-def test_fused_swiglu(fresh_seed, m):
-    """The decode kernel (M <= 64) and the WGMMA kernel (above) with the SwiGLU in the epilogue."""
-    inter, hidden = 3072, 7168
+def _gate_up_case(inter: int, hidden: int, m: int):
+    """(prepared gate_up [gate; up] with unequal global scales, x bf16 [m, hidden], the fp32 clamped SwiGLU
+    reference [m, inter] at limit 10)."""
     gate, up = quantize(torch.randn(inter, hidden, device="cuda") * 0.02), quantize(torch.randn(inter, hidden, device="cuda") * 0.05)
     p = prepare_weight(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale]),
                        [gate.global_scale, up.global_scale], [inter, inter])
     w = torch.cat([dequantize_rows(gate.packed, gate.block_scale), dequantize_rows(up.packed, up.block_scale)]) * p.alpha[:, None]
     x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) * 8
-    ref = clamped_swiglu_reference(x.float() @ w.t(), 10.0)
+    return p, x, clamped_swiglu_reference(x.float() @ w.t(), 10.0)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 200, 1000, 4097])
+def test_fused_swiglu(fresh_seed, m):
+    """The decode kernel (M <= 64) and the WGMMA kernel (above) with the SwiGLU in the epilogue."""
+    inter = 3072
+    p, x, ref = _gate_up_case(inter, 7168, m)
     y = torch.ops.nvfp4lib.gemm_w4a16_swiglu(x, p.weight, p.block_scale, p.alpha, p.n, 10.0)
     assert y.shape == (m, inter) and torch.isfinite(y).all()
     assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
@@ -97,13 +103,8 @@ def test_decode_paired_swiglu(fresh_seed, m):
     memory) on I = 1040 (65 row groups, K = 5120: unequal K slices) against the fp32 reference, into NaN."""
     from nvfp4lib.kernels.sm90 import gemm_decode
 
-    inter, hidden = 1040, 5120
-    gate, up = quantize(torch.randn(inter, hidden, device="cuda") * 0.02), quantize(torch.randn(inter, hidden, device="cuda") * 0.05)
-    p = prepare_weight(torch.cat([gate.packed, up.packed]), torch.cat([gate.block_scale, up.block_scale]),
-                       [gate.global_scale, up.global_scale], [inter, inter])
-    w = torch.cat([dequantize_rows(gate.packed, gate.block_scale), dequantize_rows(up.packed, up.block_scale)]) * p.alpha[:, None]
-    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16) * 8
-    ref = clamped_swiglu_reference(x.float() @ w.t(), 10.0)
+    inter = 1040
+    p, x, ref = _gate_up_case(inter, 5120, m)
     for tiles, ksplit in [(1, 6), (2, 4), (1, 3)]:
         y = torch.full((m, inter), float("nan"), device="cuda", dtype=torch.bfloat16)
         gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, inter, out=y, swiglu_limit=10.0, tiles=tiles, rows=2, ksplit=ksplit,

@@ -58,7 +58,7 @@ def _quack():
     return (gemm_w4a16, prepare_w4_weight, nvfp4_utils), None
 
 
-def _weight_sets(n: int, k: int, sets: int, quack):
+def weight_sets(n: int, k: int, sets: int, quack=None):
     """Per set: the original bf16 weight's prepared NVFP4 form, its bf16 dequantization (cuBLAS) and QuACK's."""
     from ..formats import dequantize, quantize
     from ..ops.gemm import prepare_weight
@@ -75,6 +75,15 @@ def _weight_sets(n: int, k: int, sets: int, quack):
             item["quack"] = prepare_w4_weight(qq, sf, wformat="nvfp4")
         out.append(item)
     return out
+
+
+def fp32_reference(x: torch.Tensor, prepared, n: int, limit: float | None = None) -> torch.Tensor:
+    """fp32 [M, N] (or the clamped SwiGLU [M, N/2] with ``limit``) of x against the exact dequantization of an
+    sm90-layout prepared weight times its alpha: the reference the GPU probes check every variant against."""
+    from ..ops.gemm import clamped_swiglu_reference, dequantize_sm90
+
+    ref = x.float() @ (dequantize_sm90(prepared.weight, prepared.block_scale, n).float() * prepared.alpha.float()[:, None]).t()
+    return clamped_swiglu_reference(ref, limit) if limit else ref
 
 
 def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
@@ -230,7 +239,7 @@ def main(argv=None) -> int:
     started = time.time()
     with tqdm(total=len(shapes) * len(ms), desc="gemm", file=sys.stdout) as bar:
         for name, (n, k) in shapes.items():
-            weights = _weight_sets(n, k, args.sets, quack)
+            weights = weight_sets(n, k, args.sets, quack)
             for m in ms:
                 row = measure_point(name, n, k, m, weights, quack, bw, peak, args.replays)
                 rows.append(row)

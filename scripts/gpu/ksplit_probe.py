@@ -11,10 +11,9 @@ import os
 
 import torch
 
+from nvfp4lib.bench import gemm as gemm_bench
 from nvfp4lib.bench import harness
-from nvfp4lib.formats import quantize
 from nvfp4lib.kernels.sm90 import gemm_decode
-from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, prepare_weight
 
 MS = [int(v) for v in os.environ.get("MS", "1,16,32,48,64").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
@@ -45,18 +44,12 @@ def cosine(a, b):
 
 
 for name, (n, k, limit) in SHAPES.items():
-    weights = []
-    for _ in range(4):
-        q = quantize(torch.randn(n, k, device="cuda") * 0.02)
-        weights.append(prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90"))
+    weights = [w["prepared"] for w in gemm_bench.weight_sets(n, k, 4)]
     p0 = weights[0]
     out_n = n // 2 if limit else n
-    w32 = dequantize_sm90(p0.weight, p0.block_scale, n).float() * p0.alpha.float()[:, None]
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ w32.t()
-        if limit:
-            ref = clamped_swiglu_reference(ref, limit)
+        ref = gemm_bench.fp32_reference(x, p0, n, limit)
         row = dict(shape=name, m=m, n=n, k=k, plan=gemm_decode.auto_ksplit(out_n // 16, k // 256, m, sms, limit is not None),
                    floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
         variants = [("default", {}), ("grid", dict(ksplit=1)), ("default_px", dict(prefetch_x=True)),
@@ -92,7 +85,7 @@ for name, (n, k, limit) in SHAPES.items():
         print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} default {row['plan']} {harness.fmt(times.get('default'))} "
               f"grid {harness.fmt(times.get('grid'))} | "
               + " ".join(f"{lab}:{t:.1f}" for lab, t in top), flush=True)
-    del weights, w32
+    del weights
 payload = harness.run_metadata("scripts/gpu/ksplit_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
                                "the decode kernel with rows x ksplit warps a CTA (partial sums in shared memory) and grid "
                                "splits z, against the default launch; floor = NVFP4 weight + activation bytes / measured copy bandwidth")

@@ -11,10 +11,10 @@ import os
 
 import torch
 
+from nvfp4lib.bench import gemm as gemm_bench
 from nvfp4lib.bench import harness
-from nvfp4lib.formats import quantize
 from nvfp4lib.kernels.sm90 import gemm_wgmma
-from nvfp4lib.ops.gemm import clamped_swiglu_reference, dequantize_sm90, nvfp4_linear, prepare_weight
+from nvfp4lib.ops.gemm import nvfp4_linear
 
 MS = [int(v) for v in os.environ.get("MS", "128,256,512,1024").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
@@ -26,18 +26,11 @@ notes, rows = [], []
 bandwidth = harness.copy_bandwidth()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 for name, (n, k, limit) in SHAPES.items():
-    weights = []
-    for _ in range(4):
-        q = quantize(torch.randn(n, k, device="cuda") * 0.02)
-        p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90")
-        weights.append(dict(p=p, dq=(dequantize_sm90(p.weight, p.block_scale, n) * p.alpha[:, None]).to(torch.bfloat16)))
+    weights = [dict(p=w["prepared"], dq=w["dequantized"]) for w in gemm_bench.weight_sets(n, k, 4)]
     p0 = weights[0]["p"]
-    w32 = dequantize_sm90(p0.weight, p0.block_scale, n).float() * p0.alpha.float()[:, None]
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ w32.t()
-        if limit:
-            ref = clamped_swiglu_reference(ref, limit)
+        ref = gemm_bench.fp32_reference(x, p0, n, limit)
         row = dict(shape=name, m=m, n=n, k=k, compute_floor_us=2 * m * n * k / 989e12 * 1e6)
         row["cublas_us"] = harness.time_safely([lambda w=w: torch.nn.functional.linear(x, w["dq"]) for w in weights], notes, f"{name} {m} cublas")[0]
         if not limit:

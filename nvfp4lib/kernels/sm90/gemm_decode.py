@@ -20,7 +20,13 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   group's rows exits before loading anything, so an expert with no rows costs no weight traffic. The token
   blocks per group come from a static bound on the rows of any group (``max_rows``), so nothing is read on
   the host and the launch is CUDA-graph safe.
-- Split K: grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
+- In-CTA split K (up to M = 64, :func:`ksplit_plan`): a CTA of ``rows`` row groups x ``ksplit`` warps, each
+  warp on a slice of K; the slices' partial sums meet in shared memory behind one barrier. The kernel is
+  latency-bound (a warp waits on each step's loads), so the plan puts the most warps on each row group that
+  still run in ONE wave; ptxas is told the CTAs per SM it counts on (minnctapersm). The SwiGLU kernel runs
+  ``paired`` there (gate and up row groups on separate warps). Weights stream through
+  ``ld.global.nc.L1::no_allocate.L2::256B`` (:func:`stream_loads_for`).
+- Split K across the grid (where no such CTA shape exists, and the grouped kernel): grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
   workspace and the last warp to arrive (per row group, counted with a gpu-scope acq_rel atomic) sums
   the others (L2 loads) and runs the epilogue; it resets its counter, so the kernel is replayable in a
   CUDA graph. Epilogue: ``acc * alpha[n] * 2**7 (+ bias[n])`` rounded once to bf16.

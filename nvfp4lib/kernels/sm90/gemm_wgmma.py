@@ -1,8 +1,8 @@
 """Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
 
-**Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (512 for K > 4096) where its grid is large
-enough** (``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not. The decoder schedule
-also comes as
+**Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (512 for 4096 < K < 16384)**
+(``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not. Where its grid would leave SMs
+idle it splits K across CTAs (``split_k``, :func:`wgmma_plan`). The decoder schedule also comes as
 
 - the **SwiGLU** kernel (``swiglu``): gate_up with the clamped SwiGLU in the epilogue (``gemm_w4a16_swiglu``
   above M = 64, every M);
