@@ -549,30 +549,24 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     H100 gate_up + SwiGLU at M = 1 went 16.3 (grid split) -> 14.1 (two fragments a warp) -> 12.1 us."""
     if rows_m > KSPLIT_MAX_M:
         return None
-    if swiglu:  # the paired SwiGLU kernel: CTAs of a gate and its up row group, the plain kernel's registers
+
+    def best(tile_options, plan_rows, waves=1, **options):
         plans = []
+        for t in ([tiles] if tiles else tile_options):
+            plan = ksplit_plan(plan_rows, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, False, t, waves, **options)
+            if plan:
+                plans.append((plan[2:], -t, t, plan[:2]))
+        return max(plans) if plans else None
+
+    every_tiling = range(1, MAX_TILES + 1)
+    if swiglu:  # the paired SwiGLU kernel: CTAs of a gate and its up row group, the plain kernel's registers
         # 1 token tile up to M = 16: 2 tiles measured slower there (18.4 against 16.0 us at M = 16, H100)
-        for t in ([tiles] if tiles else [1] if rows_m <= 2 * TOKENS_PER_TILE else range(1, MAX_TILES + 1)):
-            plan = ksplit_plan(2 * row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, False, t, rows_options=(2,))
-            if plan:
-                plans.append((plan[2:], -t, t, plan[:2]))
-        return (max(plans)[2], 2, max(plans)[3][1], True) if plans else None
-    plans = []
-    for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
-        plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t)
-        if plan:
-            plans.append((plan[2:], -t, t, plan[:2]))
-    if not plans:
-        # no one-wave shape (down and wo_b at M = 64): two waves still beat the grid's split K there
-        # (down 22.6 against 26.8 us, wo_b 104.9 against 171.6)
-        for t in ([tiles] if tiles else range(1, MAX_TILES + 1)):
-            plan = ksplit_plan(row_groups, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, swiglu, t, waves=2)
-            if plan:
-                plans.append((plan[2:], -t, t, plan[:2]))
-    if not plans:
-        return None
-    _, _, t, (rows, ksplit) = max(plans)
-    return t, rows, ksplit, False
+        chosen = best([1] if rows_m <= 2 * TOKENS_PER_TILE else every_tiling, 2 * row_groups, rows_options=(2,))
+        return None if chosen is None else (chosen[2], 2, chosen[3][1], True)
+    # where no one-wave shape exists (down and wo_b at M = 64), two waves still beat the grid's split K
+    # (down 22.6 against 26.8 us, wo_b 104.9 against 171.6)
+    chosen = best(every_tiling, row_groups) or best(every_tiling, row_groups, waves=2)
+    return None if chosen is None else (chosen[2], *chosen[3], False)
 
 
 _state: dict = {}
