@@ -260,27 +260,36 @@ def plot_split_sweep(rows: Sequence[dict], label: str = "", axes=None):
     return axes
 
 
-def plot_ksplit_probe(rows: Sequence[dict], label: str = "", axes=None):
-    """The decode kernel with its K range split inside the CTA (``data/bench/ksplit_probe_*.json``): one panel
-    per shape, time against M for the grid's split K, the op's in-CTA plan and the best CTA shape measured,
-    the HBM floor dotted."""
+def _panels_by_shape(rows: Sequence[dict], axes=None):
+    """One panel per shape of a probe's rows: yields (axis, that shape's rows sorted by M, their Ms) with the
+    shape titled and M on a log2 axis; the axes are created when not given."""
     import matplotlib.pyplot as plt
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     if axes is None:
         _, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes), 3.4), squeeze=False)
         axes = axes[0]
+    panels = []
     for ax, shape in zip(axes, shapes):
         mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["m"])
-        ms = [r["m"] for r in mine]
-        ax.plot(ms, [r.get("grid_us") for r in mine], marker="s", markersize=3, label="split K across the grid")
-        ax.plot(ms, [r.get("default_us") for r in mine], marker="o", markersize=4, label="op (in-CTA plan)")
-        ax.plot(ms, [r.get("best_us") for r in mine], linestyle="--", linewidth=0.8, label="best CTA shape measured")
-        ax.plot(ms, [r["floor_us"] for r in mine], color="gray", linestyle=":", label="HBM floor")
         ax.set_title(f"{shape} [{mine[0]['n']}, {mine[0]['k']}]", fontsize=10)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("us per call (lower is better)")
+        panels.append((ax, mine, [r["m"] for r in mine]))
+    return axes, panels
+
+
+def plot_ksplit_probe(rows: Sequence[dict], label: str = "", axes=None):
+    """The decode kernel with its K range split inside the CTA (``data/bench/ksplit_probe_*.json``): one panel
+    per shape, time against M for the grid's split K, the op's in-CTA plan and the best CTA shape measured,
+    the HBM floor dotted."""
+    axes, panels = _panels_by_shape(rows, axes)
+    for ax, mine, ms in panels:
+        ax.plot(ms, [r.get("grid_us") for r in mine], marker="s", markersize=3, label="split K across the grid")
+        ax.plot(ms, [r.get("default_us") for r in mine], marker="o", markersize=4, label="op (in-CTA plan)")
+        ax.plot(ms, [r.get("best_us") for r in mine], linestyle="--", linewidth=0.8, label="best CTA shape measured")
+        ax.plot(ms, [r["floor_us"] for r in mine], color="gray", linestyle=":", label="HBM floor")
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     if label:
@@ -291,26 +300,15 @@ def plot_ksplit_probe(rows: Sequence[dict], label: str = "", axes=None):
 def plot_wgmma_split_probe(rows: Sequence[dict], label: str = "", axes=None):
     """The WGMMA kernel with K split across CTAs (``data/bench/wgmma_split_probe_*.json``): one panel per shape,
     time against M for every (tile_n, splits) measured, cuBLAS BF16 on the dequantized weight dashed."""
-    import matplotlib.pyplot as plt
-
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    if axes is None:
-        _, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes), 3.4), squeeze=False)
-        axes = axes[0]
-    for ax, shape in zip(axes, shapes):
-        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["m"])
-        ms = [r["m"] for r in mine]
+    axes, panels = _panels_by_shape(rows, axes)
+    for ax, mine, ms in panels:
         variants = sorted({k[:-3] for r in mine for k in r if k.startswith("t") and k.endswith("_us")})
         for v in variants:
             tile_n, splits = v[1:].split("_s")
             ax.plot(ms, [r.get(f"{v}_us") for r in mine], marker="o", markersize=3, linewidth=0.9 if splits == "1" else 1.4,
                     linestyle="-" if tile_n == "128" else "-.", label=f"{tile_n} tokens, {splits} split{'s' if splits != '1' else ''}")
         ax.plot(ms, [r["cublas_us"] for r in mine], color="black", linestyle="--", label="cuBLAS BF16")
-        ax.set_title(f"{shape} [{mine[0]['n']}, {mine[0]['k']}]", fontsize=10)
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("us per call (lower is better)")
     axes[0].legend(fontsize=6)
     if label:
         axes[0].figure.suptitle(f"WGMMA kernel: K split across CTAs - {label}", fontsize=10)
