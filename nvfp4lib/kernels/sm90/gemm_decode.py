@@ -45,6 +45,7 @@ from cutlass._mlir.dialects import llvm  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 from cutlass.memory import SmemAllocator  # noqa: E402
 
+PDL_MODES = ("off", "start", "loop")  # programmatic dependent launch: off, or where the next kernel is let launch
 WARPS = 8
 THREADS = 32 * WARPS
 TOKENS_PER_TILE = 8
@@ -133,8 +134,17 @@ class GemmDecodeKernel:
     the plain kernel's ~80 registers instead of ~150, so twice the warps fit on an SM."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
-                 grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False):
+                 grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
+                 pdl: str = "off"):
         D.check_decode_shape(16, k)
+        if pdl not in PDL_MODES:
+            raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
+        if pdl != "off" and grouped:
+            raise ValueError("the grouped kernel reads its row offsets (written by the kernel before it) first: no PDL")
+        # Programmatic dependent launch: the kernel may start while the previous kernel on the stream still
+        # runs; it loads its first weight quads, then waits (griddepcontrol.wait) before touching x, y or the
+        # workspace. "start" / "loop": it lets the next kernel launch at its start / after its main loop.
+        self.pdl = pdl
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
         if swiglu and has_bias:
@@ -205,7 +215,7 @@ class GemmDecodeKernel:
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
                     token_blocks).launch(
             grid=[token_blocks, warp_groups if self.paired else (warp_groups + self.rows - 1) // self.rows, splits * experts],
-            block=[self.threads, 1, 1], stream=stream,
+            block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl != "off",
             min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=self.smem_carveout if self.min_ctas else None)
 
     @cute.jit
@@ -218,6 +228,12 @@ class GemmDecodeKernel:
             else:
                 cute.autovec_copy(mW[rg, 4 * q + ci, lane, None], wreg[j, ci, None])
         cute.autovec_copy(mS[rg, q, lane, None], sreg[j, None])
+
+    @cute.jit
+    def _wait_for_previous_grid(self):
+        """With PDL: block until the previous kernel on the stream has finished and its writes are visible."""
+        if cutlass.const_expr(self.pdl != "off"):
+            cute.arch.griddepcontrol_wait()
 
     @cute.jit
     def _load_x(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, row_end: Int32, xr: cute.Tensor):
@@ -236,6 +252,8 @@ class GemmDecodeKernel:
                quads_per_split: Int32, splits: Int32, limit: Float32, token_blocks: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         tb, rgb, z = cute.arch.block_idx()
+        if cutlass.const_expr(self.pdl == "start"):
+            cute.arch.griddepcontrol_launch_dependents()
         G = self.groups
         # group e's rows are row_begin:row_end, its weight row groups e*RG.., its alphas e*RG*16..
         expert = Int32(0)
@@ -273,6 +291,7 @@ class GemmDecodeKernel:
             q_begin = q_begin + (span * ks) // self.ksplit
         sX = None
         if cutlass.const_expr(self.x_smem):
+            self._wait_for_previous_grid()
             # the CTA's activations [tpb rows, its k range] -> shared memory (rows past m: zeros), once
             smem = SmemAllocator()
             sX = smem.allocate_tensor(Int32, cute.make_layout((tpb, MAX_SMEM_QUADS * 4, 4, 8), stride=(self.row_words, 32, 8, 1)), byte_alignment=16)
@@ -303,6 +322,7 @@ class GemmDecodeKernel:
                 for j in cutlass.range_constexpr(G):
                     self._load_quad(mW, mS, my_rg + j * warp_groups, q_begin, lane, wcur, scur, j)
                 if cutlass.const_expr(self.prefetch_x):
+                    self._wait_for_previous_grid()
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
             for q in cutlass.range(q_begin, q_end, 1):
                 if q + 1 < q_end:
@@ -315,6 +335,9 @@ class GemmDecodeKernel:
                         for ci in cutlass.range_constexpr(4):
                             cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
                 elif cutlass.const_expr(not self.prefetch_x):
+                    if cutlass.const_expr(self.pdl != "off"):
+                        if q == q_begin:  # the first two quads' weight loads are in flight: now x may be read
+                            cute.arch.griddepcontrol_wait()
                     self._load_x(mX, first_row, g, t, q, row_end, xr)
                 for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
@@ -338,6 +361,10 @@ class GemmDecodeKernel:
                         for i in cutlass.range_constexpr(self.tiles * 32):
                             xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
 
+        if cutlass.const_expr(self.pdl == "loop"):
+            cute.arch.griddepcontrol_launch_dependents()
+        # every thread that writes y, the workspace or the counters has waited (a no-op where it already did)
+        self._wait_for_previous_grid()
         ups = None
         if cutlass.const_expr(self.ksplit > 1):
             # slices 1.. of each row group hand their partial sums to slice 0 through shared memory
@@ -436,7 +463,8 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
-                   rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False):
+                   rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
+                   pdl: str = "off"):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -444,14 +472,15 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
-DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False)  # chosen from the variants recorded at 15f0806 (H100)
+DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False,  # chosen from the variants recorded at 15f0806 (H100)
+                pdl="off")
 
 
 def tiles_for(m: int) -> int:
@@ -590,7 +619,7 @@ def _current_stream():
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False):
+            paired=False, pdl=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -626,8 +655,10 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     if splits:  # an explicit split count (probes): per split ceil(quads / splits) quads
         per_split = -(-quads // splits)
         nsplit = -(-quads // per_split)
+    if pdl is None:
+        pdl = "off" if offsets is not None else DEFAULTS["pdl"]
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -649,15 +680,18 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
-               stream_loads: bool | None = None, paired: bool = False) -> torch.Tensor:
+               stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
     (``n`` is then I). ``rows`` / ``ksplit``: the CTA shape (:class:`GemmDecodeKernel`); ``ksplit=None`` picks
-    it (:func:`ksplit_plan`, M <= 16), ``ksplit=1`` forces the grid's split K. No host sync; CUDA-graph
-    capturable after a first eager call (compile, counters)."""
+    it (:func:`ksplit_plan`, M <= 16), ``ksplit=1`` forces the grid's split K. ``pdl`` (:data:`PDL_MODES`, default
+    ``DEFAULTS["pdl"]``): programmatic dependent launch, the weight loads start before the previous kernel on
+    the stream has finished, so ``words`` / ``scale_words`` must not be written by that kernel (x, bias and
+    alpha are read after the wait). No host sync; CUDA-graph capturable after a first eager call (compile,
+    counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,

@@ -75,7 +75,7 @@ import torch
 
 from ..cute_compile import compile_kernel, import_cute
 from . import dequant as D
-from .gemm_decode import decode_word, prmt
+from .gemm_decode import PDL_MODES, decode_word, prmt
 
 cutlass, cute = import_cute()
 
@@ -437,8 +437,15 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
-                 split_k: bool = False):
+                 split_k: bool = False, pdl: str = "off"):
         _check_shape(k, tile_n)
+        # pdl (programmatic dependent launch, see gemm_decode.PDL_MODES): the CTAs may start while the previous
+        # kernel on the stream still runs; the decoder warps load their first weight chunks, the TMA warp waits
+        # (griddepcontrol.wait) before the first x load, the MMA warps before they write y or the workspace.
+        # Not for the grouped kernel: its tile table is written by the kernel before it.
+        if pdl not in PDL_MODES or (pdl != "off" and grouped):
+            raise ValueError(f"pdl must be one of {PDL_MODES} (off for the grouped kernel), got {pdl!r}")
+        self.pdl = pdl
         # split_k: the grid's z axis splits K (quads per split from the launch); each MMA warp writes its fp32
         # fragment to a workspace (16-byte stores, coalesced across the warp) and the last of a tile's splits to
         # arrive (an acq_rel counter per tile and warp, reset by it) adds the others' (2 splits: own + other,
@@ -543,7 +550,8 @@ class GemmWgmmaDecoderKernel:
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((row_blocks * token_tiles, THREADS // 32), stride=(THREADS // 32, 1)))
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, mWs, mCnt, tiled_mma, a_staged, x_staged, m, n, row_groups, limit,
                     splits, row_blocks).launch(
-            grid=[row_blocks, token_tiles, splits], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream)
+            grid=[row_blocks, token_tiles, splits], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream,
+            use_pdl=self.pdl != "off")
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
@@ -551,6 +559,8 @@ class GemmWgmmaDecoderKernel:
                a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32, limit: Float32,
                splits: Int32, row_blocks: Int32):
         tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
+        if cutlass.const_expr(self.pdl == "start"):
+            cute.arch.griddepcontrol_launch_dependents()
         # this CTA's quads of K: all of them, or split z of ``splits`` (ceil(quads / splits) quads each)
         q_begin, q_end, split = 0, self.quads, Int32(0)
         if cutlass.const_expr(self.split_k):
@@ -630,6 +640,10 @@ class GemmWgmmaDecoderKernel:
             # the last chunk's stages too: with a cluster the producer's tail waits for every release
             x_pipe.consumer_release(release)
             a_pipe.consumer_release(release)
+            if cutlass.const_expr(self.pdl == "loop"):
+                cute.arch.griddepcontrol_launch_dependents()
+            if cutlass.const_expr(self.pdl != "off"):
+                cute.arch.griddepcontrol_wait()  # before the first global write (returns at once: x has arrived)
             last = cutlass.Boolean(True)
             if cutlass.const_expr(self.split_k):
                 if splits > 1:
@@ -718,6 +732,9 @@ class GemmWgmmaDecoderKernel:
                 self._load_words(mW, rgs[i], cutlass.min(q_begin * 4 + c, c_end - 1), lane, wr, c, i)
             cute.autovec_copy(mS[rgs[i], q_begin, lane, None], scur[i, None])
             cute.autovec_copy(mS[rgs[i], cutlass.min(q_begin + 1, q_end - 1), lane, None], snxt[i, None])
+        if cutlass.const_expr(self.pdl != "off"):
+            if warp == 0:  # the first weight chunks are in flight: now wait for the kernel that wrote x
+                cute.arch.griddepcontrol_wait()
         x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         per_trip = max(1, self.ahead // 4)  # quads per loop trip: the word ring is indexed statically
@@ -894,7 +911,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=No
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
-                  batched: bool = False, split_k: bool = False):
+                  batched: bool = False, split_k: bool = False, pdl: str = "off"):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -907,13 +924,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k)
+                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k)
+               grouped or batched, swiglu, batched, split_k, pdl)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k:
-        raise ValueError("only the decoder schedule has the grouped, batched, SwiGLU and split-K kernels")
+    if grouped or swiglu or batched or split_k or pdl != "off":
+        raise ValueError("only the decoder schedule has the grouped, batched, SwiGLU, split-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -925,6 +942,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
 DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 on an H200 (38950a4)
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
+PDL = "off"  # programmatic dependent launch of the plain / SwiGLU decoder kernel (gemm_decode.PDL_MODES)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
 
@@ -971,13 +989,15 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
-              splits: int | None = None) -> torch.Tensor:
+              splits: int | None = None, pdl: str | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
     SwiGLU of the product, bf16 [M, I], computed in the epilogue. ``splits`` (decoder schedule): K split
     over that many CTAs per tile (1: none); with neither ``tile_n`` nor ``splits`` given, :func:`wgmma_plan`
-    picks both. No host sync; CUDA-graph capturable after a first eager call (which compiles)."""
+    picks both. ``pdl`` (decoder schedule; default ``PDL``): programmatic dependent launch, as
+    :func:`~.gemm_decode.run_decode` (the weights must not be written by the kernel just before). No host
+    sync; CUDA-graph capturable after a first eager call (which compiles)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -1012,8 +1032,10 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     splits = -(-quads // -(-quads // splits))  # every split holds at least one quad
     if splits > 1 and schedule != "decoder":
         raise ValueError("split K needs the decoder schedule")
+    if pdl is None:
+        pdl = PDL if schedule == "decoder" else "off"
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1)
+                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
