@@ -140,6 +140,10 @@ def prepare_weight(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scal
         from ..kernels.sm90 import dequant
 
         words, scale_words = dequant.repack_weight(weight, weight_scale)
+        if words.is_cuda:
+            # the Hopper kernels launch with PDL and read their weights before the previous kernel on the stream
+            # has finished: the repack must be complete (and visible) before any of them can start
+            torch.cuda.current_stream(words.device).synchronize()
         return PreparedWeight(words, scale_words, alpha, n, k, segment_sizes, LAYOUT_SM90)
     if layout != LAYOUT_MODELOPT:
         raise ValueError(f"unknown layout {layout!r}: expected {LAYOUT_MODELOPT!r} or {LAYOUT_SM90!r}")

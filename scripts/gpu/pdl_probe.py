@@ -25,7 +25,7 @@ SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_
           "gate_up_swiglu": (6144, 7168, 10.0), "wo_b": (7168, 16384, None)}
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
 WGMMA_MS = [int(v) for v in os.environ.get("WGMMA_MS", "128,256,1024").split(",") if v]
-MODES = gemm_decode.PDL_MODES
+MODES = os.environ.get("MODES", "off,start,loop,auto").split(",")  # PDL modes; "auto": the launch's default
 
 notes, rows_out = [], []
 bandwidth = harness.copy_bandwidth()
@@ -51,20 +51,24 @@ for name, (n, k, limit) in SHAPES.items():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = gemm_bench.fp32_reference(x, p0, n, limit)
         row = dict(shape=name, m=m, n=n, k=k, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
-        for mode in MODES:
-            def call(p, mode=mode):
-                return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, pdl=mode)
+        # "auto": the launch's own choice (pdl_for); "<mode>_t1": one token tile of 8 (two token blocks at M = 16)
+        variants = [(mode, dict(pdl=None if mode == "auto" else mode)) for mode in MODES]
+        if 8 < m <= 16:
+            variants += [(f"{mode}_t1", dict(pdl=mode, tiles=1)) for mode in ("off", "start")]
+        for label, kw in variants:
+            def call(p, kw=kw):
+                return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
             try:
                 y = call(p0)
                 torch.cuda.synchronize()
             except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
-                notes.append(f"{name} {m} {mode}: {type(error).__name__}: {str(error)[:200]}")
+                notes.append(f"{name} {m} {label}: {type(error).__name__}: {str(error)[:200]}")
                 continue
-            if check(y, ref, f"{name} {m} {mode}") is None:
+            if check(y, ref, f"{name} {m} {label}") is None:
                 continue
-            row[f"{mode}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"{name} {m} {mode}")[0]
+            row[f"{label}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"{name} {m} {label}")[0]
         rows_out.append(row)
-        print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} " + " ".join(f"{md}:{harness.fmt(row.get(md + '_us'))}" for md in MODES),
+        print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} " + " ".join(f"{lab}:{harness.fmt(row.get(lab + '_us'))}" for lab, _ in variants),
               flush=True)
     del weights
 
@@ -80,8 +84,9 @@ for m in [v for v in MS if v <= 16]:
     row = dict(m=m, floor_sum_us=floor)
     for mode in MODES:
         def expert(gu, dn, mode=mode):
-            h = gemm_decode.run_decode(x, gu.weight, gu.block_scale, gu.alpha, 3072, swiglu_limit=10.0, pdl=mode)
-            return gemm_decode.run_decode(h, dn.weight, dn.block_scale, dn.alpha, 7168, pdl=mode)
+            pdl = None if mode == "auto" else mode
+            h = gemm_decode.run_decode(x, gu.weight, gu.block_scale, gu.alpha, 3072, swiglu_limit=10.0, pdl=pdl)
+            return gemm_decode.run_decode(h, dn.weight, dn.block_scale, dn.alpha, 7168, pdl=pdl)
         try:
             expert(gu_sets[0], dn_sets[0])
             torch.cuda.synchronize()
@@ -120,7 +125,7 @@ for name, (n, k, limit) in SHAPES.items():
             row["cublas_us"] = harness.time_safely([lambda w=w: torch.nn.functional.linear(x, w["dq"]) for w in weights], notes, f"{name} {m} cublas")[0]
         for mode in MODES:
             def call(p, mode=mode):
-                return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, swiglu_limit=limit, pdl=mode)
+                return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, swiglu_limit=limit, pdl=None if mode == "auto" else mode)
             try:
                 y = call(p0)
                 torch.cuda.synchronize()

@@ -480,7 +480,7 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
 DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False,  # chosen from the variants recorded at 15f0806 (H100)
-                pdl="off")
+                pdl="auto")  # "auto": pdl_for(...)
 
 
 def tiles_for(m: int) -> int:
@@ -523,6 +523,18 @@ def stream_loads_for(ksplit: int) -> bool:
     (gate_up M = 1 12.1 -> 11.0 us, down 8.3 -> 7.4, wo_b M = 16 40.9 -> 31.3) and for the grid's split K,
     except the 1 x 12..16 slice shapes of fused_wqa_wkv (equal at M <= 8, 8.1 against 7.2 us at M = 16)."""
     return ksplit < 12
+
+
+def pdl_for(tiles: int, ksplit: int, stream_loads: bool, paired: bool) -> str:
+    """The PDL mode (:data:`PDL_MODES`) of a plain launch. Measured on an H100 in graph replay of back-to-back
+    calls (data/bench/pdl_probe_nvidia_h100_80gb_hbm3_7e77c8f.json), "start" against "off": faster for every
+    in-CTA split plan of one token tile (gate_up M = 1 11.1 -> 10.1 us, down 7.5 -> 6.1, fused_wqa_wkv M = 8
+    5.6 -> 5.0, shared expert M = 1 19.2 -> 16.0), for the paired SwiGLU kernel (M = 64 42.3 -> 36.3) and for
+    the plans without streaming loads (fused_wqa_wkv M = 16 7.3 -> 6.5); slower for two token tiles with
+    streaming loads (gate_up M = 16 14.9 -> 16.1, wo_b M = 16 31.7 -> 40.0). The grid's split K: not measured, off."""
+    if ksplit > 1 and (tiles == 1 or paired or not stream_loads):
+        return "start"
+    return "off"
 
 
 def ksplit_ctas(swiglu: bool, tiles: int, warps: int) -> int:
@@ -657,6 +669,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         nsplit = -(-quads // per_split)
     if pdl is None:
         pdl = "off" if offsets is not None else DEFAULTS["pdl"]
+        if pdl == "auto":
+            pdl = pdl_for(tiles, ksplit, stream_loads, paired)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
                               rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)

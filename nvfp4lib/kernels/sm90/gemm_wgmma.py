@@ -942,7 +942,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
 DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 on an H200 (38950a4)
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
-PDL = "off"  # programmatic dependent launch of the plain / SwiGLU decoder kernel (gemm_decode.PDL_MODES)
+PDL = "auto"  # programmatic dependent launch of the plain / SwiGLU decoder kernel (gemm_decode.PDL_MODES; "auto": run_wgmma's rule)
 PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvidia_h200_bf8138c.json): kept as an option
 
 
@@ -1034,6 +1034,11 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         raise ValueError("split K needs the decoder schedule")
     if pdl is None:
         pdl = PDL if schedule == "decoder" else "off"
+        if pdl == "auto":
+            # H100, graph replay (data/bench/pdl_probe_nvidia_h100_80gb_hbm3_7e77c8f.json): "start" gained 1.4-2.9 us
+            # for every shape at 128-token tiles (gate_up M = 128 39.6 -> 37.5, fused_wqa_wkv M = 256 27.5 -> 25.5)
+            # and -1.2..+1.1 us at 256-token tiles (gate_up M = 256 52.5 -> 53.7, wo_b M = 1024 384.4 -> 380.5)
+            pdl = "start" if tile_n == 128 else "off"
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
