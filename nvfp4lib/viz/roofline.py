@@ -313,3 +313,33 @@ def plot_wgmma_split_probe(rows: Sequence[dict], label: str = "", axes=None):
     if label:
         axes[0].figure.suptitle(f"WGMMA kernel: K split across CTAs - {label}", fontsize=10)
     return axes
+
+
+def plot_pdl_probe(rows: Sequence[dict], chain: Sequence[dict] = (), label: str = "", axes=None):
+    """Programmatic dependent launch (``data/bench/pdl_probe_*.json``): one panel per decode shape, time against M
+    with PDL off, on (``start``) and the launch's own choice (``auto``), the HBM floor dotted; with ``chain``
+    one more panel for the shared expert (gate_up + SwiGLU -> down) and the sum of its floors."""
+    import matplotlib.pyplot as plt
+
+    shapes = len(dict.fromkeys(r["shape"] for r in rows))
+    if axes is None:
+        _, axes = plt.subplots(1, shapes + bool(chain), figsize=(3.4 * (shapes + bool(chain)), 3.4), squeeze=False)
+        axes = axes[0]
+    _, panels = _panels_by_shape(rows, axes[:shapes])
+    styles = {"off": dict(marker="s", linestyle="-"), "start": dict(marker="o", linestyle="--"), "auto": dict(marker="^", linestyle="-", linewidth=2)}
+    for ax, mine, ms in panels + ([(axes[shapes], sorted(chain, key=lambda r: r["m"]), [r["m"] for r in sorted(chain, key=lambda r: r["m"])])]
+                                  if chain else []):
+        for mode, style in styles.items():
+            if any(f"{mode}_us" in r for r in mine):
+                ax.plot(ms, [r.get(f"{mode}_us") for r in mine], markersize=3, label=f"PDL {mode}", **style)
+        ax.plot(ms, [r.get("floor_us", r.get("floor_sum_us")) for r in mine], color="gray", linestyle=":", label="HBM floor")
+        ax.set_ylim(bottom=0)
+    if chain:
+        ax = axes[shapes]
+        ax.set_title("shared expert (gate_up + SwiGLU -> down)", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+    axes[0].legend(fontsize=7)
+    if label:
+        axes[0].figure.suptitle(f"decode kernel: programmatic dependent launch - {label}", fontsize=10)
+    return axes
