@@ -325,3 +325,55 @@ def test_decode_stream_loads_ptx_sm90a():
     assert len(re.findall(r"ld\.global\.nc\.L1::no_allocate\.L2::256B\.v4\.b32", ptx)) == 8
     assert len(re.findall(r"ld\.global\.v4", ptx)) == 8  # x: two 16-byte loads per 64-k chunk
     assert gemm_decode.stream_loads_for(8) and gemm_decode.stream_loads_for(1) and not gemm_decode.stream_loads_for(16)
+
+
+@requires_cute
+@pytest.mark.parametrize("mode", ["off", "start", "loop"])
+def test_decode_pdl_ptx_sm90a(mode):
+    """Programmatic dependent launch: weight loads may precede ``griddepcontrol.wait``; every x load and every
+    global store follows it; ``launch_dependents`` sits at the kernel's start or after its main loop."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptx = ptx_of(gemm_decode.compile_decode(3072, 1, False, False, arch="sm_90a", keep_ptx=True, rows=1, ksplit=8, stream_loads=True,
+                                            pdl=mode))
+    body = ptx[ptx.index(".entry"):]
+    if mode == "off":
+        assert "griddepcontrol" not in body
+        return
+    wait, trigger = body.index("griddepcontrol.wait"), body.index("griddepcontrol.launch_dependents")
+    assert body.index("ld.global.nc.L1::no_allocate") < wait  # the first weights are in flight before the wait
+    assert wait < body.index("ld.global.v4")  # x
+    assert wait < body.index("st.global")
+    assert (trigger < body.index("ld.global")) == (mode == "start")
+    with pytest.raises(ValueError, match="grouped"):  # its row offsets come from the kernel before
+        gemm_decode.GemmDecodeKernel(3072, 1, False, grouped=True, pdl=mode)
+
+
+@requires_cute
+def test_wgmma_pdl_ptx_sm90a():
+    """The WGMMA decoder kernel with PDL: the TMA warp waits before the first x load, the MMA warps before their
+    stores; the grouped kernel (its tile table comes from the kernel before) refuses PDL."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, 128, arch="sm_90a", keep_ptx=True, split_k=True, pdl="start"))
+    body = ptx[ptx.index(".entry"):]
+    assert body.count("griddepcontrol.wait") == 2 and body.count("griddepcontrol.launch_dependents") == 1
+    assert body.index("griddepcontrol.wait") < body.index("cp.async.bulk.tensor")
+    assert "griddepcontrol" not in ptx_of(gemm_wgmma.compile_wgmma(7168, 128, arch="sm_90a", keep_ptx=True, pdl="off"))
+    with pytest.raises(ValueError, match="grouped"):
+        gemm_wgmma.GemmWgmmaDecoderKernel(7168, 128, grouped=True, pdl="start")
+
+
+def test_pdl_rule():
+    """Where the launch takes PDL (measured on an H100, data/bench/pdl_probe_*.json): the in-CTA split plans of
+    one token tile, the paired SwiGLU kernel and the plans without streaming loads; not the grid's split K."""
+    from nvfp4lib.kernels.sm90.gemm_decode import PDL_MODES, pdl_for
+
+    assert pdl_for(1, 8, True, False) == "start"  # gate_up M <= 8
+    assert pdl_for(2, 4, True, True) == "start"  # paired SwiGLU at M = 64
+    assert pdl_for(2, 16, False, False) == "start"  # fused_wqa_wkv at M = 16
+    assert pdl_for(2, 6, True, False) == "off"  # wo_b at M = 16: 31.7 against 40.0 us with PDL
+    assert pdl_for(1, 1, True, False) == "off"  # the grid's split K: not measured
+    assert set(PDL_MODES) == {"off", "start", "loop"}

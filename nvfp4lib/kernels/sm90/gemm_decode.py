@@ -26,6 +26,10 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   still run in ONE wave; ptxas is told the CTAs per SM it counts on (minnctapersm). The SwiGLU kernel runs
   ``paired`` there (gate and up row groups on separate warps). Weights stream through
   ``ld.global.nc.L1::no_allocate.L2::256B`` (:func:`stream_loads_for`).
+- Programmatic dependent launch (``pdl``, :func:`pdl_for`): the kernel may start while the previous kernel on
+  the stream still runs; it issues its first two weight quads, then ``griddepcontrol.wait`` before any x load
+  or global store, and (``"start"``) lets the next kernel launch at once. The weights must not be written by
+  the kernel just before (``prepare_weight`` synchronizes after its repack). Off for the grouped kernel.
 - Split K across the grid (where no such CTA shape exists, and the grouped kernel): grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
   workspace and the last warp to arrive (per row group, counted with a gpu-scope acq_rel atomic) sums
   the others (L2 loads) and runs the epilogue; it resets its counter, so the kernel is replayable in a
