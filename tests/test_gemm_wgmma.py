@@ -415,11 +415,12 @@ def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):
 @requires_cute
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [65, 200, 256])
-@pytest.mark.parametrize("tile_n,splits", [(128, 2), (256, 2), (128, 3), (256, 4)])
+@pytest.mark.parametrize("tile_n,splits", [(128, 2), (256, 2), (128, 3), (256, 4), (128, "k"), (256, "k"), (128, "k7")])
 @pytest.mark.parametrize("limit", [None, 10.0])
 def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
-    """K split across CTAs (plain and SwiGLU): accuracy into a NaN-poisoned output and graph replay bit-equal
-    to eager (the split sum does not depend on which split arrives last)."""
+    """K split across CTAs (plain and SwiGLU), and stream-K ("k": one part per cluster of SMs; "k7": 7 parts,
+    so tiles of many uneven segments): accuracy into a NaN-poisoned output and graph replay bit-equal to eager
+    (the split sum does not depend on which split arrives last)."""
     from nvfp4lib.bench.harness import cosine, rel_error
     from nvfp4lib.kernels.sm90 import gemm_wgmma
     from nvfp4lib.ops.gemm import clamped_swiglu_reference, prepare_weight, reference_gemm
@@ -435,7 +436,8 @@ def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
     out_n = n // 2 if limit else n
 
     def call(out=None):
-        return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=out, tile_n=tile_n, splits=splits, swiglu_limit=limit)
+        options = dict(splits=splits) if isinstance(splits, int) else dict(stream_k=True, parts=int(splits[1:] or 0) or None)
+        return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=out, tile_n=tile_n, swiglu_limit=limit, **options)
 
     y = call(torch.full((m, out_n), float("nan"), device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()

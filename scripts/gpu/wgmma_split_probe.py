@@ -1,7 +1,8 @@
 """GPU host: the WGMMA decoder kernel with K split across CTAs (``splits``) against the unsplit kernel and
 cuBLAS BF16 on the dequantized weight, at the M where its grid is small (M = 128..1024).
 
-For gate_up, down, fused_wqa_wkv, wo_b and gate_up with the SwiGLU, every (tile_n, splits) in ``VARIANTS``,
+For gate_up, down, fused_wqa_wkv, wo_b and gate_up with the SwiGLU, every (tile_n, splits) in ``VARIANTS``
+(splits "k": stream-K),
 CUDA-graph replay over 4 rotating weight sets (harness.time_graph); each variant checked against an fp32
 reference over the same dequantized weight (rel err <= 1e-2, cosine >= 0.9999) and its graph replay against
 eager (bit-equal: the split sum is in a fixed order). The op's own path is timed as ``op``. Run there:
@@ -20,8 +21,10 @@ MS = [int(v) for v in os.environ.get("MS", "128,256,512,1024").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
           "wo_b": (7168, 16384, None), "gate_up_swiglu": (6144, 7168, 10.0)}
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
-VARIANTS = [tuple(int(p) for p in v.split("x")) for v in os.environ.get(
-    "VARIANTS", "128x1,128x2,128x3,256x1,256x2,256x3,256x4,256x6,256x8").split(",")]  # tile_n x splits
+# tile_n x splits; "x k" (e.g. 128xk): stream-K, one part per cluster of SMs (the K quads of all tiles shared evenly)
+VARIANTS = [(int(v.split("x")[0]), v.split("x")[1]) for v in os.environ.get(
+    "VARIANTS", "128x1,128x2,128x3,256x1,256x2,256x3,256x4,256x6,256x8").split(",")]
+PDL = os.environ.get("PDL")  # the PDL mode of every variant (default: run_wgmma's own choice)
 notes, rows = [], []
 bandwidth = harness.copy_bandwidth()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -37,9 +40,11 @@ for name, (n, k, limit) in SHAPES.items():
             row["op_us"] = harness.time_safely([lambda w=w: nvfp4_linear(x, w["p"]) for w in weights], notes, f"{name} {m} op")[0]
         for tile_n, splits in VARIANTS:
             label = f"t{tile_n}_s{splits}"
+            options = dict(stream_k=True) if splits == "k" else dict(splits=int(splits))
 
-            def call(pw, tile_n=tile_n, splits=splits):
-                return gemm_wgmma.run_wgmma(x, pw.weight, pw.block_scale, pw.alpha, n, tile_n=tile_n, splits=splits, swiglu_limit=limit)
+            def call(pw, tile_n=tile_n, options=options):
+                return gemm_wgmma.run_wgmma(x, pw.weight, pw.block_scale, pw.alpha, n, tile_n=tile_n, swiglu_limit=limit, pdl=PDL,
+                                            **options)
             try:
                 y = call(p0)
                 torch.cuda.synchronize()

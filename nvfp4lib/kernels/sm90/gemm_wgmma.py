@@ -71,6 +71,8 @@ Design (swap AB, register-sourced WGMMA):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..cute_compile import compile_kernel, import_cute
@@ -163,6 +165,32 @@ def default_stages(k: int, tile_n: int) -> int:
     number of chunks."""
     per_stage = tile_n * TILE_K * 2
     return max(2, min(8, (200 * 1024) // per_stage, k // TILE_K))
+
+
+class StreamWork(NamedTuple):
+    """A stream_k part's share of the work (device values): units [u0, u1) of ``units`` = tiles x quads, its
+    tiles t_first .. t_first + segments - 1; rank: the CTA's rank in its cluster."""
+    part: Int32
+    parts: Int32
+    units: Int32
+    u0: Int32
+    u1: Int32
+    t_first: Int32
+    segments: Int32
+    pair_blocks: Int32
+    row_blocks: Int32
+    rank: Int32
+
+
+def stream_segments(tiles: int, quads: int, parts: int) -> int:
+    """The most segments any tile has when ``parts`` share ``tiles`` x ``quads`` work units evenly (the
+    stream_k kernel's split sum: the workspace's second dimension)."""
+    units = tiles * quads
+
+    def part_of(u):
+        return ((u + 1) * parts - 1) // units
+
+    return max(part_of((t + 1) * quads - 1) - part_of(t * quads) + 1 for t in range(tiles))
 
 
 class GemmWgmmaKernel:
@@ -437,8 +465,15 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
-                 split_k: bool = False, pdl: str = "off"):
+                 split_k: bool = False, pdl: str = "off", stream_k: bool = False):
         _check_shape(k, tile_n)
+        # stream_k: ``parts`` CTAs (clusters) share the (tile, quad) work evenly, each a contiguous range of it in
+        # tile-major order, so that every SM gets the same work whatever the tile count: a part covers the end of
+        # one tile and the start of the next (at most a few segments). A tile's segments meet as split_k's do (the
+        # last to arrive adds the others' fp32 partials in segment order and runs the epilogue)
+        self.stream_k = stream_k
+        if stream_k and (grouped or split_k):
+            raise ValueError("stream_k is for the plain (and SwiGLU) kernel, without split_k")
         # pdl (programmatic dependent launch, see gemm_decode.PDL_MODES): the CTAs may start while the previous
         # kernel on the stream still runs; the decoder warps load their first weight chunks, the TMA warp waits
         # (griddepcontrol.wait) before the first x load, the MMA warps before they write y or the workspace.
@@ -487,8 +522,8 @@ class GemmWgmmaDecoderKernel:
             raise ValueError(f"ahead=8 unrolls two quads: K must be a multiple of {2 * D.QUAD_K}, got K={k}")
         if probe not in DECODER_PROBES:
             raise ValueError(f"probe must be one of {DECODER_PROBES}, got {probe!r}")
-        if split_k and ahead == 8:
-            ahead = 4  # one quad per decode-loop trip: a split may hold an odd number of quads
+        if (split_k or stream_k) and ahead == 8:
+            ahead = 4  # one quad per decode-loop trip: a split (segment) may hold an odd number of quads
         self.ahead = ahead
         self.probe = probe  # timing only: "noload" (made-up words), "nofence" (no proxy fence: results may be wrong)
         self.k = k
@@ -501,7 +536,7 @@ class GemmWgmmaDecoderKernel:
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
                  y_ptr: cute.Pointer, tiles_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer, m: Int32, n: Int32,
-                 row_groups: Int32, experts: Int32, token_tiles: Int32, limit: Float32, splits: Int32, stream):
+                 row_groups: Int32, experts: Int32, token_tiles: Int32, limit: Float32, splits: Int32, parts: Int32, stream):
         """As :meth:`GemmWgmmaKernel.__call__` (the scale words are read per lane: [RG, k/256, 32, 2]), with E =
         ``experts`` weights stacked (words [E * RG, ...], scale words [E * RG, ...], alpha fp32 [E, n]; E = 1
         when not grouped). ``token_tiles``: the grid's token tiles (ceil(m / tile_n) when not grouped); grouped,
@@ -509,7 +544,8 @@ class GemmWgmmaDecoderKernel:
         bf16 [m, I]), row_groups = 2I / 16, alpha [E, 2I], ``limit`` the SwiGLU clamp. With ``split_k``: ``splits``
         K splits (grid z), ws_ptr fp32 [tiles, splits, F / 4, 256, 4] (F = tile_m * tile_n / 256 accumulators a
         thread) and cnt_ptr int32 [tiles, 8], zero before the first launch (the kernel leaves it zero); tiles =
-        row blocks x token tiles."""
+        row blocks x token tiles. With ``stream_k``: ``parts`` clusters share the work and ``splits`` is the most
+        segments any tile has (:func:`stream_segments`; the workspace's second dimension)."""
         mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, experts * row_groups, self.k)
         if cutlass.const_expr(self.batched):
             mX = cute.make_tensor(x_ptr, cute.make_layout((m, experts * self.k), stride=(experts * self.k, 1)))
@@ -548,16 +584,18 @@ class GemmWgmmaDecoderKernel:
         mWs = cute.make_tensor(ws_ptr, cute.make_layout((row_blocks * token_tiles, splits, frag // 4, THREADS, 4),
                                                         stride=(splits * THREADS * frag, THREADS * frag, THREADS * 4, 4, 1)))
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((row_blocks * token_tiles, THREADS // 32), stride=(THREADS // 32, 1)))
+        grid = [row_blocks, token_tiles, splits]
+        if cutlass.const_expr(self.stream_k):
+            grid = [self.cluster_m, 1, parts]
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, mWs, mCnt, tiled_mma, a_staged, x_staged, m, n, row_groups, limit,
-                    splits, row_blocks).launch(
-            grid=[row_blocks, token_tiles, splits], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream,
-            use_pdl=self.pdl != "off")
+                    splits, row_blocks, token_tiles, parts).launch(
+            grid=grid, block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream, use_pdl=self.pdl != "off")
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
                mY: cute.Tensor, mTiles: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tiled_mma: cute.TiledMma,
                a_staged: cute.ComposedLayout, x_staged: cute.ComposedLayout, m: Int32, n: Int32, row_groups: Int32, limit: Float32,
-               splits: Int32, row_blocks: Int32):
+               splits: Int32, row_blocks: Int32, token_tiles: Int32, parts: Int32):
         tidx, rb, tb, warp, lane, g = _kernel_ids(tma_atom)
         if cutlass.const_expr(self.pdl == "start"):
             cute.arch.griddepcontrol_launch_dependents()
@@ -574,16 +612,44 @@ class GemmWgmmaDecoderKernel:
             expert, row0, row_end = Int32(0), tb * self.tile_n, m
         # grouped: the table's tiles past the last expert's have no rows (both CTAs of a cluster share tb, so
         # they skip together, before any cluster-wide barrier)
+        stream = None
+        if cutlass.const_expr(self.stream_k):
+            # grid (cluster_m, 1, parts): part z takes the work units [z U / P, (z + 1) U / P) of U = tiles x quads,
+            # tiles in the order (token tile, row block pair); rank x of its cluster takes row block 2 pair + x
+            _, _, part = cute.arch.block_idx()
+            pair_blocks = row_blocks // self.cluster_m
+            units = pair_blocks * token_tiles * self.quads
+            u0 = part * units // parts
+            u1 = (part + 1) * units // parts
+            stream = StreamWork(part, parts, units, u0, u1, u0 // self.quads, (u1 - 1) // self.quads - u0 // self.quads + 1,
+                                pair_blocks, row_blocks, rb)
         if row0 < row_end:
             self._tile(tma_atom, mX_tma, mW, mS, mAlpha, mY, mWs, mCnt, tiled_mma, a_staged, x_staged, tidx, rb, warp, lane, g, expert,
-                       row0, row_end, n, row_groups, limit, q_begin, q_end, split, splits, tb * row_blocks + rb)
+                       row0, row_end, n, row_groups, limit, q_begin, q_end, split, splits, tb * row_blocks + rb, stream)
+
+    @cute.jit
+    def _stream_segment(self, stream, si: Int32):
+        """Segment si of a stream_k part: (row block, first token row, first quad, end quad, the segment's index
+        among its tile's segments, the tile's segment count, the tile's workspace slot)."""
+        Q = self.quads
+        t = stream.t_first + si
+        qa = cutlass.max(stream.u0, t * Q) - t * Q
+        qb = cutlass.min(stream.u1, (t + 1) * Q) - t * Q
+        tb = t // stream.pair_blocks
+        rb = (t - tb * stream.pair_blocks) * self.cluster_m + stream.rank
+        # the part holding work unit u is ((u + 1) P - 1) // U: the tile's first and last parts
+        first = ((t * Q + 1) * stream.parts - 1) // stream.units
+        last = ((t + 1) * Q * stream.parts - 1) // stream.units
+        return rb, tb * self.tile_n, qa, qb, stream.part - first, last - first + 1, tb * stream.row_blocks + rb
 
     @cute.jit
     def _tile(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
               mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tiled_mma: cute.TiledMma, a_staged: cute.ComposedLayout,
               x_staged: cute.ComposedLayout, tidx: Int32, rb: Int32, warp: Int32, lane: Int32, g: Int32, expert: Int32, row0: Int32,
-              row_end: Int32, n: Int32, row_groups: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32):
-        """One CTA tile: weight rows of row block rb (of weight ``expert``) x the tile_n token rows from row0."""
+              row_end: Int32, n: Int32, row_groups: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32,
+              stream=None):
+        """One CTA tile: weight rows of row block rb (of weight ``expert``) x the tile_n token rows from row0; with
+        stream_k the segments of ``stream`` (a :class:`StreamWork`) one after another instead."""
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         # x: the stage a CTA's TMA fills is the same in every CTA of the cluster, so its empty barrier counts the
@@ -607,55 +673,80 @@ class GemmWgmmaDecoderKernel:
         if warp < DECODER_THREADS // 32:
             sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
                                     cute.make_layout((self.stages * self.a_stage_words,)))
-            x_col0 = expert * self.k if cutlass.const_expr(self.batched) else 0  # batched: the group's K columns
-            gX = cute.local_tile(cute.domain_offset((row0, x_col0), mX_tma), (self.tile_n, TILE_K), (0, None))
-            tXsX, tXgX = cpasync.tma_partition(tma_atom, cluster_coord[0], cute.make_layout(self.cluster_m),
-                                               cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
             mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0) if cutlass.const_expr(self.cluster_m > 1) else 0
-            self._decode_loop(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, expert * row_groups, row_groups,
-                              mcast_mask, q_begin, q_end)
+            x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+            a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+            if cutlass.const_expr(self.stream_k):
+                for si in cutlass.range(stream.segments, unroll=1):
+                    s_rb, s_row0, s_qa, s_qb, _, _, _ = self._stream_segment(stream, si)  # noqa: F841
+                    x_state, a_state = self._decode_segment(mX_tma, mW, mS, sA32, sX, x_pipe, a_pipe, tma_atom, cluster_coord, warp, lane,
+                                                            s_rb, s_row0, expert, row_groups, mcast_mask, s_qa, s_qb, x_state, a_state)
+            else:
+                x_state, a_state = self._decode_segment(mX_tma, mW, mS, sA32, sX, x_pipe, a_pipe, tma_atom, cluster_coord, warp, lane,
+                                                        rb, row0, expert, row_groups, mcast_mask, q_begin, q_end, x_state, a_state)
+            if cutlass.const_expr(self.cluster_m > 1):
+                if warp == 0:  # every release (the peer CTA's too) has landed before this CTA exits
+                    x_pipe.producer_tail(x_state)
         else:
             thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
             acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((self.tile_m, self.tile_n)), Float32)
-            acc.fill(0.0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            for kt in cutlass.range((q_end - q_begin) * 4, unroll=1):
-                x_pipe.consumer_wait(read)
-                a_pipe.consumer_wait(read)
-                warpgroup.fence()
-                for s in cutlass.range_constexpr(STEPS):
-                    cute.gemm(tiled_mma, acc, tCrA[None, None, s, read.index], tCrB[None, None, s, read.index], acc)
-                warpgroup.commit_group()
-                warpgroup.wait_group(1)  # chunk kt - 1's MMAs are done: release its stages
-                if kt > 0:
-                    x_pipe.consumer_release(release)
-                    a_pipe.consumer_release(release)
-                    release.advance()
-                read.advance()
-            warpgroup.wait_group(0)
-            # the last chunk's stages too: with a cluster the producer's tail waits for every release
-            x_pipe.consumer_release(release)
-            a_pipe.consumer_release(release)
-            if cutlass.const_expr(self.pdl == "loop"):
-                cute.arch.griddepcontrol_launch_dependents()
-            if cutlass.const_expr(self.pdl != "off"):
-                cute.arch.griddepcontrol_wait()  # before the first global write (returns at once: x has arrived)
-            last = cutlass.Boolean(True)
-            if cutlass.const_expr(self.split_k):
-                if splits > 1:
-                    last = self._sum_splits(acc, mWs, mCnt, tidx - DECODER_THREADS, lane, split, splits, slot)
-            if last:
-                if cutlass.const_expr(self.swiglu):
-                    alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
-                    store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
-                else:
-                    alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
-                    y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
-                    store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
+            if cutlass.const_expr(self.stream_k):
+                for si in cutlass.range(stream.segments, unroll=1):
+                    s_rb, s_row0, s_qa, s_qb, s_part, s_parts, s_slot = self._stream_segment(stream, si)
+                    read, release = self._mma_segment(tiled_mma, thr_mma, tCrA, tCrB, acc, x_pipe, a_pipe, read, release, mAlpha, mY, mWs, mCnt,
+                                                       tidx, lane, g, expert, s_rb, s_row0, row_end, n, limit, s_qa, s_qb, s_part, s_parts, s_slot)
+            else:
+                read, release = self._mma_segment(tiled_mma, thr_mma, tCrA, tCrB, acc, x_pipe, a_pipe, read, release, mAlpha, mY, mWs, mCnt,
+                                                   tidx, lane, g, expert, rb, row0, row_end, n, limit, q_begin, q_end, split, splits, slot)
+
+    @cute.jit
+    def _mma_segment(self, tiled_mma, thr_mma, tCrA, tCrB, acc: cute.Tensor, x_pipe, a_pipe, read, release, mAlpha: cute.Tensor,
+                     mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tidx: Int32, lane: Int32, g: Int32, expert: Int32, rb: Int32,
+                     row0: Int32, row_end: Int32, n: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32):
+        """MMA warpgroups: quads q_begin .. q_end - 1 of one tile (row block rb x the tile_n tokens from row0) into
+        ``acc``, then the split sum (``splits`` > 1: this is part ``split`` of the tile's K) and the epilogue.
+        Returns the consumer states (read, release), both past the segment's last chunk."""
+        acc.fill(0.0)
+        for kt in cutlass.range((q_end - q_begin) * 4, unroll=1):
+            x_pipe.consumer_wait(read)
+            a_pipe.consumer_wait(read)
+            warpgroup.fence()
+            for s in cutlass.range_constexpr(STEPS):
+                cute.gemm(tiled_mma, acc, tCrA[None, None, s, read.index], tCrB[None, None, s, read.index], acc)
+            warpgroup.commit_group()
+            warpgroup.wait_group(1)  # chunk kt - 1's MMAs are done: release its stages
+            if kt > 0:
+                x_pipe.consumer_release(release)
+                a_pipe.consumer_release(release)
+                release.advance()
+            read.advance()
+        warpgroup.wait_group(0)
+        # the last chunk's stages too: with a cluster the producer's tail waits for every release
+        x_pipe.consumer_release(release)
+        a_pipe.consumer_release(release)
+        release.advance()
+        if cutlass.const_expr(self.pdl == "loop"):
+            cute.arch.griddepcontrol_launch_dependents()
+        if cutlass.const_expr(self.pdl != "off"):
+            cute.arch.griddepcontrol_wait()  # before the first global write (returns at once: x has arrived)
+        last = cutlass.Boolean(True)
+        if cutlass.const_expr(self.split_k or self.stream_k):
+            if splits > 1:
+                last = self._sum_splits(acc, mWs, mCnt, tidx - DECODER_THREADS, lane, split, splits, slot)
+        if last:
+            if cutlass.const_expr(self.swiglu):
+                alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
+                store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
+            else:
+                alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
+                y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
+                store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
+        return read, release
 
     @cute.jit
     def _add_partial(self, flat: cute.Tensor, base, frag: int):
@@ -708,10 +799,17 @@ class GemmWgmmaDecoderKernel:
             cute.autovec_copy(mW[rg, chunk, lane, None], wr[slot, i, None])
 
     @cute.jit
-    def _decode_loop(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX,
-                     warp: Int32, lane: Int32, rb: Int32, rg_base: Int32, row_groups: Int32, mcast_mask, q_begin, q_end):
-        """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory;
-        quads q_begin .. q_end - 1 of K (all of them unless split_k)."""
+    def _decode_segment(self, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, sX: cute.Tensor, x_pipe, a_pipe,
+                        tma_atom, cluster_coord, warp: Int32, lane: Int32, rb: Int32, row0: Int32, expert: Int32, row_groups: Int32,
+                        mcast_mask, q_begin, q_end, x_state, a_state):
+        """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory, for
+        row block rb of weight ``expert`` and the tile_n tokens from row0, quads q_begin .. q_end - 1 of K (all of
+        them unless split_k / stream_k). Returns the producer states (x_state, a_state) past the segment."""
+        x_col0 = expert * self.k if cutlass.const_expr(self.batched) else 0  # batched: the group's K columns
+        gX = cute.local_tile(cute.domain_offset((row0, x_col0), mX_tma), (self.tile_n, TILE_K), (0, None))
+        tXsX, tXgX = cpasync.tma_partition(tma_atom, cluster_coord[0], cute.make_layout(self.cluster_m),
+                                           cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+        rg_base = expert * row_groups
         g = lane // 4
         t = lane % 4
         flip = (g >> 1) & 1  # word order: lanes of odd g // 2 store words kk ^ 1 (bank-conflict-free stores)
@@ -735,8 +833,6 @@ class GemmWgmmaDecoderKernel:
         if cutlass.const_expr(self.pdl != "off"):
             if warp == 0:  # the first weight chunks are in flight: now wait for the kernel that wrote x
                 cute.arch.griddepcontrol_wait()
-        x_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         per_trip = max(1, self.ahead // 4)  # quads per loop trip: the word ring is indexed statically
         for qt in cutlass.range((q_end - q_begin) // per_trip, unroll=1):
             for cu in cutlass.range_constexpr(4 * per_trip):
@@ -747,10 +843,10 @@ class GemmWgmmaDecoderKernel:
                 if warp == 0:
                     x_pipe.producer_acquire(x_state)
                     if cutlass.const_expr(self.cluster_m > 1):
-                        cute.copy(tma_atom, tXgX[(None, q_begin * 4 + x_state.count)], tXsX[(None, x_state.index)],
+                        cute.copy(tma_atom, tXgX[(None, kt)], tXsX[(None, x_state.index)],
                                   tma_bar_ptr=x_pipe.producer_get_barrier(x_state), mcast_mask=mcast_mask)
                     else:
-                        cute.copy(tma_atom, tXgX[(None, q_begin * 4 + x_state.count)], tXsX[(None, x_state.index)],
+                        cute.copy(tma_atom, tXgX[(None, kt)], tXsX[(None, x_state.index)],
                                   tma_bar_ptr=x_pipe.producer_get_barrier(x_state))
                     x_pipe.producer_commit(x_state)
                     x_state.advance()
@@ -796,9 +892,7 @@ class GemmWgmmaDecoderKernel:
                         for w in cutlass.range_constexpr(2):
                             scur[i, w] = snxt[i, w]
                         cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, q_end - 1), lane, None], snxt[i, None])
-        if cutlass.const_expr(self.cluster_m > 1):
-            if warp == 0:  # every release (the peer CTA's too) has landed before this CTA exits
-                x_pipe.producer_tail(x_state)
+        return x_state, a_state
 
 
 @cute.jit
@@ -911,7 +1005,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=No
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
-                  batched: bool = False, split_k: bool = False, pdl: str = "off"):
+                  batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -924,13 +1018,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl)
+                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k, pdl)
+               grouped or batched, swiglu, batched, split_k, pdl, stream_k)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
-                              Float32(0.0), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or pdl != "off":
-        raise ValueError("only the decoder schedule has the grouped, batched, SwiGLU, split-K and PDL kernels")
+                              Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off":
+        raise ValueError("only the decoder schedule has the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -989,12 +1083,14 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
-              splits: int | None = None, pdl: str | None = None) -> torch.Tensor:
+              splits: int | None = None, pdl: str | None = None, stream_k: bool = False, parts: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
     SwiGLU of the product, bf16 [M, I], computed in the epilogue. ``splits`` (decoder schedule): K split
-    over that many CTAs per tile (1: none); with neither ``tile_n`` nor ``splits`` given, :func:`wgmma_plan`
+    over that many CTAs per tile (1: none). ``stream_k`` (decoder schedule, plain or SwiGLU): ``parts``
+    clusters (default: one per pair of SMs) share the tiles' K quads evenly instead; with neither ``tile_n``
+    nor ``splits`` given, :func:`wgmma_plan`
     picks both. ``pdl`` (decoder schedule; default ``PDL``): programmatic dependent launch, as
     :func:`~.gemm_decode.run_decode` (the weights must not be written by the kernel just before). No host
     sync; CUDA-graph capturable after a first eager call (which compiles)."""
@@ -1039,19 +1135,24 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
             # for every shape at 128-token tiles (gate_up M = 128 39.6 -> 37.5, fused_wqa_wkv M = 256 27.5 -> 25.5)
             # and -1.2..+1.1 us at 256-token tiles (gate_up M = 256 52.5 -> 53.7, wo_b M = 1024 384.4 -> 380.5)
             pdl = "start" if tile_n == 128 else "off"
+    if stream_k and (schedule != "decoder" or splits > 1):
+        raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl)
+                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
+        tm, cm = tile_m or TILE_M, cluster_m or DECODER_CLUSTER_M
+        row_blocks = -(-(-(-row_groups // (tm // D.ROWS_PER_GROUP))) // cm) * cm
+        tiles = row_blocks * -(-m // tile_n)
+        if stream_k:  # splits: the most segments a tile has (the workspace's second dimension)
+            parts = min(parts or _sm_count(x.device) // cm, tiles // cm * quads)
+            splits = stream_segments(tiles // cm, quads, parts)
         if splits > 1:
-            tm, cm = tile_m or TILE_M, cluster_m or DECODER_CLUSTER_M
-            row_blocks = -(-(-(-row_groups // (tm // D.ROWS_PER_GROUP))) // cm) * cm
-            tiles = row_blocks * -(-m // tile_n)
             ws = torch.empty(tiles * splits * tm * tile_n, dtype=torch.float32, device=x.device)
             cnt = _split_counters(x.device, tiles * (THREADS // 32))
         compiled(*_pointers(*tensors, with_tiles=True, ws=ws, cnt=cnt), Int32(m), Int32(out_n), Int32(row_groups), Int32(1),
-                 Int32(-(-m // tile_n)), Float32(swiglu_limit if swiglu else 0.0), Int32(splits), _current_stream())
+                 Int32(-(-m // tile_n)), Float32(swiglu_limit if swiglu else 0.0), Int32(splits), Int32(parts or 1), _current_stream())
     else:
         compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), _current_stream())
     return y
@@ -1168,7 +1269,7 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
     compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
-             Int32(1), _current_stream())
+             Int32(1), Int32(1), _current_stream())
     return y
 
 
@@ -1218,5 +1319,6 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
     tiles = batched_tile_table(tokens, groups, tile_n, x.device)
     compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
-             Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), _current_stream())
+             Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), Int32(1),
+             _current_stream())
     return y
