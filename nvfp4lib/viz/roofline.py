@@ -305,8 +305,9 @@ def plot_wgmma_split_probe(rows: Sequence[dict], label: str = "", axes=None):
         variants = sorted({k[:-3] for r in mine for k in r if k.startswith("t") and k.endswith("_us")})
         for v in variants:
             tile_n, splits = v[1:].split("_s")
-            ax.plot(ms, [r.get(f"{v}_us") for r in mine], marker="o", markersize=3, linewidth=0.9 if splits == "1" else 1.4,
-                    linestyle="-" if tile_n == "128" else "-.", label=f"{tile_n} tokens, {splits} split{'s' if splits != '1' else ''}")
+            what = "stream-K" if splits == "k" else f"{splits} split{'s' if splits != '1' else ''}"
+            ax.plot(ms, [r.get(f"{v}_us") for r in mine], marker="x" if splits == "k" else "o", markersize=3,
+                    linewidth=0.9 if splits == "1" else 1.4, linestyle="-" if tile_n == "128" else "-.", label=f"{tile_n} tokens, {what}")
         ax.plot(ms, [r["cublas_us"] for r in mine], color="black", linestyle="--", label="cuBLAS BF16")
         ax.set_yscale("log")
     axes[0].legend(fontsize=6)
