@@ -21,7 +21,8 @@ MS = [int(v) for v in os.environ.get("MS", "128,256,512,1024").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
           "wo_b": (7168, 16384, None), "gate_up_swiglu": (6144, 7168, 10.0)}
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("SHAPES", ",".join(SHAPES)).split(",")}
-# tile_n x splits; "x k" (e.g. 128xk): stream-K, one part per cluster of SMs (the K quads of all tiles shared evenly)
+# tile_n x splits; "x k" (e.g. 128xk): stream-K, one part per cluster of SMs (the K quads of all tiles shared evenly),
+# "256xk60": 60 parts; a "c1" suffix (256x1c1, 256xkc1): clusters of one CTA (no x multicast)
 VARIANTS = [(int(v.split("x")[0]), v.split("x")[1]) for v in os.environ.get(
     "VARIANTS", "128x1,128x2,128x3,256x1,256x2,256x3,256x4,256x6,256x8").split(",")]
 PDL = os.environ.get("PDL")  # the PDL mode of every variant (default: run_wgmma's own choice)
@@ -40,7 +41,11 @@ for name, (n, k, limit) in SHAPES.items():
             row["op_us"] = harness.time_safely([lambda w=w: nvfp4_linear(x, w["p"]) for w in weights], notes, f"{name} {m} op")[0]
         for tile_n, splits in VARIANTS:
             label = f"t{tile_n}_s{splits}"
-            options = dict(stream_k=True) if splits == "k" else dict(splits=int(splits))
+            # "k" / "k<P>": stream-K over the default / P parts; "c<C>" after it: clusters of C CTAs (default 2)
+            kind, _, cluster = splits.partition("c")
+            options = dict(splits=int(kind)) if kind.isdigit() else dict(stream_k=True, parts=int(kind[1:] or 0) or None)
+            if cluster:
+                options["cluster_m"] = int(cluster)
 
             def call(pw, tile_n=tile_n, options=options):
                 return gemm_wgmma.run_wgmma(x, pw.weight, pw.block_scale, pw.alpha, n, tile_n=tile_n, swiglu_limit=limit, pdl=PDL,
