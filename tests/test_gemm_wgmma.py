@@ -411,6 +411,35 @@ def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):
         gemm_wgmma.compile_wgmma(7168, tile_n, schedule="register", arch="sm_90a", split_k=True)
 
 
+def test_stream_segments():
+    """Stream-K: parts share tiles x quads work units evenly; the most segments any tile has (the workspace's
+    second dimension) against a direct count."""
+    from nvfp4lib.kernels.sm90.gemm_wgmma import stream_segments
+
+    for tiles, quads, parts in [(24, 28, 66), (48, 28, 66), (96, 28, 66), (28, 12, 66), (5, 2, 10), (1, 28, 7), (3, 64, 66)]:
+        units = tiles * quads
+        bounds = [p * units // parts for p in range(parts + 1)]
+        counts = [sum(1 for p in range(parts) if bounds[p] < (t + 1) * quads and bounds[p + 1] > t * quads) for t in range(tiles)]
+        assert stream_segments(tiles, quads, parts) == max(counts)
+    assert stream_segments(96, 28, 66) == 2  # gate_up at M = 1024: 40.7 quads a part, a tile meets at most 2
+    assert stream_segments(24, 28, 66) == 4  # M = 128: 10.2 quads a part
+
+
+@requires_cute
+def test_decoder_stream_k_ptx_sm90a():
+    """The stream-K decoder kernel: the split-K sum (workspace stores, arrival counter) inside a loop over the
+    part's segments; no local memory; it does not combine with split_k or the grouped kernel."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, 256, arch="sm_90a", keep_ptx=True, stream_k=True))
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.bf16\.bf16", ptx)) == 4
+    assert "atom" in ptx and re.search(r"st\.global\.v4\.b32", ptx) and ".local" not in ptx
+    for bad in (dict(grouped=True), dict(split_k=True)):
+        with pytest.raises(ValueError, match="stream_k"):
+            gemm_wgmma.GemmWgmmaDecoderKernel(7168, 256, stream_k=True, **bad)
+
+
 @requires_hopper
 @requires_cute
 @pytest.mark.parametrize("n,k", SHAPES)
