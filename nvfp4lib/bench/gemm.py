@@ -86,6 +86,36 @@ def fp32_reference(x: torch.Tensor, prepared, n: int, limit: float | None = None
     return clamped_swiglu_reference(ref, limit) if limit else ref
 
 
+def probe_cases(shapes: dict, ms):
+    """The GPU probes' cases: for each ``name: (N, K, SwiGLU limit or None)`` of ``shapes`` (4 rotating weight
+    sets, prepared once) and each M of ``ms``, yields (name, n, k, limit, out_n, prepared weights, m, x bf16
+    [m, k], its fp32 reference against the first weight set)."""
+    for name, (n, k, limit) in shapes.items():
+        weights = [w["prepared"] for w in weight_sets(n, k, 4)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            yield name, n, k, limit, n // 2 if limit else n, weights, m, x, fp32_reference(x, weights[0], n, limit)
+        del weights
+
+
+def checked_run(call, prepared, ref: torch.Tensor, notes: list, label: str):
+    """GPU probes: ``call(prepared)`` once, checked against ``ref`` (finite, rel err <= 1e-2, cosine >= 0.9999).
+    Returns (output, rel err), or None with the failure appended to ``notes`` (the sweep goes on)."""
+    from .harness import cosine, rel_error
+
+    try:
+        y = call(prepared)
+        torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
+        notes.append(f"{label}: {type(error).__name__}: {str(error)[:200]}")
+        return None
+    err, cos = rel_error(y, ref), cosine(y, ref)
+    if not (err <= 1e-2 and cos >= 0.9999 and bool(torch.isfinite(y).all())):
+        notes.append(f"{label}: WRONG rel err {err:.3g} cosine {cos:.6f}")
+        return None
+    return y, err
+
+
 def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
     from ..kernels.sm90 import gemm_decode
     from ..ops.gemm import DECODE_MAX_M, dequantize_sm90, nvfp4_linear, use_wgmma

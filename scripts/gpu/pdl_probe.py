@@ -10,7 +10,7 @@ Also the shared expert's chain (gate_up + SwiGLU -> down, the down kernel reads 
 wrote): replayed in a graph and compared with the fp32 reference, which is where a missing wait would show.
 Run there:
   source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/pdl_probe.py
-Then the WGMMA decoder kernel (M in WGMMA_MS, default 128,256,1024) with PDL off / on beside cuBLAS BF16.
+Then the WGMMA decoder kernel (M in WGMMA_MS, default 128,256,1024) with PDL off / on.
 Env: MS (default 1,4,8,16,64), WGMMA_MS, SHAPES. Writes $OUT/pdl_probe.json."""
 import os
 
@@ -31,46 +31,20 @@ notes, rows_out = [], []
 bandwidth = harness.copy_bandwidth()
 
 
-def cosine(a, b):
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-
-
-def check(y, ref, label):
-    err, cos = harness.rel_error(y, ref), cosine(y, ref)
-    if not (err <= 1e-2 and cos >= 0.9999):
-        notes.append(f"{label}: WRONG rel err {err:.3g} cosine {cos:.6f}")
-        return None
-    return err
-
-
-for name, (n, k, limit) in SHAPES.items():
-    weights = [w["prepared"] for w in gemm_bench.weight_sets(n, k, 4)]
-    p0 = weights[0]
-    out_n = n // 2 if limit else n
-    for m in MS:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = gemm_bench.fp32_reference(x, p0, n, limit)
-        row = dict(shape=name, m=m, n=n, k=k, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
-        # "auto": the launch's own choice (pdl_for); "<mode>_t1": one token tile of 8 (two token blocks at M = 16)
-        variants = [(mode, dict(pdl=None if mode == "auto" else mode)) for mode in MODES]
-        if 8 < m <= 16:
-            variants += [(f"{mode}_t1", dict(pdl=mode, tiles=1)) for mode in ("off", "start")]
-        for label, kw in variants:
-            def call(p, kw=kw):
-                return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
-            try:
-                y = call(p0)
-                torch.cuda.synchronize()
-            except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
-                notes.append(f"{name} {m} {label}: {type(error).__name__}: {str(error)[:200]}")
-                continue
-            if check(y, ref, f"{name} {m} {label}") is None:
-                continue
+for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPES, MS):
+    row = dict(shape=name, m=m, n=n, k=k, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
+    # "auto": the launch's own choice (pdl_for); "<mode>_t1": one token tile of 8 (two token blocks at M = 16)
+    variants = [(mode, dict(pdl=None if mode == "auto" else mode)) for mode in MODES]
+    if 8 < m <= 16:
+        variants += [(f"{mode}_t1", dict(pdl=mode, tiles=1)) for mode in ("off", "start")]
+    for label, kw in variants:
+        def call(p, kw=kw):
+            return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
+        if gemm_bench.checked_run(call, weights[0], ref, notes, f"{name} {m} {label}"):
             row[f"{label}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"{name} {m} {label}")[0]
-        rows_out.append(row)
-        print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} " + " ".join(f"{lab}:{harness.fmt(row.get(lab + '_us'))}" for lab, _ in variants),
-              flush=True)
-    del weights
+    rows_out.append(row)
+    print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} " + " ".join(f"{lab}:{harness.fmt(row.get(lab + '_us'))}" for lab, _ in variants),
+          flush=True)
 
 # The shared expert's chain: gate_up + SwiGLU -> down, each launch with the same PDL mode.
 chain = []
@@ -98,11 +72,11 @@ for m in [v for v in MS if v <= 16]:
                     if i == 0:
                         graph_out["y"] = y
             graph.replay()
-            torch.cuda.synchronize()
-            row[f"{mode}_graph_rel_err"] = check(graph_out["y"], ref, f"chain {m} {mode} (graph replay)")
         except Exception as error:  # noqa: BLE001
             notes.append(f"chain {m} {mode}: {type(error).__name__}: {str(error)[:200]}")
             continue
+        checked = gemm_bench.checked_run(lambda _: graph_out["y"], None, ref, notes, f"chain {m} {mode} (graph replay)")
+        row[f"{mode}_graph_rel_err"] = checked and checked[1]
         row[f"{mode}_us"] = harness.time_safely([lambda i=i: expert(gu_sets[i], dn_sets[i]) for i in range(4)], notes, f"chain {m} {mode}")[0]
     chain.append(row)
     print(f"shared expert  M={m:3d} floor sum {floor:5.2f} " + " ".join(
@@ -111,34 +85,15 @@ for m in [v for v in MS if v <= 16]:
 
 # The WGMMA decoder kernel (the op's path for M in (64, 1024]) with its launch plan, PDL off / on, and cuBLAS.
 wgmma_rows = []
-for name, (n, k, limit) in SHAPES.items():
-    if not WGMMA_MS:
-        break
-    weights = [dict(p=w["prepared"], dq=w["dequantized"]) for w in gemm_bench.weight_sets(n, k, 4)]
-    p0 = weights[0]["p"]
-    out_n = n // 2 if limit else n
-    for m in WGMMA_MS:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref = gemm_bench.fp32_reference(x, p0, n, limit)
-        row = dict(shape=name, m=m, n=n, k=k, plan=gemm_wgmma.wgmma_plan(m, -(-n // 16), k, torch.cuda.get_device_properties(0).multi_processor_count))
-        if not limit:
-            row["cublas_us"] = harness.time_safely([lambda w=w: torch.nn.functional.linear(x, w["dq"]) for w in weights], notes, f"{name} {m} cublas")[0]
-        for mode in MODES:
-            def call(p, mode=mode):
-                return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, swiglu_limit=limit, pdl=None if mode == "auto" else mode)
-            try:
-                y = call(p0)
-                torch.cuda.synchronize()
-            except Exception as error:  # noqa: BLE001
-                notes.append(f"wgmma {name} {m} {mode}: {type(error).__name__}: {str(error)[:200]}")
-                continue
-            if check(y, ref, f"wgmma {name} {m} {mode}") is None:
-                continue
-            row[f"{mode}_us"] = harness.time_safely([lambda w=w: call(w["p"]) for w in weights], notes, f"wgmma {name} {m} {mode}")[0]
-        wgmma_rows.append(row)
-        print(f"wgmma {name:15s} M={m:4d} plan {row['plan']} cublas {harness.fmt(row.get('cublas_us'))} "
-              + " ".join(f"{md}:{harness.fmt(row.get(md + '_us'))}" for md in MODES), flush=True)
-    del weights
+for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPES, WGMMA_MS):
+    row = dict(shape=name, m=m, n=n, k=k, plan=gemm_wgmma.wgmma_plan(m, -(-n // 16), k, torch.cuda.get_device_properties(0).multi_processor_count))
+    for mode in MODES:
+        def call(p, mode=mode):
+            return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, swiglu_limit=limit, pdl=None if mode == "auto" else mode)
+        if gemm_bench.checked_run(call, weights[0], ref, notes, f"wgmma {name} {m} {mode}"):
+            row[f"{mode}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"wgmma {name} {m} {mode}")[0]
+    wgmma_rows.append(row)
+    print(f"wgmma {name:15s} M={m:4d} plan {row['plan']} " + " ".join(f"{md}:{harness.fmt(row.get(md + '_us'))}" for md in MODES), flush=True)
 
 payload = harness.run_metadata("scripts/gpu/pdl_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets, 3 calls "
                                "each in one graph; the decode kernel's launch plan with PDL off / on (next kernel let launch at "

@@ -50,17 +50,10 @@ for name, (n, k, limit) in SHAPES.items():
             def call(pw, tile_n=tile_n, options=options):
                 return gemm_wgmma.run_wgmma(x, pw.weight, pw.block_scale, pw.alpha, n, tile_n=tile_n, swiglu_limit=limit, pdl=PDL,
                                             **options)
-            try:
-                y = call(p0)
-                torch.cuda.synchronize()
-            except Exception as error:  # noqa: BLE001 - recorded, the sweep goes on
-                notes.append(f"{name} {m} {label}: {type(error).__name__}: {str(error)[:160]}")
+            checked = gemm_bench.checked_run(call, p0, ref, notes, f"{name} {m} {label}")
+            if not checked:
                 continue
-            err, cos = harness.rel_error(y, ref), harness.cosine(y, ref)
-            row[f"{label}_rel_err"] = err
-            if not (err <= 1e-2 and cos >= 0.9999 and torch.isfinite(y).all()):
-                notes.append(f"{name} {m} {label}: WRONG rel err {err:.3g} cosine {cos:.6f}")
-                continue
+            y, row[f"{label}_rel_err"] = checked
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 static = call(p0)
