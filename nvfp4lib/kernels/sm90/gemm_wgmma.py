@@ -683,7 +683,7 @@ class GemmWgmmaDecoderKernel:
             a_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
             if cutlass.const_expr(self.stream_k):
                 for si in cutlass.range(stream.segments, unroll=1):
-                    s_rb, s_row0, s_qa, s_qb, _, _, _ = self._stream_segment(stream, si)  # noqa: F841
+                    s_rb, s_row0, s_qa, s_qb, _, _, _ = self._stream_segment(stream, si)
                     x_state, a_state = self._decode_segment(mX_tma, mW, mS, sA32, sX, x_pipe, a_pipe, tma_atom, cluster_coord, warp, lane,
                                                             s_rb, s_row0, expert, row_groups, mcast_mask, s_qa, s_qb, x_state, a_state)
             else:
