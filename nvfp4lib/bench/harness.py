@@ -175,6 +175,19 @@ def write_result(path: str, payload: dict) -> str:
     return path
 
 
+def write_probe(name: str, method: str, notes: Optional[List[str]] = None, **fields) -> str:
+    """A GPU probe's result: run_metadata(method) plus ``fields`` (and ``notes`` when given) as
+    ``$OUT/<name>.json``; prints the note count and the first 20 notes. Returns the path."""
+    payload = run_metadata(method)
+    payload.update(fields)
+    if notes is not None:
+        payload["notes"] = notes
+    path = write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), f"{name}.json"), payload)
+    if notes is not None:
+        print(f"{len(notes)} notes", *notes[:20], sep="\n")
+    return path
+
+
 def load_recorded(path: str) -> dict:
     """Read a recorded result and return it with a ``label`` saying where and when it was measured."""
     with open(path) as f:

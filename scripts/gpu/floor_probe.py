@@ -6,8 +6,6 @@ of fused_wqa_wkv, down and gate_up (an int32 sum, one read of each byte), (3) a 
 beside the HBM floor (bytes / measured copy bandwidth) and the issue's decode bounds. Run there:
   source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/floor_probe.py
 Writes $OUT/floor_probe.json and prints a table."""
-import os
-
 import torch
 
 from nvfp4lib.bench import harness
@@ -27,11 +25,10 @@ for name, (n, k) in SHAPES.items():
     row["copy_floor_us"] = harness.hbm_floor_us(2 * nbytes, bandwidth)
     rows.append(row)
     del bufs, dsts
-payload = harness.run_metadata("scripts/gpu/floor_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating buffers; "
-                               "launch = a 32-element add_; sum = torch int32 sum over the NVFP4 bytes of the weight; copy = the same "
-                               "bytes copied; floor = bytes / measured copy bandwidth (read + written)")
-payload.update(rows=rows, notes=notes, copy_GBps=bandwidth / 1e9)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "floor_probe.json"), payload)
+harness.write_probe("floor_probe", "scripts/gpu/floor_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating buffers; "
+                    "launch = a 32-element add_; sum = torch int32 sum over the NVFP4 bytes of the weight; copy = the same "
+                    "bytes copied; floor = bytes / measured copy bandwidth (read + written)",
+                    rows=rows, notes=notes, copy_GBps=bandwidth / 1e9)
 print(f"{'shape':15s}{'MB':>7s}{'floor':>8s}{'launch':>8s}{'sum':>8s}{'copy':>8s}{'copy floor':>11s}")
 for r in rows:
     print(f"{r['shape']:15s}{r['bytes'] / 1e6:7.2f}{r['floor_us']:8.2f}{launch:8.2f}{r['sum_us']:8.2f}{r['copy_us']:8.2f}{r['copy_floor_us']:11.2f}")

@@ -70,11 +70,10 @@ for name, (n, k, segments) in SHAPES.items():
     print(" ".join(f"{k}={harness.fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
     del sets, dense
     torch.cuda.empty_cache()
-payload = harness.run_metadata("scripts/gpu/grouped_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weight sets of "
-                               f"{EXPERTS} experts, {TOKENS} tokens top-{TOP_K} uniform; cuBLAS BF16 loop and torch._grouped_mm on "
-                               "dequantized weights in the same process; accuracy vs the fp32 reference on set 0")
-payload.update(rows=rows, notes=notes)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "grouped_probe.json"), payload)
+harness.write_probe("grouped_probe", "scripts/gpu/grouped_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weight sets of "
+                    f"{EXPERTS} experts, {TOKENS} tokens top-{TOP_K} uniform; cuBLAS BF16 loop and torch._grouped_mm on "
+                    "dequantized weights in the same process; accuracy vs the fp32 reference on set 0",
+                    rows=rows, notes=notes)
 print(f"{'shape':<8}{'cuBLAS loop':>12}{'grouped_mm':>11}" + "".join(f"{f't{t}c{c}':>10}" for t, c in VARIANTS))
 for r in rows:
     print(f"{r['shape']:<8}{harness.fmt(r['cublas_loop_us']):>12}{harness.fmt(r['grouped_mm_us']):>11}"

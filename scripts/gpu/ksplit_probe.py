@@ -67,9 +67,7 @@ for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPE
     print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} default {row['plan']} {harness.fmt(times.get('default'))} "
           f"grid {harness.fmt(times.get('grid'))} | "
           + " ".join(f"{lab}:{t:.1f}" for lab, t in top), flush=True)
-payload = harness.run_metadata("scripts/gpu/ksplit_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
-                               "the decode kernel with rows x ksplit warps a CTA (partial sums in shared memory) and grid "
-                               "splits z, against the default launch; floor = NVFP4 weight + activation bytes / measured copy bandwidth")
-payload.update(rows=rows_out, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "ksplit_probe.json"), payload)
-print(f"{len(notes)} notes", *notes[:20], sep="\n")
+harness.write_probe("ksplit_probe", "scripts/gpu/ksplit_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
+                    "the decode kernel with rows x ksplit warps a CTA (partial sums in shared memory) and grid "
+                    "splits z, against the default launch; floor = NVFP4 weight + activation bytes / measured copy bandwidth",
+                    rows=rows_out, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)

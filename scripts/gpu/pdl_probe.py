@@ -95,9 +95,7 @@ for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPE
     wgmma_rows.append(row)
     print(f"wgmma {name:15s} M={m:4d} plan {row['plan']} " + " ".join(f"{md}:{harness.fmt(row.get(md + '_us'))}" for md in MODES), flush=True)
 
-payload = harness.run_metadata("scripts/gpu/pdl_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets, 3 calls "
-                               "each in one graph; the decode kernel's launch plan with PDL off / on (next kernel let launch at "
-                               "the start or after the main loop); floor = NVFP4 weight + activation bytes / measured copy bandwidth")
-payload.update(rows=rows_out, shared_expert=chain, wgmma=wgmma_rows, notes=notes, copy_GBps=bandwidth / 1e9)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "pdl_probe.json"), payload)
-print(f"{len(notes)} notes", *notes[:20], sep="\n")
+harness.write_probe("pdl_probe", "scripts/gpu/pdl_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets, 3 calls "
+                    "each in one graph; the decode kernel's launch plan with PDL off / on (next kernel let launch at "
+                    "the start or after the main loop); floor = NVFP4 weight + activation bytes / measured copy bandwidth",
+                    rows=rows_out, shared_expert=chain, wgmma=wgmma_rows, notes=notes, copy_GBps=bandwidth / 1e9)

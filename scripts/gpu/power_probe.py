@@ -4,8 +4,6 @@ under CUDA-graph replay over 4 rotating weights. If structured weights run faste
 replace real weights by made-up ones (scripts/gpu/wgmma_probe.py) overstate the headroom.
   source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/power_probe.py
 Writes $OUT/power_probe.json."""
-import os
-
 import torch
 
 from nvfp4lib.bench import harness
@@ -25,7 +23,6 @@ for m in (4096, 8192):
         row[name.replace(" ", "_") + "_us"] = harness.time_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
     rows.append(row)
     print(row, flush=True)
-payload = harness.run_metadata("scripts/gpu/power_probe.py: cuBLAS BF16 F.linear under CUDA-graph replay (harness.time_graph), "
-                               "4 rotating weights of each kind; x random")
-payload.update(rows=rows)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "power_probe.json"), payload)
+harness.write_probe("power_probe", "scripts/gpu/power_probe.py: cuBLAS BF16 F.linear under CUDA-graph replay (harness.time_graph), "
+                    "4 rotating weights of each kind; x random",
+                    rows=rows)

@@ -54,8 +54,6 @@ for name, (n, k, limit) in {"gate_up": (6144, 7168, None), "down": (7168, 3072, 
         print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} default s{default} {harness.fmt(times.get(default))} best s{best} "
               f"{harness.fmt(times[best])} | " + " ".join(f"s{s_}:{t:.1f}" for s_, t in sorted(times.items())), flush=True)
     del weights
-payload = harness.run_metadata("scripts/gpu/splits_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; the "
-                               "decode kernel at explicit split-K counts; floor = NVFP4 weight + activation bytes / measured copy bandwidth")
-payload.update(rows=rows, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "splits_probe.json"), payload)
-print(f"{len(notes)} notes", *notes[:10], sep="\n")
+harness.write_probe("splits_probe", "scripts/gpu/splits_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; the "
+                    "decode kernel at explicit split-K counts; floor = NVFP4 weight + activation bytes / measured copy bandwidth",
+                    rows=rows, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)

@@ -62,7 +62,6 @@ for name, (n, k) in SHAPES.items():
                              for p, o in zip(preps, outs)], notes, f"{key} {name} {m}")[0]
         rows.append(row)
         print(" ".join(f"{k}={harness.fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
-payload = harness.run_metadata("scripts/gpu/wgmma_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weights; "
-                               "probes own/nodecode/noload/sidecar give wrong results on purpose (timing only); decoder = the decoder schedule")
-payload.update(rows=rows, notes=notes)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "wgmma_probe.json"), payload)
+harness.write_probe("wgmma_probe", "scripts/gpu/wgmma_probe.py: CUDA-graph replay (harness.time_graph), 4 rotating weights; "
+                    "probes own/nodecode/noload/sidecar give wrong results on purpose (timing only); decoder = the decoder schedule",
+                    rows=rows, notes=notes)

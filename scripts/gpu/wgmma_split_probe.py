@@ -71,8 +71,6 @@ for name, (n, k, limit) in SHAPES.items():
         print(f"{name:15s} M={m:5d} cublas {harness.fmt(row['cublas_us'])} op {harness.fmt(row.get('op_us'))} | "
               + " ".join(f"{lab}:{t:.1f}" for lab, t in sorted(times.items(), key=lambda kv: kv[1])[:6]), flush=True)
     del weights
-payload = harness.run_metadata("scripts/gpu/wgmma_split_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
-                               "the WGMMA decoder kernel at (tile_n, K splits) against cuBLAS BF16 on the dequantized weight and the op")
-payload.update(rows=rows, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "wgmma_split_probe.json"), payload)
-print(f"{len(notes)} notes", *notes[:20], sep="\n")
+harness.write_probe("wgmma_split_probe", "scripts/gpu/wgmma_split_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
+                    "the WGMMA decoder kernel at (tile_n, K splits) against cuBLAS BF16 on the dequantized weight and the op",
+                    rows=rows, notes=notes, copy_GBps=bandwidth / 1e9, sm_count=sms)

@@ -53,8 +53,6 @@ for t in TOKENS:
         [lambda m=m: gemm_wgmma.run_grouped_wgmma(stacked, offsets, *args(m), N) for m in mods], notes, f"kernel+table {t}")[0]
     rows.append(row)
     print(" ".join(f"{k}={harness.fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
-payload = harness.run_metadata("scripts/gpu/wo_a_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
-                               "wo_a = 16 groups of [1024, 4096], every group all T tokens")
-payload.update(rows=rows, notes=notes)
-harness.write_result(os.path.join(os.environ.get("OUT", "/tmp/out"), "wo_a_probe.json"), payload)
-print(f"{len(notes)} notes", *notes[:10], sep="\n")
+harness.write_probe("wo_a_probe", "scripts/gpu/wo_a_probe.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
+                    "wo_a = 16 groups of [1024, 4096], every group all T tokens",
+                    rows=rows, notes=notes)
