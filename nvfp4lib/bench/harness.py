@@ -129,6 +129,17 @@ def device_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def parse_kwargs(options) -> dict:
+    """Keyword arguments from ``["key=value", ...]`` as the GPU probes take them from the environment: ints,
+    the words True / False / None, else the string."""
+    words = {"True": True, "False": False, "None": None}
+
+    def value(text: str):
+        return words[text] if text in words else int(text) if text.lstrip("-").isdigit() else text
+
+    return {key: value(text) for key, text in (option.split("=", 1) for option in options)}
+
+
 def fmt(value, spec: str = ".1f") -> str:
     """A number for a results table, "-" for a missing one."""
     return "-" if value is None else format(value, spec)

@@ -12,21 +12,17 @@ import os
 import torch
 
 from nvfp4lib.bench import gemm as gemm_bench
+from nvfp4lib.bench import harness
 from nvfp4lib.kernels.sm90 import gemm_decode
 
 SHAPES = {"gate_up": (6144, 7168), "down": (7168, 3072), "fused_wqa_wkv": (2048, 7168), "wo_b": (7168, 16384)}
 CASES = os.environ.get("CASES", "gate_up:8,gate_up:16,down:16,fused_wqa_wkv:16")
 
 
-def parse(value: str):
-    words = {"True": True, "False": False, "None": None}
-    return words[value] if value in words else int(value) if value.lstrip("-").isdigit() else value
-
-
 notes = []
 for case in CASES.split(","):
     name, m, *options = case.split(":")
-    kw = {key: parse(value) for key, value in (o.split("=") for o in options)}
+    kw = harness.parse_kwargs(options)
     n, k = SHAPES[name]
     prepared = gemm_bench.weight_sets(n, k, 1)[0]["prepared"]
     x = torch.randn(int(m), k, device="cuda", dtype=torch.bfloat16)

@@ -139,7 +139,8 @@ class GemmDecodeKernel:
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
-                 pdl: str = "off"):
+                 pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False,
+                 x_chunked: bool = False):
         D.check_decode_shape(16, k)
         if pdl not in PDL_MODES:
             raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
@@ -169,6 +170,13 @@ class GemmDecodeKernel:
         self.grouped = grouped  # E stacked weights, rows grouped by offsets (see the module docstring)
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
         self.prefetch_x = prefetch_x and not x_smem
+        # x loaded per quad (neither prefetch_x nor x_smem): ``x_first`` issues a quad's x loads before the next
+        # quad's weight loads (not behind them in the load queue); ``x_l1_prefetch`` asks L1 for the next quad's
+        # x lines (prefetch.global.L1, no registers) right after this quad's x loads
+        per_quad_x = not (self.prefetch_x or x_smem)
+        self.x_first = x_first and per_quad_x
+        self.x_l1_prefetch = x_l1_prefetch and per_quad_x
+        self.x_chunked = x_chunked and per_quad_x and not (x_first or x_l1_prefetch)  # x one 64-k chunk ahead
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
         self.rows = 2 if paired else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
@@ -250,6 +258,51 @@ class GemmDecodeKernel:
                 for i in cutlass.range_constexpr(32):
                     xr[tau, i // 8, i % 8] = Int32(0)
 
+    @cute.jit
+    def _mma_chunk(self, wcur: cute.Tensor, scur: cute.Tensor, j: int, ci: int, xs: cute.Tensor, acc: cute.Tensor):
+        """Fragment j's 64-k chunk ci: decode its four words (two E4M3 scales each row half) and multiply them
+        into every token tile; ``xs``: the chunk's x words [tiles, 8]."""
+        word = scur[j, ci // 2]
+        sel = (ci % 2) * 2
+        scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+        scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
+        for kk in cutlass.range_constexpr(4):
+            a = decode_word(wcur[j, ci, kk], scale_g, scale_g8)
+            for tau in cutlass.range_constexpr(self.tiles):
+                c = mma_bf16_16816(a, xs[tau, 2 * kk], xs[tau, 2 * kk + 1], [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
+                for i in cutlass.range_constexpr(4):
+                    acc[j, tau, i] = c[i]
+
+    @cute.jit
+    def _load_x_chunk(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, ci: int, row_end: Int32,
+                      dst: cute.Tensor):
+        """Chunk ci of quad q of this lane's x words [tiles, 8] (zeros past the group's rows)."""
+        for tau in cutlass.range_constexpr(self.tiles):
+            row = first_row + tau * TOKENS_PER_TILE + g
+            if row < row_end:
+                cute.autovec_copy(mX[row, 4 * q + ci, t, None], dst[tau, None])
+            else:
+                for i in cutlass.range_constexpr(8):
+                    dst[tau, i] = Int32(0)
+
+    @cute.jit
+    def _load_x_of_quad(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, q_begin: Int32, q_end: Int32,
+                        row_end: Int32, xr: cute.Tensor):
+        """x loaded per quad: quad q's activations into ``xr`` (after the PDL wait at the first quad, whose weight
+        loads and the next quad's are then in flight), then with ``x_l1_prefetch`` the next quad's x lines into L1:
+        lane (g, t) asks for row g's 128-byte chunk t of it, per token tile (only after the wait: an L1 line
+        fetched earlier could hold what the previous kernel had not yet written)."""
+        if cutlass.const_expr(self.pdl != "off"):
+            if q == q_begin:
+                cute.arch.griddepcontrol_wait()
+        self._load_x(mX, first_row, g, t, q, row_end, xr)
+        if cutlass.const_expr(self.x_l1_prefetch):
+            if q + 1 < q_end:
+                for tau in cutlass.range_constexpr(self.tiles):
+                    row = first_row + tau * TOKENS_PER_TILE + g
+                    if row < row_end:
+                        cute.arch.prefetch((mX.iterator + cute.crd2idx((row, 4 * (q + 1) + t, 0, 0), mX.layout)).llvm_ptr, cache_level="L1")
+
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mXv: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
                mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mOff: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
@@ -329,6 +382,8 @@ class GemmDecodeKernel:
                     self._wait_for_previous_grid()
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
             for q in cutlass.range(q_begin, q_end, 1):
+                if cutlass.const_expr(self.x_first):
+                    self._load_x_of_quad(mX, first_row, g, t, q, q_begin, q_end, row_end, xr)
                 if q + 1 < q_end:
                     for j in cutlass.range_constexpr(G):
                         self._load_quad(mW, mS, my_rg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
@@ -338,24 +393,24 @@ class GemmDecodeKernel:
                     for tau in cutlass.range_constexpr(self.tiles):
                         for ci in cutlass.range_constexpr(4):
                             cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
-                elif cutlass.const_expr(not self.prefetch_x):
+                elif cutlass.const_expr(not (self.prefetch_x or self.x_first or self.x_chunked)):
+                    self._load_x_of_quad(mX, first_row, g, t, q, q_begin, q_end, row_end, xr)
+                if cutlass.const_expr(self.x_chunked):
+                    # x one 64-k chunk ahead (2 x tiles x 8 registers instead of tiles x 32 for the quad)
                     if cutlass.const_expr(self.pdl != "off"):
-                        if q == q_begin:  # the first two quads' weight loads are in flight: now x may be read
+                        if q == q_begin:
                             cute.arch.griddepcontrol_wait()
-                    self._load_x(mX, first_row, g, t, q, row_end, xr)
-                for j in cutlass.range_constexpr(G):
+                    xc = cute.make_rmem_tensor(cute.make_ordered_layout((2, self.tiles, 8), order=(2, 1, 0)), Int32)
+                    self._load_x_chunk(mX, first_row, g, t, q, 0, row_end, xc[0, None, None])
                     for ci in cutlass.range_constexpr(4):
-                        word = scur[j, ci // 2]
-                        sel = (ci % 2) * 2
-                        scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                        scale_g8 = prmt(word, Int32(0), 0x4040 + (sel + 1) * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
-                        for kk in cutlass.range_constexpr(4):
-                            a = decode_word(wcur[j, ci, kk], scale_g, scale_g8)
-                            for tau in cutlass.range_constexpr(self.tiles):
-                                c = mma_bf16_16816(a, xr[tau, ci, 2 * kk], xr[tau, ci, 2 * kk + 1],
-                                                   [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
-                                for i in cutlass.range_constexpr(4):
-                                    acc[j, tau, i] = c[i]
+                        if cutlass.const_expr(ci < 3):
+                            self._load_x_chunk(mX, first_row, g, t, q, ci + 1, row_end, xc[(ci + 1) % 2, None, None])
+                        for j in cutlass.range_constexpr(G):
+                            self._mma_chunk(wcur, scur, j, ci, xc[ci % 2, None, None], acc)
+                else:
+                    for j in cutlass.range_constexpr(G):
+                        for ci in cutlass.range_constexpr(4):
+                            self._mma_chunk(wcur, scur, j, ci, xr[None, ci, None], acc)
                 if q + 1 < q_end:
                     for i in cutlass.range_constexpr(G * 16):
                         wcur[i // 16, (i // 4) % 4, i % 4] = wnxt[i // 16, (i // 4) % 4, i % 4]
@@ -468,7 +523,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
                    rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
-                   pdl: str = "off"):
+                   pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False, x_chunked: bool = False):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -476,15 +531,18 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
-    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl)
+    kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
+                              x_first, x_l1_prefetch, x_chunked)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
-    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl)
+    key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl,
+           kernel.x_first, kernel.x_l1_prefetch, kernel.x_chunked)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
 DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False,  # chosen from the variants recorded at 15f0806 (H100)
-                pdl="auto")  # "auto": pdl_for(...)
+                pdl="auto",  # "auto": pdl_for(...)
+                x_first=False, x_l1_prefetch=False, x_chunked=False)
 
 
 def tiles_for(m: int) -> int:
@@ -635,7 +693,7 @@ def _current_stream():
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False, pdl=None):
+            paired=False, pdl=None, x_first=None, x_l1_prefetch=None, x_chunked=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -676,7 +734,10 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         if pdl == "auto":
             pdl = pdl_for(tiles, ksplit, stream_loads, paired)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl,
+                              x_first=DEFAULTS["x_first"] if x_first is None else x_first,
+                              x_l1_prefetch=DEFAULTS["x_l1_prefetch"] if x_l1_prefetch is None else x_l1_prefetch,
+                              x_chunked=DEFAULTS["x_chunked"] if x_chunked is None else x_chunked)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -698,7 +759,8 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
-               stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None) -> torch.Tensor:
+               stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None, x_first: bool | None = None,
+               x_l1_prefetch: bool | None = None, x_chunked: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -709,7 +771,8 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     alpha are read after the wait). No host sync; CUDA-graph capturable after a first eager call (compile,
     counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, x_first=x_first,
+                   x_l1_prefetch=x_l1_prefetch, x_chunked=x_chunked)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
