@@ -140,7 +140,7 @@ class GemmDecodeKernel:
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
                  pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False,
-                 x_chunked: bool = False):
+                 x_chunked: bool = False, ctas_per_sm: int | None = None):
         D.check_decode_shape(16, k)
         if pdl not in PDL_MODES:
             raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
@@ -193,6 +193,10 @@ class GemmDecodeKernel:
         # and one more allocation unit halves a wave: gate_up at M = 64 ran 58 instead of 36 us)
         # (not with prefetch_x: its 32 more registers would spill under that cap)
         self.min_ctas = ksplit_ctas(swiglu and not paired, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
+        if ctas_per_sm is not None:  # an explicit count (fewer CTAs: more registers a thread)
+            if ksplit < 2 or not 1 <= ctas_per_sm * self.warps <= 64:
+                raise ValueError(f"ctas_per_sm needs the in-CTA split and at most 64 warps an SM, got {ctas_per_sm} x {self.warps}")
+            self.min_ctas = ctas_per_sm
         self.smem_carveout = 0
         if ksplit > 1:  # percent of the 228 KB unified L1 / shared memory the CTAs' reduction buffers need
             need = self.min_ctas * ((ksplit - 1 + paired) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
@@ -523,7 +527,8 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
                    rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
-                   pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False, x_chunked: bool = False):
+                   pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False, x_chunked: bool = False,
+                   ctas_per_sm: int | None = None):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -532,10 +537,10 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
-                              x_first, x_l1_prefetch, x_chunked)
+                              x_first, x_l1_prefetch, x_chunked, ctas_per_sm)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
     key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl,
-           kernel.x_first, kernel.x_l1_prefetch, kernel.x_chunked)
+           kernel.x_first, kernel.x_l1_prefetch, kernel.x_chunked, kernel.min_ctas)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -693,7 +698,7 @@ def _current_stream():
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False, pdl=None, x_first=None, x_l1_prefetch=None, x_chunked=None):
+            paired=False, pdl=None, x_first=None, x_l1_prefetch=None, x_chunked=None, ctas_per_sm=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -737,7 +742,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
                               rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl,
                               x_first=DEFAULTS["x_first"] if x_first is None else x_first,
                               x_l1_prefetch=DEFAULTS["x_l1_prefetch"] if x_l1_prefetch is None else x_l1_prefetch,
-                              x_chunked=DEFAULTS["x_chunked"] if x_chunked is None else x_chunked)
+                              x_chunked=DEFAULTS["x_chunked"] if x_chunked is None else x_chunked, ctas_per_sm=ctas_per_sm)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -760,7 +765,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
                stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None, x_first: bool | None = None,
-               x_l1_prefetch: bool | None = None, x_chunked: bool | None = None) -> torch.Tensor:
+               x_l1_prefetch: bool | None = None, x_chunked: bool | None = None, ctas_per_sm: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -772,7 +777,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
                    rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, x_first=x_first,
-                   x_l1_prefetch=x_l1_prefetch, x_chunked=x_chunked)
+                   x_l1_prefetch=x_l1_prefetch, x_chunked=x_chunked, ctas_per_sm=ctas_per_sm)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
