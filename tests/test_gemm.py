@@ -219,19 +219,14 @@ def test_wgmma_dispatch_rule():
 
 
 @requires_cute
-@pytest.mark.parametrize("swiglu,tiles", [(False, 1), (False, 2), (True, 1), (True, 2)])
-def test_decode_register_table_matches_ptxas(swiglu, tiles):
-    """gemm_decode.REGISTERS (which sets the resident warps the split rule plans for) is what ptxas allocates."""
+def ptxas_report(ptx: str) -> str:
+    """ptxas -v's report on ``ptx`` for sm_90a (skips where no ptxas can assemble CuTeDSL's PTX)."""
     import shutil
     import subprocess
-
-    from nvfp4lib.kernels.cute_compile import ptx_of
-    from nvfp4lib.kernels.sm90 import gemm_decode
 
     ptxas = shutil.which("ptxas") or next((p for p in ("/usr/local/cuda/bin/ptxas", "/usr/local/cuda-13.0/bin/ptxas") if os.path.exists(p)), None)
     if ptxas is None:
         pytest.skip("ptxas (CUDA toolkit) is not installed here: the register count cannot be read")
-    ptx = ptx_of(gemm_decode.compile_decode(7168, tiles, False, swiglu, arch="sm_90a", keep_ptx=True))
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
@@ -239,8 +234,37 @@ def test_decode_register_table_matches_ptxas(swiglu, tiles):
         out = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
     if out.returncode:  # e.g. a toolkit older than the PTX ISA CuTeDSL emits
         pytest.skip(f"{ptxas} cannot assemble CuTeDSL's PTX here: {(out.stderr or out.stdout).strip()[:200]}")
-    used = int(re.search(r"Used (\d+) registers", out.stderr + out.stdout).group(1))
-    assert used == gemm_decode.REGISTERS[(swiglu, tiles)]
+    return out.stderr + out.stdout
+
+
+@requires_cute
+@pytest.mark.parametrize("swiglu,tiles", [(False, 1), (False, 2), (True, 1), (True, 2)])
+def test_decode_register_table_matches_ptxas(swiglu, tiles):
+    """gemm_decode.REGISTERS (which sets the resident warps the split rule plans for) is what ptxas allocates."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    report = ptxas_report(ptx_of(gemm_decode.compile_decode(7168, tiles, False, swiglu, arch="sm_90a", keep_ptx=True)))
+    assert int(re.search(r"Used (\d+) registers", report).group(1)) == gemm_decode.REGISTERS[(swiglu, tiles)]
+
+
+@requires_cute
+@pytest.mark.parametrize("n,k", [(6144, 7168), (7168, 3072), (2048, 7168), (7168, 16384)])
+def test_decode_wide_plans_fit_without_spill(n, k):
+    """The M = 16 plans of the DeepSeek-V4 shapes (wide_registers): ptxas keeps them within WIDE_REGISTERS
+    and the CTAs per SM the plan counts on, with no spill (the 80-register cap spilled and serialized the x loads)."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    tiles, rows, ksplit, paired = gemm_decode.auto_ksplit(n // 16, k // 256, 16, 132, False)
+    assert (tiles, paired) == (2, False) and gemm_decode.wide_registers(False, tiles, 1)
+    ctas = gemm_decode.ksplit_ctas(False, tiles, rows * ksplit, wide=True)
+    report = ptxas_report(ptx_of(gemm_decode.compile_decode(k, tiles, False, arch="sm_90a", keep_ptx=True, rows=rows, ksplit=ksplit,
+                                                            stream_loads=gemm_decode.stream_loads_for(ksplit), pdl="start",
+                                                            ctas_per_sm=ctas)))
+    used = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert used <= min(gemm_decode.WIDE_REGISTERS, 65536 // (32 * rows * ksplit * ctas))
+    assert re.search(r"\b0 bytes spill stores", report)
 
 
 def test_decode_split_rule_fills_one_wave():
@@ -288,7 +312,7 @@ def test_decode_ksplit_kernel_ptx_sm90a(tiles, swiglu, rows, ksplit, paired):
 def test_ksplit_plan_fills_one_wave():
     """The in-CTA K split plan: every CTA in one wave, the most warps per row group; on the DeepSeek-V4 shapes
     the plans measured best or within 7% of the best CTA shape on an H100 (data/bench/ksplit_probe_*.json)."""
-    from nvfp4lib.kernels.sm90.gemm_decode import auto_ksplit, ksplit_ctas, ksplit_plan
+    from nvfp4lib.kernels.sm90.gemm_decode import auto_ksplit, ksplit_ctas, ksplit_plan, wide_registers
 
     for rg, quads, swiglu in [(384, 28, False), (448, 12, False), (128, 28, False), (192, 28, True), (448, 64, False)]:
         for m in (1, 8, 16, 32, 48, 64):
@@ -298,17 +322,22 @@ def test_ksplit_plan_fills_one_wave():
             tiles, rows, ksplit, paired = plan
             assert paired == swiglu  # the SwiGLU kernel plans its paired form (a gate and an up warp per K slice)
             blocks = rg if paired else -(-rg // rows)
-            ctas = -(-m // (8 * tiles)) * blocks
+            token_blocks = -(-m // (8 * tiles))
+            ctas = token_blocks * blocks
+            wide = wide_registers(swiglu, tiles, token_blocks)
+            assert wide == (not swiglu and 8 < m <= 16)  # two token tiles in one block
             options = dict(rows_options=(2,)) if paired else {}
             rgs = 2 * rg if paired else rg
-            waves = 1 if ksplit_plan(rgs, quads, -(-m // (8 * tiles)), 132, False, tiles, **options) else 2
+            waves = 1 if ksplit_plan(rgs, quads, token_blocks, 132, False, tiles, wide=wide, **options) else 2
             assert 2 <= ksplit <= quads and rows * ksplit <= 16
-            assert ctas <= waves * 132 * ksplit_ctas(False, tiles, rows * ksplit)
-            assert ksplit_plan(rgs, quads, -(-m // (8 * tiles)), 132, False, tiles, waves, **options)[:2] == (rows, ksplit)
+            assert ctas <= waves * 132 * ksplit_ctas(False, tiles, rows * ksplit, wide)
+            assert ksplit_plan(rgs, quads, token_blocks, 132, False, tiles, waves, wide=wide, **options)[:2] == (rows, ksplit)
     assert auto_ksplit(384, 28, 1, 132, False) == (1, 1, 8, False)  # gate_up: 12.1 us (grid split K: 16.3)
     assert auto_ksplit(128, 28, 1, 132, False) == (1, 1, 16, False)  # fused_wqa_wkv: 5.2 us (9.9)
     assert auto_ksplit(448, 12, 1, 132, False) == (1, 2, 6, False)  # down: 8.3 us (11.1)
-    assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 8, False)  # 2 token tiles, one token block
+    # 2 token tiles, one token block: the wide register budget (gate_up M = 16 14.8 -> 12.6 us with PDL)
+    assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 5, False)
+    assert ksplit_ctas(False, 2, 5, wide=True) == 3 and ksplit_ctas(False, 2, 8) == 3
     assert auto_ksplit(448, 12, 64, 132, False) == (2, 2, 3, False)  # down at M = 64: no one-wave shape, two waves
     assert auto_ksplit(192, 28, 1, 132, True) == (1, 2, 6, True)  # gate_up + SwiGLU: 192 CTAs of a gate and an up row group
     assert auto_ksplit(384, 28, 65, 132, False) is None  # above the measured range
@@ -366,6 +395,24 @@ def test_wgmma_pdl_ptx_sm90a():
         gemm_wgmma.GemmWgmmaDecoderKernel(7168, 128, grouped=True, pdl="start")
 
 
+@requires_cute
+def test_decode_wide_registers_ptx_sm90a():
+    """The M = 9..16 plan's kernel: compiled for the CTAs per SM its wide register budget holds (ptxas gets
+    minnctapersm, so ~120 registers and no spill), and an explicit count that no SM holds is refused."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ctas = gemm_decode.ksplit_ctas(False, 2, 5, wide=True)
+    ptx = ptx_of(gemm_decode.compile_decode(7168, 2, False, arch="sm_90a", keep_ptx=True, rows=1, ksplit=5, stream_loads=True,
+                                            pdl="start", ctas_per_sm=ctas))
+    assert re.search(rf"\.minnctapersm {ctas}\b", ptx) and re.search(r"\.reqntid 160, 1, 1", ptx)
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16", ptx)) == 32
+    with pytest.raises(ValueError, match="ctas_per_sm"):
+        gemm_decode.GemmDecodeKernel(7168, 2, False, rows=1, ksplit=5, ctas_per_sm=13)  # 65 warps
+    with pytest.raises(ValueError, match="ctas_per_sm"):
+        gemm_decode.GemmDecodeKernel(7168, 2, False, ctas_per_sm=2)  # no in-CTA split
+
+
 def test_pdl_rule():
     """Where the launch takes PDL (measured on an H100, data/bench/pdl_probe_*.json): the in-CTA split plans of
     one token tile, the paired SwiGLU kernel and the plans without streaming loads; not the grid's split K."""
@@ -374,6 +421,7 @@ def test_pdl_rule():
     assert pdl_for(1, 8, True, False) == "start"  # gate_up M <= 8
     assert pdl_for(2, 4, True, True) == "start"  # paired SwiGLU at M = 64
     assert pdl_for(2, 16, False, False) == "start"  # fused_wqa_wkv at M = 16
-    assert pdl_for(2, 6, True, False) == "off"  # wo_b at M = 16: 31.7 against 40.0 us with PDL
+    assert pdl_for(2, 6, True, False) == "off"  # wo_b at M = 16 under the 80-register cap: 31.7 against 40.0 us with PDL
+    assert pdl_for(2, 5, True, False, wide=True) == "start"  # gate_up at M = 16, wide registers: 13.7 -> 12.6 us
     assert pdl_for(1, 1, True, False) == "off"  # the grid's split K: not measured
     assert set(PDL_MODES) == {"off", "start", "loop"}

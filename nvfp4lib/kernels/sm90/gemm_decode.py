@@ -139,8 +139,7 @@ class GemmDecodeKernel:
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
-                 pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False,
-                 x_chunked: bool = False, ctas_per_sm: int | None = None):
+                 pdl: str = "off", ctas_per_sm: int | None = None):
         D.check_decode_shape(16, k)
         if pdl not in PDL_MODES:
             raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
@@ -170,13 +169,6 @@ class GemmDecodeKernel:
         self.grouped = grouped  # E stacked weights, rows grouped by offsets (see the module docstring)
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
         self.prefetch_x = prefetch_x and not x_smem
-        # x loaded per quad (neither prefetch_x nor x_smem): ``x_first`` issues a quad's x loads before the next
-        # quad's weight loads (not behind them in the load queue); ``x_l1_prefetch`` asks L1 for the next quad's
-        # x lines (prefetch.global.L1, no registers) right after this quad's x loads
-        per_quad_x = not (self.prefetch_x or x_smem)
-        self.x_first = x_first and per_quad_x
-        self.x_l1_prefetch = x_l1_prefetch and per_quad_x
-        self.x_chunked = x_chunked and per_quad_x and not (x_first or x_l1_prefetch)  # x one 64-k chunk ahead
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
         self.rows = 2 if paired else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
@@ -277,36 +269,6 @@ class GemmDecodeKernel:
                 for i in cutlass.range_constexpr(4):
                     acc[j, tau, i] = c[i]
 
-    @cute.jit
-    def _load_x_chunk(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, ci: int, row_end: Int32,
-                      dst: cute.Tensor):
-        """Chunk ci of quad q of this lane's x words [tiles, 8] (zeros past the group's rows)."""
-        for tau in cutlass.range_constexpr(self.tiles):
-            row = first_row + tau * TOKENS_PER_TILE + g
-            if row < row_end:
-                cute.autovec_copy(mX[row, 4 * q + ci, t, None], dst[tau, None])
-            else:
-                for i in cutlass.range_constexpr(8):
-                    dst[tau, i] = Int32(0)
-
-    @cute.jit
-    def _load_x_of_quad(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, q_begin: Int32, q_end: Int32,
-                        row_end: Int32, xr: cute.Tensor):
-        """x loaded per quad: quad q's activations into ``xr`` (after the PDL wait at the first quad, whose weight
-        loads and the next quad's are then in flight), then with ``x_l1_prefetch`` the next quad's x lines into L1:
-        lane (g, t) asks for row g's 128-byte chunk t of it, per token tile (only after the wait: an L1 line
-        fetched earlier could hold what the previous kernel had not yet written)."""
-        if cutlass.const_expr(self.pdl != "off"):
-            if q == q_begin:
-                cute.arch.griddepcontrol_wait()
-        self._load_x(mX, first_row, g, t, q, row_end, xr)
-        if cutlass.const_expr(self.x_l1_prefetch):
-            if q + 1 < q_end:
-                for tau in cutlass.range_constexpr(self.tiles):
-                    row = first_row + tau * TOKENS_PER_TILE + g
-                    if row < row_end:
-                        cute.arch.prefetch((mX.iterator + cute.crd2idx((row, 4 * (q + 1) + t, 0, 0), mX.layout)).llvm_ptr, cache_level="L1")
-
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mXv: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
                mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mOff: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
@@ -386,8 +348,6 @@ class GemmDecodeKernel:
                     self._wait_for_previous_grid()
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
             for q in cutlass.range(q_begin, q_end, 1):
-                if cutlass.const_expr(self.x_first):
-                    self._load_x_of_quad(mX, first_row, g, t, q, q_begin, q_end, row_end, xr)
                 if q + 1 < q_end:
                     for j in cutlass.range_constexpr(G):
                         self._load_quad(mW, mS, my_rg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
@@ -397,24 +357,14 @@ class GemmDecodeKernel:
                     for tau in cutlass.range_constexpr(self.tiles):
                         for ci in cutlass.range_constexpr(4):
                             cute.autovec_copy(sX[tau * TOKENS_PER_TILE + g, (q - q_begin) * 4 + ci, t, None], xr[tau, ci, None])
-                elif cutlass.const_expr(not (self.prefetch_x or self.x_first or self.x_chunked)):
-                    self._load_x_of_quad(mX, first_row, g, t, q, q_begin, q_end, row_end, xr)
-                if cutlass.const_expr(self.x_chunked):
-                    # x one 64-k chunk ahead (2 x tiles x 8 registers instead of tiles x 32 for the quad)
+                elif cutlass.const_expr(not self.prefetch_x):
                     if cutlass.const_expr(self.pdl != "off"):
-                        if q == q_begin:
+                        if q == q_begin:  # the first two quads' weight loads are in flight: now x may be read
                             cute.arch.griddepcontrol_wait()
-                    xc = cute.make_rmem_tensor(cute.make_ordered_layout((2, self.tiles, 8), order=(2, 1, 0)), Int32)
-                    self._load_x_chunk(mX, first_row, g, t, q, 0, row_end, xc[0, None, None])
+                    self._load_x(mX, first_row, g, t, q, row_end, xr)
+                for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
-                        if cutlass.const_expr(ci < 3):
-                            self._load_x_chunk(mX, first_row, g, t, q, ci + 1, row_end, xc[(ci + 1) % 2, None, None])
-                        for j in cutlass.range_constexpr(G):
-                            self._mma_chunk(wcur, scur, j, ci, xc[ci % 2, None, None], acc)
-                else:
-                    for j in cutlass.range_constexpr(G):
-                        for ci in cutlass.range_constexpr(4):
-                            self._mma_chunk(wcur, scur, j, ci, xr[None, ci, None], acc)
+                        self._mma_chunk(wcur, scur, j, ci, xr[None, ci, None], acc)
                 if q + 1 < q_end:
                     for i in cutlass.range_constexpr(G * 16):
                         wcur[i // 16, (i // 4) % 4, i % 4] = wnxt[i // 16, (i // 4) % 4, i % 4]
@@ -527,8 +477,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
                    rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
-                   pdl: str = "off", x_first: bool = False, x_l1_prefetch: bool = False, x_chunked: bool = False,
-                   ctas_per_sm: int | None = None):
+                   pdl: str = "off", ctas_per_sm: int | None = None):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -537,17 +486,16 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
-                              x_first, x_l1_prefetch, x_chunked, ctas_per_sm)
+                              ctas_per_sm)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
     key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl,
-           kernel.x_first, kernel.x_l1_prefetch, kernel.x_chunked, kernel.min_ctas)
+           kernel.min_ctas)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
 DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False,  # chosen from the variants recorded at 15f0806 (H100)
-                pdl="auto",  # "auto": pdl_for(...)
-                x_first=False, x_l1_prefetch=False, x_chunked=False)
+                pdl="auto")  # "auto": pdl_for(...)
 
 
 def tiles_for(m: int) -> int:
@@ -573,6 +521,7 @@ REGISTERS = {(False, 1): 72, (False, 2): 80, (True, 1): 145, (True, 2): 193}
 # The same with the in-CTA K split, any rows x ksplit: an upper bound, rounded up to the allocation unit of 8
 # (the counts vary by a few registers with rows and ksplit; tests/test_gemm.py checks the bound).
 KSPLIT_REGISTERS = {(False, 1): 80, (False, 2): 80, (True, 1): 152, (True, 2): 192}
+WIDE_REGISTERS = 128  # the budget of a wide_registers(...) plan (ptxas takes ~120 there uncapped)
 KSPLIT_MAX_M = 64  # the in-CTA K split is measured (and used) up to 64 rows (the decode kernel's range)
 KSPLIT_MAX_WARPS = 16  # CTAs of at most 512 threads
 
@@ -592,30 +541,44 @@ def stream_loads_for(ksplit: int) -> bool:
     return ksplit < 12
 
 
-def pdl_for(tiles: int, ksplit: int, stream_loads: bool, paired: bool) -> str:
+def pdl_for(tiles: int, ksplit: int, stream_loads: bool, paired: bool, wide: bool = False) -> str:
     """The PDL mode (:data:`PDL_MODES`) of a plain launch. Measured on an H100 in graph replay of back-to-back
     calls (data/bench/pdl_probe_nvidia_h100_80gb_hbm3_7e77c8f.json), "start" against "off": faster for every
     in-CTA split plan of one token tile (gate_up M = 1 11.1 -> 10.1 us, down 7.5 -> 6.1, fused_wqa_wkv M = 8
     5.6 -> 5.0, shared expert M = 1 19.2 -> 16.0), for the paired SwiGLU kernel (M = 64 42.3 -> 36.3) and for
     the plans without streaming loads (fused_wqa_wkv M = 16 7.3 -> 6.5); slower for two token tiles with
-    streaming loads (gate_up M = 16 14.9 -> 16.1, wo_b M = 16 31.7 -> 40.0). The grid's split K: not measured, off."""
-    if ksplit > 1 and (tiles == 1 or paired or not stream_loads):
+    streaming loads under the 80-register cap (gate_up M = 16 14.9 -> 16.1, wo_b M = 16 31.7 -> 40.0), but faster
+    for the same plans with ``wide`` registers (:func:`wide_registers`; gate_up M = 16 13.7 -> 12.6, down 9.2 -> 8.1,
+    wo_b equal: data/bench/decode_variants_nvidia_h100_80gb_hbm3_01e940a.json). The grid's split K: not measured, off."""
+    if ksplit > 1 and (tiles == 1 or paired or not stream_loads or wide):
         return "start"
     return "off"
 
 
-def ksplit_ctas(swiglu: bool, tiles: int, warps: int) -> int:
-    """CTAs of ``warps`` warps an SM holds with the in-CTA K split (registers per :data:`KSPLIT_REGISTERS`,
-    at most 64 warps and 32 CTAs); the kernel is compiled to fit that many (minnctapersm)."""
-    return min(65536 // (KSPLIT_REGISTERS[(swiglu, tiles)] * 32 * warps), 64 // warps, 32)
+def wide_registers(swiglu: bool, tiles: int, token_blocks: int) -> bool:
+    """Whether the in-CTA split plan gives the kernel :data:`WIDE_REGISTERS`: two token tiles in ONE token block
+    (M = 9..16), not SwiGLU. Under the 80-register cap ptxas issues that kernel's 64 activation registers a quad
+    in four batches, each waited on by the next MMA (Nsight Compute at M = 16: two thirds of the stalls are
+    those waits), and it issues the next quad's weight loads only before the last chunk. With ~120
+    registers the plan holds fewer warps but each loads a whole quad ahead: gate_up M = 16 14.8 -> 12.6 us, down
+    9.4 -> 8.1, wo_b 32.0 -> 29.9 (H100, data/bench/decode_variants_nvidia_h100_80gb_hbm3_01e940a.json)."""
+    return tiles == 2 and token_blocks == 1 and not swiglu
+
+
+def ksplit_ctas(swiglu: bool, tiles: int, warps: int, wide: bool = False) -> int:
+    """CTAs of ``warps`` warps an SM holds with the in-CTA K split (registers per :data:`KSPLIT_REGISTERS`, or
+    :data:`WIDE_REGISTERS` with ``wide``; at most 64 warps and 32 CTAs); the kernel is compiled to fit that many
+    (minnctapersm)."""
+    regs = WIDE_REGISTERS if wide else KSPLIT_REGISTERS[(swiglu, tiles)]
+    return min(65536 // (regs * 32 * warps), 64 // warps, 32)
 
 
 def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, swiglu: bool, tiles: int, waves: int = 1,
-                rows_options=(1, 2, 4, 8)):
+                rows_options=(1, 2, 4, 8), wide: bool = False):
     """(rows, ksplit, warps, resident warps per SM) of the in-CTA K split launch, or None: the CTA shape
     (``rows`` row groups x ``ksplit`` K slices) that puts the most warps on each row group's K range while
     every CTA fits in ONE wave (CTAs <= SMs x resident CTAs; ``waves``: that many). Ties go to more resident warps per SM, then
-    to 2 rows (L1 sharing of x). The decode kernel is latency-bound: a warp waits on each quad's loads, so
+    to 2 rows (L1 sharing of x); ``wide``: the :data:`WIDE_REGISTERS` budget (:func:`wide_registers`). The decode kernel is latency-bound: a warp waits on each quad's loads, so
     many warps with few quads each keep the most bytes in flight; measured on an H100 against the grid's
     split K (data/bench/ksplit_probe_nvidia_h100_80gb_hbm3_c2e6517.json): gate_up M = 1 16.3 -> 12.1 us, down 11.1 -> 8.3, fused_wqa_wkv 9.9 -> 5.2, fused_wqa_wkv M = 64 25.2 -> 13.1."""
     best = None
@@ -623,7 +586,7 @@ def ksplit_plan(row_groups: int, quads: int, token_blocks: int, sm_count: int, s
         blocks = -(-row_groups // rows)
         for ksplit in range(2, min(quads, KSPLIT_MAX_WARPS // rows) + 1):
             warps = rows * ksplit
-            resident = ksplit_ctas(swiglu, tiles, warps)
+            resident = ksplit_ctas(swiglu, tiles, warps, wide)
             if resident == 0 or token_blocks * blocks > waves * sm_count * resident:
                 continue
             key = (blocks * rows * ksplit, resident * warps, -abs(rows - 2))
@@ -661,7 +624,8 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     def best(tile_options, plan_rows, waves=1, **options):
         plans = []
         for t in ([tiles] if tiles else tile_options):
-            plan = ksplit_plan(plan_rows, quads, -(-rows_m // (t * TOKENS_PER_TILE)), sm_count, False, t, waves, **options)
+            blocks = -(-rows_m // (t * TOKENS_PER_TILE))
+            plan = ksplit_plan(plan_rows, quads, blocks, sm_count, False, t, waves, wide=wide_registers(swiglu, t, blocks), **options)
             if plan:
                 plans.append((plan[2:], -t, t, plan[:2]))
         return max(plans) if plans else None
@@ -698,7 +662,7 @@ def _current_stream():
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False, pdl=None, x_first=None, x_l1_prefetch=None, x_chunked=None, ctas_per_sm=None):
+            paired=False, pdl=None, ctas_per_sm=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -717,6 +681,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
             if plan:
                 tiles, rows, ksplit, paired = plan
                 splits = 1
+                if wide_registers(swiglu, tiles, -(-max_rows // (tiles * TOKENS_PER_TILE))):
+                    ctas_per_sm = ksplit_ctas(False, tiles, rows * ksplit, wide=True)
     if ksplit > 1 and not splits:
         splits = 1  # the K split is inside the CTA
     if stream_loads is None:
@@ -737,12 +703,9 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     if pdl is None:
         pdl = "off" if offsets is not None else DEFAULTS["pdl"]
         if pdl == "auto":
-            pdl = pdl_for(tiles, ksplit, stream_loads, paired)
+            pdl = pdl_for(tiles, ksplit, stream_loads, paired, wide=ctas_per_sm is not None)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl,
-                              x_first=DEFAULTS["x_first"] if x_first is None else x_first,
-                              x_l1_prefetch=DEFAULTS["x_l1_prefetch"] if x_l1_prefetch is None else x_l1_prefetch,
-                              x_chunked=DEFAULTS["x_chunked"] if x_chunked is None else x_chunked, ctas_per_sm=ctas_per_sm)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -764,8 +727,8 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
-               stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None, x_first: bool | None = None,
-               x_l1_prefetch: bool | None = None, x_chunked: bool | None = None, ctas_per_sm: int | None = None) -> torch.Tensor:
+               stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None,
+               ctas_per_sm: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -776,8 +739,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     alpha are read after the wait). No host sync; CUDA-graph capturable after a first eager call (compile,
     counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, x_first=x_first,
-                   x_l1_prefetch=x_l1_prefetch, x_chunked=x_chunked, ctas_per_sm=ctas_per_sm)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
