@@ -139,7 +139,7 @@ class GemmDecodeKernel:
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
-                 pdl: str = "off", ctas_per_sm: int | None = None, depth: int = 1, x_next: bool = False):
+                 pdl: str = "off", ctas_per_sm: int | None = None):
         D.check_decode_shape(16, k)
         if pdl not in PDL_MODES:
             raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
@@ -149,10 +149,6 @@ class GemmDecodeKernel:
         # runs; it loads its first weight quads, then waits (griddepcontrol.wait) before touching x, y or the
         # workspace. "start" / "loop": it lets the next kernel launch at its start / after its main loop.
         self.pdl = pdl
-        if depth not in (1, 2) or (depth == 2 and prefetch_x):
-            raise ValueError(f"depth (weight quads loaded ahead) must be 1 or 2 (2 not with prefetch_x), got {depth}")
-        self.depth = depth
-        self.x_next = x_next and not (prefetch_x or x_smem)  # x of quad q + 1 loaded right after quad q's MMAs
         if tiles not in range(1, MAX_TILES + 1):
             raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
         if swiglu and has_bias:
@@ -345,26 +341,16 @@ class GemmDecodeKernel:
             snxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
             xr = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
             xnxt = cute.make_rmem_tensor(cute.make_ordered_layout((self.tiles, 4, 8), order=(2, 1, 0)), Int32)
-            # depth 2: a third weight buffer, the quad after next (wlast) loaded while this one is computed
-            wlast = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
-            slast = cute.make_rmem_tensor(cute.make_ordered_layout((G, 2), order=(1, 0)), Int32)
             if q_begin < q_end:
                 for j in cutlass.range_constexpr(G):
                     self._load_quad(mW, mS, my_rg + j * warp_groups, q_begin, lane, wcur, scur, j)
-                if cutlass.const_expr(self.depth == 2):
-                    if q_begin + 1 < q_end:
-                        for j in cutlass.range_constexpr(G):
-                            self._load_quad(mW, mS, my_rg + j * warp_groups, q_begin + 1, lane, wnxt, snxt, j)
                 if cutlass.const_expr(self.prefetch_x):
                     self._wait_for_previous_grid()
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
             for q in cutlass.range(q_begin, q_end, 1):
-                if q + self.depth < q_end:
+                if q + 1 < q_end:
                     for j in cutlass.range_constexpr(G):
-                        if cutlass.const_expr(self.depth == 2):
-                            self._load_quad(mW, mS, my_rg + j * warp_groups, q + 2, lane, wlast, slast, j)
-                        else:
-                            self._load_quad(mW, mS, my_rg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
+                        self._load_quad(mW, mS, my_rg + j * warp_groups, q + 1, lane, wnxt, snxt, j)
                     if cutlass.const_expr(self.prefetch_x):
                         self._load_x(mX, first_row, g, t, q + 1, row_end, xnxt)
                 if cutlass.const_expr(self.x_smem):
@@ -375,29 +361,15 @@ class GemmDecodeKernel:
                     if cutlass.const_expr(self.pdl != "off"):
                         if q == q_begin:  # the first two quads' weight loads are in flight: now x may be read
                             cute.arch.griddepcontrol_wait()
-                    if cutlass.const_expr(self.x_next):
-                        if q == q_begin:
-                            self._load_x(mX, first_row, g, t, q, row_end, xr)
-                    else:
-                        self._load_x(mX, first_row, g, t, q, row_end, xr)
+                    self._load_x(mX, first_row, g, t, q, row_end, xr)
                 for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
                         self._mma_chunk(wcur, scur, j, ci, xr[None, ci, None], acc)
-                if cutlass.const_expr(self.x_next):
-                    # the next quad's x into the registers just freed, BEFORE the weight rotation below waits
-                    # on the next quad's weights: the two latencies overlap instead of adding up
-                    if q + 1 < q_end:
-                        self._load_x(mX, first_row, g, t, q + 1, row_end, xr)
                 if q + 1 < q_end:
                     for i in cutlass.range_constexpr(G * 16):
                         wcur[i // 16, (i // 4) % 4, i % 4] = wnxt[i // 16, (i // 4) % 4, i % 4]
                     for i in cutlass.range_constexpr(G * 2):
                         scur[i // 2, i % 2] = snxt[i // 2, i % 2]
-                    if cutlass.const_expr(self.depth == 2):
-                        for i in cutlass.range_constexpr(G * 16):
-                            wnxt[i // 16, (i // 4) % 4, i % 4] = wlast[i // 16, (i // 4) % 4, i % 4]
-                        for i in cutlass.range_constexpr(G * 2):
-                            snxt[i // 2, i % 2] = slast[i // 2, i % 2]
                     if cutlass.const_expr(self.prefetch_x):
                         for i in cutlass.range_constexpr(self.tiles * 32):
                             xr[i // 32, (i // 8) % 4, i % 8] = xnxt[i // 32, (i // 8) % 4, i % 8]
@@ -505,7 +477,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
                    rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
-                   pdl: str = "off", ctas_per_sm: int | None = None, depth: int = 1, x_next: bool = False):
+                   pdl: str = "off", ctas_per_sm: int | None = None):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -514,10 +486,10 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
-                              ctas_per_sm, depth, x_next)
+                              ctas_per_sm)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
     key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl,
-           kernel.min_ctas, depth, kernel.x_next)
+           kernel.min_ctas)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
@@ -690,7 +662,7 @@ def _current_stream():
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False, pdl=None, ctas_per_sm=None, depth=1, x_next=False):
+            paired=False, pdl=None, ctas_per_sm=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -733,7 +705,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         if pdl == "auto":
             pdl = pdl_for(tiles, ksplit, stream_loads, paired, wide=ctas_per_sm is not None)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm, depth=depth, x_next=x_next)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -756,7 +728,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
                stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None,
-               ctas_per_sm: int | None = None, depth: int = 1, x_next: bool = False) -> torch.Tensor:
+               ctas_per_sm: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -767,7 +739,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     alpha are read after the wait). No host sync; CUDA-graph capturable after a first eager call (compile,
     counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm, depth=depth, x_next=x_next)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
