@@ -344,3 +344,25 @@ def plot_pdl_probe(rows: Sequence[dict], chain: Sequence[dict] = (), label: str 
     if label:
         axes[0].figure.suptitle(f"decode kernel: programmatic dependent launch - {label}", fontsize=10)
     return axes
+
+
+def plot_before_after(table: pd.DataFrame, before: str, after: str, label: str = "", ax=None):
+    """Grouped bars of two timing columns of ``table`` (one group per row, named by its ``shape`` and ``M``),
+    the ``floor us`` and, where present, ``target us`` of each row as short horizontal ticks."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.6 * len(table) + 2, 3.4))
+    xs = list(range(len(table)))
+    ax.bar([x - 0.2 for x in xs], table[before], width=0.4, label=before)
+    ax.bar([x + 0.2 for x in xs], table[after], width=0.4, label=after)
+    for x, (_, row) in zip(xs, table.iterrows()):
+        ax.hlines(row["floor us"], x - 0.45, x + 0.45, color="gray", linestyle=":", label="HBM floor" if x == 0 else None)
+        if "target us" in row and pd.notna(row["target us"]):
+            ax.hlines(row["target us"], x - 0.45, x + 0.45, color="red", label="target" if x == 0 else None)
+    ax.set_xticks(xs, [f"{r['shape']}\nM = {r['M']}" for _, r in table.iterrows()], fontsize=8)
+    ax.set_ylabel("us")
+    ax.legend(fontsize=7)
+    if label:
+        ax.set_title(label, fontsize=9)
+    return ax
