@@ -22,3 +22,25 @@ def test_write_probe_records_metadata_fields_and_notes(tmp_path, monkeypatch, ca
 def test_write_result_refuses_a_result_without_provenance(tmp_path):
     with pytest.raises(ValueError, match="commit"):
         harness.write_result(str(tmp_path / "x.json"), {"device": "cpu", "date": "d", "method": "m"})
+
+
+def test_time_decode_variants_checks_before_timing(monkeypatch):
+    """bench.gemm.time_decode_variants (the GPU probes' loop), on CPU with the launch and the timer replaced:
+    a variant is timed only after its first call matched the reference; a wrong one leaves a note, no time."""
+    import types
+
+    import torch
+
+    from nvfp4lib.bench import gemm as gemm_bench
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ref = torch.randn(2, 32)
+    monkeypatch.setattr(gemm_decode, "run_decode", lambda x, w, s, a, n, swiglu_limit=None, wrong=False: ref * (-1 if wrong else 1))
+    monkeypatch.setattr(harness, "time_safely", lambda fns, notes, label: (float(len(fns)), "graph"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    weights = [types.SimpleNamespace(weight=None, block_scale=None, alpha=None)] * 4
+    notes = []
+    row = gemm_bench.time_decode_variants({}, [("default", {}), ("bad", dict(wrong=True))], None, weights, ref, 32, None, notes,
+                                          "case", keep_error=True)
+    assert row == {"default_rel_err": 0.0, "default_us": 4.0}
+    assert len(notes) == 1 and notes[0].startswith("case bad: WRONG")

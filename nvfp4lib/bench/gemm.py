@@ -116,6 +116,27 @@ def checked_run(call, prepared, ref: torch.Tensor, notes: list, label: str):
     return y, err
 
 
+def time_decode_variants(row: dict, variants, x: torch.Tensor, weights, ref: torch.Tensor, out_n: int, limit, notes: list,
+                         case: str, keep_error: bool = False) -> dict:
+    """GPU probes: each ``(label, run_decode keyword arguments)`` of ``variants`` on ``x`` over the rotating
+    ``weights``, checked against ``ref`` on the first set (:func:`checked_run`), then timed as the benchmark
+    times (harness.time_safely) into ``row[label + "_us"]`` (and ``row[label + "_rel_err"]`` with
+    ``keep_error``); a variant that fails or is wrong gets a note instead. ``limit``: the SwiGLU limit or
+    None; ``case``: the notes' prefix. Returns ``row``."""
+    from ..kernels.sm90 import gemm_decode
+    from .harness import time_safely
+
+    for label, kw in variants:
+        def call(p, kw=kw):
+            return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
+        checked = checked_run(call, weights[0], ref, notes, f"{case} {label}")
+        if checked:
+            if keep_error:
+                row[f"{label}_rel_err"] = checked[1]
+            row[f"{label}_us"] = time_safely([lambda p=p: call(p) for p in weights], notes, f"{case} {label}")[0]
+    return row
+
+
 def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
     from ..kernels.sm90 import gemm_decode
     from ..ops.gemm import DECODE_MAX_M, dequantize_sm90, nvfp4_linear, use_wgmma

@@ -10,7 +10,6 @@ import os
 
 from nvfp4lib.bench import gemm as gemm_bench
 from nvfp4lib.bench import harness
-from nvfp4lib.kernels.sm90 import gemm_decode
 
 MS = [int(v) for v in os.environ.get("MS", "8,16").split(",")]
 SHAPES = {"gate_up": (6144, 7168, None), "down": (7168, 3072, None), "fused_wqa_wkv": (2048, 7168, None),
@@ -27,11 +26,7 @@ notes, rows_out = [], []
 bandwidth = harness.copy_bandwidth()
 for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPES, MS):
     row = dict(shape=name, m=m, n=n, k=k, floor_us=harness.hbm_floor_us(n * k * 9 / 16 + 2 * m * (n + k), bandwidth))
-    for label, kw in VARIANTS:
-        def call(p, kw=kw):
-            return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
-        if gemm_bench.checked_run(call, weights[0], ref, notes, f"{name} {m} {label}"):
-            row[f"{label}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"{name} {m} {label}")[0]
+    gemm_bench.time_decode_variants(row, VARIANTS, x, weights, ref, out_n, limit, notes, f"{name} {m}")
     rows_out.append(row)
     print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} " + " ".join(f"{lab}:{harness.fmt(row.get(lab + '_us'))}" for lab, _ in VARIANTS),
           flush=True)

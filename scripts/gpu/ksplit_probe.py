@@ -52,13 +52,7 @@ for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPE
             for s in range(2, 9):
                 if tb * (out_n // 16) <= WAVES * sms * gemm_decode.ksplit_ctas(False, tiles, 2 * s):
                     variants.append((f"t{tiles}_p{s}", dict(tiles=tiles, rows=2, ksplit=s, splits=1, paired=True)))
-    for label, kw in variants:
-        def call(p, kw=kw):
-            return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
-        checked = gemm_bench.checked_run(call, weights[0], ref, notes, f"{name} {m} {label}")
-        if checked:
-            row[f"{label}_rel_err"] = checked[1]
-            row[f"{label}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"{name} {m} {label}")[0]
+    gemm_bench.time_decode_variants(row, variants, x, weights, ref, out_n, limit, notes, f"{name} {m}", keep_error=True)
     times = {k_[:-3]: v for k_, v in row.items() if k_.endswith("_us") and k_ != "floor_us" and v}
     best = min(times, key=times.get)
     row.update(best=best, best_us=times[best], default_us=times.get("default"))

@@ -37,11 +37,7 @@ for name, n, k, limit, out_n, weights, m, x, ref in gemm_bench.probe_cases(SHAPE
     variants = [(mode, dict(pdl=None if mode == "auto" else mode)) for mode in MODES]
     if 8 < m <= 16:
         variants += [(f"{mode}_t1", dict(pdl=mode, tiles=1)) for mode in ("off", "start")]
-    for label, kw in variants:
-        def call(p, kw=kw):
-            return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
-        if gemm_bench.checked_run(call, weights[0], ref, notes, f"{name} {m} {label}"):
-            row[f"{label}_us"] = harness.time_safely([lambda p=p: call(p) for p in weights], notes, f"{name} {m} {label}")[0]
+    gemm_bench.time_decode_variants(row, variants, x, weights, ref, out_n, limit, notes, f"{name} {m}")
     rows_out.append(row)
     print(f"{name:15s} M={m:3d} floor {row['floor_us']:5.2f} " + " ".join(f"{lab}:{harness.fmt(row.get(lab + '_us'))}" for lab, _ in variants),
           flush=True)
