@@ -697,15 +697,15 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     tpb = tiles * TOKENS_PER_TILE
     token_blocks = -(-max_rows // tpb)
     default_warps = DEFAULTS["swiglu_warps_per_sm"] if swiglu else DEFAULTS["warps_per_sm"]
-    if offsets is None and warps_per_sm is None:
+    if splits:  # an explicit split count (the in-CTA split: 1; probes): per split ceil(quads / splits) quads
+        per_split = -(-quads // splits)
+        nsplit = -(-quads // per_split)
+    elif offsets is None and warps_per_sm is None:
         per_split, nsplit = splits_for_wave(warp_groups, quads, token_blocks, _sm_count(x.device), resident_warps(swiglu, tiles),
                                             MAX_SMEM_QUADS if x_smem else None)
     else:  # the grouped kernel (measured with this rule: MoE decode and wo_a), or an explicit warps_per_sm (variants)
         per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
                                        warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
-    if splits:  # an explicit split count (probes): per split ceil(quads / splits) quads
-        per_split = -(-quads // splits)
-        nsplit = -(-quads // per_split)
     if pdl is None:
         pdl = "off" if offsets is not None else DEFAULTS["pdl"]
         if pdl == "auto":
