@@ -55,8 +55,7 @@ PDL_MODES = ("off", "start", "loop")  # programmatic dependent launch: off, or w
 WARPS = 8
 THREADS = 32 * WARPS
 TOKENS_PER_TILE = 8
-MAX_TILES = 2  # token tiles a CTA takes in the launch plans
-KERNEL_MAX_TILES = 8  # what the kernel compiles (more than 2 only through explicit ctas_per_sm: probes)
+MAX_TILES = 2
 MAX_SMEM_QUADS = 8  # with x_smem a split covers at most 8 x 256 k (the smem slice is sized for it)
 
 
@@ -152,8 +151,8 @@ class GemmDecodeKernel:
         # runs; it loads its first weight quads, then waits (griddepcontrol.wait) before touching x, y or the
         # workspace. "start" / "loop": it lets the next kernel launch at its start / after its main loop.
         self.pdl = pdl
-        if tiles not in range(1, KERNEL_MAX_TILES + 1):
-            raise ValueError(f"tiles must be 1..{KERNEL_MAX_TILES}, got {tiles}")
+        if tiles not in range(1, MAX_TILES + 1):
+            raise ValueError(f"tiles must be 1..{MAX_TILES}, got {tiles}")
         if swiglu and has_bias:
             raise ValueError("the SwiGLU epilogue takes no bias")
         if ksplit < 1 or (ksplit > 1 and x_smem):
@@ -191,8 +190,6 @@ class GemmDecodeKernel:
             if ksplit < 2 or not 1 <= ctas_per_sm * self.warps <= 64:
                 raise ValueError(f"ctas_per_sm needs the in-CTA split and at most 64 warps an SM, got {ctas_per_sm} x {self.warps}")
             self.min_ctas = ctas_per_sm
-        elif tiles > MAX_TILES:
-            raise ValueError(f"more than {MAX_TILES} token tiles need an explicit ctas_per_sm, got tiles={tiles}")
         else:
             self.min_ctas = ksplit_ctas(swiglu and not paired, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
         self.smem_carveout = 0
