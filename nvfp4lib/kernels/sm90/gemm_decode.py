@@ -739,8 +739,10 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     it (:func:`ksplit_plan`, M <= 16), ``ksplit=1`` forces the grid's split K. ``pdl`` (:data:`PDL_MODES`, default
     ``DEFAULTS["pdl"]``): programmatic dependent launch, the weight loads start before the previous kernel on
     the stream has finished, so ``words`` / ``scale_words`` must not be written by that kernel (x, bias and
-    alpha are read after the wait). No host sync; CUDA-graph capturable after a first eager call (compile,
-    counters)."""
+    alpha are read after the wait). ``ctas_per_sm``: the CTAs an SM holds that the in-CTA split kernel is
+    compiled for (fewer: more registers a thread); the automatic plan sets it at M = 9..16
+    (:func:`wide_registers`), and a launch with it set takes PDL by default. No host sync; CUDA-graph
+    capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
                    rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
 
