@@ -82,7 +82,7 @@ def fp32_reference(x: torch.Tensor, prepared, n: int, limit: float | None = None
     sm90-layout prepared weight times its alpha: the reference the GPU probes check every variant against."""
     from ..ops.gemm import clamped_swiglu_reference, dequantize_sm90
 
-    ref = x.float() @ (dequantize_sm90(prepared.weight, prepared.block_scale, n).float() * prepared.alpha.float()[:, None]).t()
+    ref = x.float() @ dequantize_sm90(prepared.weight, prepared.block_scale, n).t() * prepared.alpha.float()
     return clamped_swiglu_reference(ref, limit) if limit else ref
 
 
@@ -139,12 +139,12 @@ def time_decode_variants(row: dict, variants, x: torch.Tensor, weights, ref: tor
 
 def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
     from ..kernels.sm90 import gemm_decode
-    from ..ops.gemm import DECODE_MAX_M, dequantize_sm90, nvfp4_linear, use_wgmma
+    from ..ops.gemm import DECODE_MAX_M, nvfp4_linear, use_wgmma
     from .harness import cosine, hbm_floor_us, rel_error, time_graph
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     first = weights[0]["prepared"]
-    ref = (x.float() @ dequantize_sm90(first.weight, first.block_scale, n).t()) * first.alpha
+    ref = fp32_reference(x, first, n)
     if m <= DECODE_MAX_M:
         y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         gemm_decode.run_decode(x, first.weight, first.block_scale, first.alpha, n, out=y)
@@ -188,12 +188,11 @@ def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
 def measure_variants(name, n, k, m, weights, replays):
     """Decode-kernel tuning alternatives at one point: {variant: us} (correctness checked for each)."""
     from ..kernels.sm90 import gemm_decode
-    from ..ops.gemm import dequantize_sm90
     from .harness import cosine, rel_error, time_graph
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     first = weights[0]["prepared"]
-    ref = (x.float() @ dequantize_sm90(first.weight, first.block_scale, n).t()) * first.alpha
+    ref = fp32_reference(x, first, n)
     out = {}
     default_tiles = gemm_decode.tiles_for(m)
     configs = [dict(x_smem=xs, warps_per_sm=w) for xs in (False, True) for w in (8, 16, 32)]
