@@ -117,23 +117,33 @@ def checked_run(call, prepared, ref: torch.Tensor, notes: list, label: str):
 
 
 def time_decode_variants(row: dict, variants, x: torch.Tensor, weights, ref: torch.Tensor, out_n: int, limit, notes: list,
-                         case: str, keep_error: bool = False) -> dict:
-    """GPU probes: each ``(label, run_decode keyword arguments)`` of ``variants`` on ``x`` over the rotating
-    ``weights``, checked against ``ref`` on the first set (:func:`checked_run`), then timed as the benchmark
-    times (harness.time_safely) into ``row[label + "_us"]`` (and ``row[label + "_rel_err"]`` with
-    ``keep_error``); a variant that fails or is wrong gets a note instead. ``limit``: the SwiGLU limit or
+                         case: str, keep_error: bool = False, kernel: str = "decode") -> dict:
+    """GPU probes: each ``(label, keyword arguments)`` of ``variants`` for ``kernel``'s runner ("decode":
+    gemm_decode.run_decode, "wgmma": gemm_wgmma.run_wgmma) on ``x`` over the rotating ``weights``, checked
+    against ``ref`` on the first set (:func:`checked_run`), then timed as the benchmark times
+    (harness.time_safely) into ``row[label + "_us"]`` (and ``row[label + "_rel_err"]`` with ``keep_error``); a
+    variant that fails or is wrong gets a note instead. A timing probe (``probe`` other than "full", wrong
+    results on purpose) is timed unchecked and listed in ``row["probes"]``. ``limit``: the SwiGLU limit or
     None; ``case``: the notes' prefix. Returns ``row``."""
-    from ..kernels.sm90 import gemm_decode
+    from ..kernels.sm90 import gemm_decode, gemm_wgmma
     from .harness import time_safely
 
+    runners = {"decode": lambda: gemm_decode.run_decode, "wgmma": lambda: gemm_wgmma.run_wgmma}
+    if kernel not in runners:
+        raise ValueError(f"kernel must be one of {sorted(runners)}, got {kernel!r}")
+    run = runners[kernel]()
     for label, kw in variants:
         def call(p, kw=kw):
-            return gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
-        checked = checked_run(call, weights[0], ref, notes, f"{case} {label}")
-        if checked:
+            return run(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
+        if kw.get("probe", "full") != "full":
+            row.setdefault("probes", []).append(label)
+        else:
+            checked = checked_run(call, weights[0], ref, notes, f"{case} {label}")
+            if not checked:
+                continue
             if keep_error:
                 row[f"{label}_rel_err"] = checked[1]
-            row[f"{label}_us"] = time_safely([lambda p=p: call(p) for p in weights], notes, f"{case} {label}")[0]
+        row[f"{label}_us"] = time_safely([lambda p=p: call(p) for p in weights], notes, f"{case} {label}")[0]
     return row
 
 

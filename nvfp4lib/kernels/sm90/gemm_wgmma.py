@@ -440,7 +440,7 @@ class GemmWgmmaKernel:
 
 
 DECODER_THREADS = 128  # the decoder warpgroup of GemmWgmmaDecoderKernel
-DECODER_PROBES = ("full", "noload", "nofence")
+DECODER_PROBES = ("full", "noload", "nofence", "nostore")
 
 
 def decoder_default_stages(tile_n: int, tile_m: int = TILE_M) -> int:
@@ -470,8 +470,14 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
-                 split_k: bool = False, pdl: str = "off", stream_k: bool = False):
+                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 8):
         _check_shape(k, tile_n)
+        # store_bytes: the decoder's shared stores of the bf16 tile, 8 bytes (rows g and g + 8, 4 k each; lanes of
+        # odd g // 2 swap their word order so a store costs the minimum 2 wavefronts) or 16 (8 k of a row: half
+        # the store instructions, no word swap)
+        if store_bytes not in (8, 16):
+            raise ValueError(f"store_bytes must be 8 or 16, got {store_bytes}")
+        self.store_bytes = store_bytes
         # stream_k: ``parts`` CTAs (clusters) share the (tile, quad) work evenly, each a contiguous range of it in
         # tile-major order, so that every SM gets the same work whatever the tile count: a part covers the end of
         # one tile and the start of the next (at most a few segments). A tile's segments meet as split_k's do (the
@@ -530,7 +536,7 @@ class GemmWgmmaDecoderKernel:
         if (split_k or stream_k) and ahead == 8:
             ahead = 4  # one quad per decode-loop trip: a split (segment) may hold an odd number of quads
         self.ahead = ahead
-        self.probe = probe  # timing only: "noload" (made-up words), "nofence" (no proxy fence: results may be wrong)
+        self.probe = probe  # timing only: "noload" (made-up words), "nofence" (no proxy fence), "nostore" (no tile stores): wrong results
         self.k = k
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
@@ -868,23 +874,35 @@ class GemmWgmmaDecoderKernel:
                     if cutlass.const_expr(self.swiglu):  # interleaved: gate (i = 0) rows 0-7, up (i = 1) rows 8-15
                         row = R * warp * D.ROWS_PER_GROUP + 8 * i + g
                         row8 = row + D.ROWS_PER_GROUP
-                    for j in cutlass.range_constexpr(4):
-                        # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
-                        a_word = wr[slot, i, j]
-                        b_word = wr[slot, i, j ^ 1]
-                        src = (a_word & ~flip_mask) | (b_word & flip_mask)
-                        regs = decode_word(src, scale_g, scale_g8)
-                        kk = j ^ flip
-                        # k = 64 c + 16 t + 4 kk: 16-byte chunk 2t + kk // 2 (swizzled with the row), byte 8 (kk % 2)
-                        chunk = ((2 * t + (kk >> 1)) ^ g) * 4 + (kk & 1) * 2
-                        lo = cute.make_rmem_tensor((2,), Int32)
-                        hi = cute.make_rmem_tensor((2,), Int32)
-                        lo[0] = regs[0]
-                        lo[1] = regs[2]
-                        hi[0] = regs[1]
-                        hi[1] = regs[3]
-                        cute.autovec_copy(lo, cute.make_tensor(sA32.iterator + base + row * 32 + chunk, cute.make_layout((2,))))
-                        cute.autovec_copy(hi, cute.make_tensor(sA32.iterator + base + row8 * 32 + chunk, cute.make_layout((2,))))
+                    if cutlass.const_expr(self.store_bytes == 16):
+                        for h in cutlass.range_constexpr(2):
+                            # words kk = 2h, 2h + 1: k = 64 c + 16 t + 8 h .. + 7, the 16-byte chunk 2t + h (swizzled
+                            # with the row) of rows g and g + 8; a quarter warp (g, g + 1) covers all 8 chunks once
+                            even = decode_word(wr[slot, i, 2 * h], scale_g, scale_g8)
+                            odd = decode_word(wr[slot, i, 2 * h + 1], scale_g, scale_g8)
+                            chunk = ((2 * t + h) ^ g) * 4
+                            if cutlass.const_expr(self.probe != "nostore"):
+                                store_shared_v4(sA32.iterator + base + row * 32 + chunk, even[0], even[2], odd[0], odd[2])
+                                store_shared_v4(sA32.iterator + base + row8 * 32 + chunk, even[1], even[3], odd[1], odd[3])
+                    else:
+                        for j in cutlass.range_constexpr(4):
+                            # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
+                            a_word = wr[slot, i, j]
+                            b_word = wr[slot, i, j ^ 1]
+                            src = (a_word & ~flip_mask) | (b_word & flip_mask)
+                            regs = decode_word(src, scale_g, scale_g8)
+                            kk = j ^ flip
+                            # k = 64 c + 16 t + 4 kk: 16-byte chunk 2t + kk // 2 (swizzled with the row), byte 8 (kk % 2)
+                            chunk = ((2 * t + (kk >> 1)) ^ g) * 4 + (kk & 1) * 2
+                            lo = cute.make_rmem_tensor((2,), Int32)
+                            hi = cute.make_rmem_tensor((2,), Int32)
+                            lo[0] = regs[0]
+                            lo[1] = regs[2]
+                            hi[0] = regs[1]
+                            hi[1] = regs[3]
+                            if cutlass.const_expr(self.probe != "nostore"):
+                                cute.autovec_copy(lo, cute.make_tensor(sA32.iterator + base + row * 32 + chunk, cute.make_layout((2,))))
+                                cute.autovec_copy(hi, cute.make_tensor(sA32.iterator + base + row8 * 32 + chunk, cute.make_layout((2,))))
                 if cutlass.const_expr(self.probe != "nofence"):
                     cute.arch.fence_view_async_shared()  # the generic-proxy stores, visible to the WGMMAs (async proxy)
                 a_pipe.producer_commit(a_state)
@@ -975,6 +993,18 @@ def store_v4_f32(ptr, a: Float32, b: Float32, c: Float32, d: Float32, *, loc=Non
 
 
 @dsl_user_op
+def store_shared_v4(ptr, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
+    """Four words to 16 aligned bytes of shared memory (``st.shared.v4.b32``); ``ptr`` an Int32 smem pointer."""
+    from cutlass._mlir import ir
+    from cutlass._mlir.dialects import arith
+
+    v = llvm.mlir_undef(ir.VectorType.get([4], T.i32()), loc=loc, ip=ip)
+    for i, value in enumerate((a, b, c, d)):
+        v = llvm.insertelement(v, Int32(value).ir_value(loc=loc, ip=ip), arith.constant(T.i32(), i, loc=loc, ip=ip), loc=loc, ip=ip)
+    cute.arch.store(ptr.llvm_ptr, v, loc=loc, ip=ip)
+
+
+@dsl_user_op
 def load_cg_v4_f32(ptr, *, loc=None, ip=None):
     """Four fp32 (16 aligned bytes) from global memory through L2 only (``ld.global.cg.v4``: another CTA wrote
     them; an ordinary load, so the compiler keeps it after the fences and may batch it)."""
@@ -1010,7 +1040,8 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, y=None, tiles=No
 def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: str | None = None, keep_ptx: bool = False,
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
-                  batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False):
+                  batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
+                  store_bytes: int | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1023,13 +1054,14 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
-                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k)
+                                        cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
+                                        store_bytes or DECODER_STORE_BYTES)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k, pdl, stream_k)
+               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or stream_k or pdl != "off":
-        raise ValueError("only the decoder schedule has the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes:
+        raise ValueError("only the decoder schedule has the store width option and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -1039,6 +1071,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
 
 
 DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 on an H200 (38950a4)
+DECODER_STORE_BYTES = 8  # the decoder's shared stores of the bf16 tile (GemmWgmmaDecoderKernel's store_bytes)
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
 PDL = "auto"  # programmatic dependent launch of the plain / SwiGLU decoder kernel (gemm_decode.PDL_MODES; "auto": run_wgmma's rule)
@@ -1088,7 +1121,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
-              splits: int | None = None, pdl: str | None = None, stream_k: bool = False, parts: int | None = None) -> torch.Tensor:
+              splits: int | None = None, pdl: str | None = None, stream_k: bool = False, parts: int | None = None,
+              store_bytes: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
@@ -1143,7 +1177,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k)
+                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
