@@ -159,10 +159,13 @@ def _kernel_ids(tma_atom: cute.CopyAtom):
     return tidx, rb, tb, warp, lane, lane // 4
 
 
-def _check_shape(k: int, tile_n: int) -> None:
+def _check_shape(k: int, tile_n: int, allowed: tuple = (128, 256)) -> None:
     D.check_decode_shape(16, k)
-    if tile_n not in (128, 256):
-        raise ValueError(f"tile_n (tokens per CTA) must be 128 or 256, got {tile_n}")
+    if tile_n not in allowed:
+        raise ValueError(f"tile_n (tokens per CTA) must be one of {allowed}, got {tile_n}")
+
+
+DECODER_TILE_N = (16, 32, 64, 128, 256)  # tokens per CTA the decoder schedule takes (m64nNk16 WGMMAs)
 
 
 def default_stages(k: int, tile_n: int) -> int:
@@ -471,7 +474,7 @@ class GemmWgmmaDecoderKernel:
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
                  split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 8):
-        _check_shape(k, tile_n)
+        _check_shape(k, tile_n, DECODER_TILE_N)
         # store_bytes: the decoder's shared stores of the bf16 tile, 8 bytes (rows g and g + 8, 4 k each; lanes of
         # odd g // 2 swap their word order so a store costs the minimum 2 wavefronts) or 16 (8 k of a row: half
         # the store instructions, no word swap)
