@@ -93,21 +93,26 @@ def test_wgmma_kernel_ptx_sm90a(k, tile_n):
 
 
 @requires_cute
-@pytest.mark.parametrize("k,tile_n,tile_m", [(512, 128, 128), (7168, 256, 128), (768, 256, 128), (7168, 128, 256)])
-def test_decoder_schedule_ptx_sm90a(k, tile_n, tile_m):
+@pytest.mark.parametrize("k,tile_n,tile_m,store_bytes", [(512, 128, 128, 16), (7168, 256, 128, 16), (768, 256, 128, 8),
+                                                         (7168, 128, 256, 16), (3072, 64, 128, 16), (3072, 16, 128, 8)])
+def test_decoder_schedule_ptx_sm90a(k, tile_n, tile_m, store_bytes):
     """The decoder schedule: SS-WGMMA (A and B both shared-memory descriptors), the decoded tile written with
-    8-byte shared stores and fenced for the async proxy before its barrier arrive, x by TMA."""
+    16-byte (or 8-byte) shared stores and fenced for the async proxy before its barrier arrive, x by TMA."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_wgmma
 
-    ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, schedule="decoder", tile_m=tile_m))
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, schedule="decoder", tile_m=tile_m,
+                                          store_bytes=store_bytes))
     mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16\s+\{[^}]*\},\s*(%rd\d+),\s*(%rd\d+)", ptx)
     m_tiles = tile_m // 128  # WGMMAs per k16 step and warpgroup (64 rows each)
     assert len(mma) == 4 * m_tiles == len(re.findall(r"wgmma\.mma_async", ptx))  # 4 k16 steps per chunk, A from smem
     assert all(int(n_size) == tile_n for n_size, _, _ in mma)
     trip = 8 if k % 512 == 0 and tile_m == 128 else 4  # chunks per decoder loop trip (the depth of the word ring)
     rgs = tile_m // 64  # row groups per decoder warp
-    assert len(re.findall(r"st\.shared\.v2\.b32", ptx)) == trip * rgs * 4 * 2  # per chunk: row groups x 4 words x 2 rows
+    if store_bytes == 8:  # per chunk: row groups x 4 words x 2 rows
+        assert len(re.findall(r"st\.shared\.v2\.b32", ptx)) == trip * rgs * 4 * 2 and "st.shared::cta.v4" not in ptx
+    else:  # per chunk: row groups x 2 word pairs x 2 rows
+        assert len(re.findall(r"st\.shared::cta\.v4\.b32", ptx)) == trip * rgs * 2 * 2 and "st.shared.v2" not in ptx
     assert len(re.findall(r"fence\.proxy\.async", ptx)) == trip  # one per decoded chunk
     assert len(re.findall(r"mul\.rn\.bf16x2", ptx)) == trip * rgs * 4 * 4  # the full decode of every word, once
     assert "cp.async.bulk.tensor" in ptx and ".local" not in ptx
@@ -390,6 +395,8 @@ def test_wgmma_plan_fills_one_wave():
     assert wgmma_plan(256, 128, 7168) == (128, 4)  # fused_wqa_wkv: 27.5 us (dequantize + cuBLAS 32.7)
     assert wgmma_plan(256, 448, 16384) == (256, 2)  # wo_b: 98.7 against 129.3
     assert wgmma_plan(1024, 384, 7168) == (256, 1)  # no one-wave choice: no split
+    # up to M = 64 one 64-token tile (H100, wgmma_decoder_probe_*_8062a02.json: gate_up 31.1 us at M = 64, decode 34.8)
+    assert wgmma_plan(64, 384, 7168) == (64, 2) and wgmma_plan(40, 448, 16384) == (64, 2) and wgmma_plan(64, 128, 7168) == (64, 4)
 
 
 @requires_cute
@@ -450,6 +457,26 @@ def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
     """K split across CTAs (plain and SwiGLU), and stream-K ("k": one part per cluster of SMs; "k7": 7 parts,
     so tiles of many uneven segments): accuracy into a NaN-poisoned output and graph replay bit-equal to eager
     (the split sum does not depend on which split arrives last)."""
+    options = dict(splits=splits) if isinstance(splits, int) else dict(stream_k=True, parts=int(splits[1:] or 0) or None)
+    check_split_run(n, k, m, limit, tile_n=tile_n, **options)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 40, 64, 100])
+@pytest.mark.parametrize("tile_n,splits,store_bytes", [(64, 2, 16), (64, 4, 8), (16, 1, 16), (32, 3, 16)])
+@pytest.mark.parametrize("limit", [None, 10.0])
+def test_wgmma_small_tiles_on_gpu(fresh_seed, n, k, m, tile_n, splits, store_bytes, limit):
+    """Tiles of 16..64 tokens (the op's WGMMA path up to M = 64 takes 64), with K splits and both store widths:
+    accuracy into a NaN-poisoned output and graph replay bit-equal to eager."""
+    check_split_run(n, k, m, limit, tile_n=tile_n, splits=splits, store_bytes=store_bytes)
+
+
+def check_split_run(n: int, k: int, m: int, limit, **options):
+    """run_wgmma(**options) on a random [n, k] weight and x [m, k] (the clamped SwiGLU with ``limit``): finite,
+    rel err <= 1e-2 and cosine >= 0.9999 against the reference into a NaN-poisoned output, and a CUDA-graph
+    replay bit-equal to eager."""
     from nvfp4lib.bench.harness import cosine, rel_error
     from nvfp4lib.kernels.sm90 import gemm_wgmma
     from nvfp4lib.ops.gemm import clamped_swiglu_reference, prepare_weight, reference_gemm
@@ -465,8 +492,7 @@ def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
     out_n = n // 2 if limit else n
 
     def call(out=None):
-        options = dict(splits=splits) if isinstance(splits, int) else dict(stream_k=True, parts=int(splits[1:] or 0) or None)
-        return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=out, tile_n=tile_n, swiglu_limit=limit, **options)
+        return gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, out=out, swiglu_limit=limit, **options)
 
     y = call(torch.full((m, out_n), float("nan"), device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()

@@ -132,9 +132,10 @@ def time_decode_variants(row: dict, variants, x: torch.Tensor, weights, ref: tor
     if kernel not in runners:
         raise ValueError(f"kernel must be one of {sorted(runners)}, got {kernel!r}")
     run = runners[kernel]()
+    n = 2 * out_n if limit and kernel == "wgmma" else out_n  # run_wgmma takes the weight's rows (2I with the SwiGLU)
     for label, kw in variants:
         def call(p, kw=kw):
-            return run(x, p.weight, p.block_scale, p.alpha, out_n, swiglu_limit=limit, **kw)
+            return run(x, p.weight, p.block_scale, p.alpha, n, swiglu_limit=limit, **kw)
         if kw.get("probe", "full") != "full":
             row.setdefault("probes", []).append(label)
         else:
@@ -148,21 +149,22 @@ def time_decode_variants(row: dict, variants, x: torch.Tensor, weights, ref: tor
 
 
 def measure_point(name, n, k, m, weights, quack, bw, peak, replays):
-    from ..kernels.sm90 import gemm_decode
+    from ..kernels.sm90 import gemm_decode, gemm_wgmma
     from ..ops.gemm import DECODE_MAX_M, nvfp4_linear, use_wgmma
     from .harness import cosine, hbm_floor_us, rel_error, time_graph
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     first = weights[0]["prepared"]
     ref = fp32_reference(x, first, n)
-    if m <= DECODE_MAX_M:
-        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        gemm_decode.run_decode(x, first.weight, first.block_scale, first.alpha, n, out=y)
-    else:
+    path = "wgmma" if use_wgmma(m, n, k, False) else "decode" if m <= DECODE_MAX_M else "prefill"
+    if path == "prefill":
         y = nvfp4_linear(x, first)
+    else:  # the op's kernel into a NaN-poisoned output: every element must be written
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        run = gemm_wgmma.run_wgmma if path == "wgmma" else gemm_decode.run_decode
+        run(x, first.weight, first.block_scale, first.alpha, n, out=y)
     torch.cuda.synchronize()
     original = x.float() @ weights[0]["original"].float().t()
-    path = "decode" if m <= DECODE_MAX_M else "wgmma" if use_wgmma(m, n, k, False) else "prefill"
     row = dict(shape=name, M=m, N=n, K=k, path=path,
                rel_err=rel_error(y, ref), cosine=cosine(y, ref), finite=bool(torch.isfinite(y).all()),
                quant_rel_err_vs_bf16=rel_error(y, original))

@@ -12,9 +12,10 @@ Public API:
   gate_up GEMM with the clamped SwiGLU fused (either layout).
 
 Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
-(``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K); M up to
-``WGMMA_MAX_M`` (1024; 512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule)
-where its grid fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
+(``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K), except from
+``SMALL_WGMMA_MIN_M`` (49; 33 for K >= 16384) for weights of many row blocks; M up to ``WGMMA_MAX_M`` (1024;
+512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule; 64-token tiles up to
+M = 64) where its grid fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
 (``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The
 ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
 every op is the exact reference: fp32 accumulation over the exact dequantized values, one bf16 rounding.
@@ -44,6 +45,14 @@ WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K (and below WGMMA_VERY_LONG_
 WGMMA_LONG_K = 4096
 WGMMA_VERY_LONG_K = 16384  # wo_b at M = 1024 on an H100: 392 us against 470 for dequantize + cuBLAS (wgmma_split_probe)
 WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, fused_wqa_wkv's 16 row blocks too
+# M <= DECODE_MAX_M: the WGMMA kernel with one 64-token tile against the decode kernel on an H100
+# (data/bench/wgmma_decoder_probe_nvidia_h100_80gb_hbm3_8062a02.json, "crossover"): the WGMMA kernel's time does not
+# move with M there (gate_up 30.7-31.1 us, down 17.7, wo_b 61.8-62.4 at M = 40..64, 2 K splits), while the decode
+# kernel's jumps past M = 48 (gate_up 29.6 -> 34.6, down 16.4 -> 21.7, wo_b 72.5 -> 96.4). fused_wqa_wkv (16 row
+# blocks, 64 CTAs with 4 splits: 19.0 us) stays on the decode kernel (11.4-13.1)
+SMALL_WGMMA_MIN_M = 49
+SMALL_WGMMA_MIN_M_VERY_LONG_K = 33  # wo_b (K = 16384): 61.8 against 76.1 at M = 40; at M = 32 the decode kernel (51.4 against 61.7)
+SMALL_WGMMA_MIN_CTAS = 96
 
 
 def wgmma_takes(k: int) -> bool:
@@ -54,12 +63,22 @@ def wgmma_takes(k: int) -> bool:
 
 
 def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
-    """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM (see WGMMA_MAX_M)."""
-    most = WGMMA_MAX_M if k <= WGMMA_LONG_K or k >= WGMMA_VERY_LONG_K else WGMMA_MAX_M_LONG_K
-    if has_bias or n % 2 or not DECODE_MAX_M < m <= most:
+    """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM: above DECODE_MAX_M up to
+    WGMMA_MAX_M (see there) where its plan fills WGMMA_MIN_CTAS; at or below it, from SMALL_WGMMA_MIN_M (see
+    there) where the 64-token plan fills SMALL_WGMMA_MIN_CTAS, the decode kernel otherwise."""
+    if has_bias or n % 2:
         return False
     from ..kernels.sm90.gemm_wgmma import wgmma_plan
 
+    if m <= DECODE_MAX_M:
+        least = SMALL_WGMMA_MIN_M_VERY_LONG_K if k >= WGMMA_VERY_LONG_K else SMALL_WGMMA_MIN_M
+        if m < least:
+            return False
+        tile_n, splits = wgmma_plan(m, -(-n // 16), k)
+        return -(-n // 128) * -(-m // tile_n) * splits >= SMALL_WGMMA_MIN_CTAS
+    most = WGMMA_MAX_M if k <= WGMMA_LONG_K or k >= WGMMA_VERY_LONG_K else WGMMA_MAX_M_LONG_K
+    if m > most:
+        return False
     tile_n, splits = wgmma_plan(m, -(-n // 16), k)
     return -(-n // 128) * -(-m // tile_n) * splits >= WGMMA_MIN_CTAS
 
@@ -234,20 +253,20 @@ def dequantize_sm90(words: torch.Tensor, scale_words: torch.Tensor, n: int) -> t
 @torch.library.custom_op("nvfp4lib::gemm_w4a16_sm90", mutates_args=())
 def gemm_w4a16_sm90(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
     """The same GEMM as ``gemm_w4a16`` with the weight in the sm90 layout -> bf16 [M, n].
-    CUDA: M <= DECODE_MAX_M runs the CuTeDSL decode kernel, then the WGMMA kernel where :func:`use_wgmma`
-    says so, else the prefill path. CPU: the exact reference (the layout is unpacked first)."""
+    CUDA: the WGMMA kernel where :func:`use_wgmma` says so, else M <= DECODE_MAX_M the CuTeDSL decode kernel,
+    else the prefill path. CPU: the exact reference (the layout is unpacked first)."""
     _check_sm90_args(x, words, scale_words, alpha, bias, n)
     if x.is_cuda:
         if x.shape[0] == 0:
             return x.new_empty((0, n))
-        if x.shape[0] <= DECODE_MAX_M:
-            from ..kernels.sm90 import gemm_decode
-
-            return gemm_decode.run_decode(x.contiguous(), words, scale_words, alpha, n, bias)
         if use_wgmma(x.shape[0], n, x.shape[1], bias is not None):
             from ..kernels.sm90 import gemm_wgmma
 
             return gemm_wgmma.run_wgmma(x.contiguous(), words, scale_words, alpha, n)
+        if x.shape[0] <= DECODE_MAX_M:
+            from ..kernels.sm90 import gemm_decode
+
+            return gemm_decode.run_decode(x.contiguous(), words, scale_words, alpha, n, bias)
         from ..kernels.sm90 import gemm_prefill
 
         return gemm_prefill.run_prefill(x.contiguous(), words, scale_words, alpha, n, bias)

@@ -446,10 +446,10 @@ DECODER_THREADS = 128  # the decoder warpgroup of GemmWgmmaDecoderKernel
 DECODER_PROBES = ("full", "noload", "nofence", "nostore")
 
 
-def decoder_default_stages(tile_n: int, tile_m: int = TILE_M, reserve: int = 0) -> int:
-    """x + weight stages of the decoder schedule: as many as fit in ~200 KB less ``reserve`` bytes (at most 8)."""
+def decoder_default_stages(tile_n: int, tile_m: int = TILE_M) -> int:
+    """x + weight stages of the decoder schedule: as many as fit in ~200 KB (at most 8)."""
     per_stage = (tile_n + tile_m) * TILE_K * 2
-    return max(2, min(8, (200 * 1024 - reserve) // per_stage))
+    return max(2, min(8, (200 * 1024) // per_stage))
 
 
 class GemmWgmmaDecoderKernel:
@@ -459,8 +459,12 @@ class GemmWgmmaDecoderKernel:
       rows (R = tile_m / 64), one 16-byte load per lane and row group per 64-k chunk (loaded ``ahead`` chunks
       early), the full register
       decode (:func:`.gemm_decode.decode_word`), and writes the bf16 tile into a ``stages``-deep shared
-      buffer in WGMMA's canonical K-major 128-byte-swizzled layout (8-byte stores; lanes of even and odd
-      ``g // 2`` take their words in opposite order so a store instruction costs the minimum 2 wavefronts).
+      buffer in WGMMA's canonical K-major 128-byte-swizzled layout (16-byte stores, 8 k of a row each; or
+      ``store_bytes=8``: lanes of even and odd ``g // 2`` take their words in opposite order so a store
+      instruction costs the minimum 2 wavefronts). Where the decoder bounds the kernel (tiles of 64 tokens or
+      fewer), the stores are its largest cost: the ``nostore`` probe halved gate_up at M = 64 (33.5 -> 17.2 us,
+      data/bench/wgmma_probes_m64_nvidia_h200_8062a02.json); moving the weight words through a shared ring
+      (cp.async.bulk) instead of registers was 10-25% slower (wgmma_ring_probe_*_8062a02.json, removed).
       Its warp 0 also issues the TMA of x. Weight stage full/empty: a :class:`PipelineAsync` (128 producer
       arrivals after ``fence.proxy.async``, 256 consumer arrivals).
     - Warpgroups 1 and 2: SS-WGMMA ``m64n{tile_n}k16`` (A and B from shared memory), 4 per chunk, one
@@ -473,16 +477,8 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
-                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 8, weight_ring: int = 0):
+                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16):
         _check_shape(k, tile_n, DECODER_TILE_N)
-        # weight_ring: 0, the decoder lanes load their weight and scale words into registers (``ahead`` chunks
-        # early); W >= 2, one thread copies each quad's words and scale words of the CTA's row groups into a
-        # W-quad shared ring (cp.async.bulk, completion on an mbarrier: no register scoreboards, whose sharing
-        # among many loads in flight made the lanes wait on loads issued a chunk before) and the lanes read
-        # them from there (16-byte shared loads)
-        if weight_ring == 1 or weight_ring < 0 or (weight_ring and stream_k):
-            raise ValueError(f"weight_ring must be 0 or at least 2 quads (and not with stream_k), got {weight_ring}")
-        self.weight_ring = weight_ring
         # store_bytes: the decoder's shared stores of the bf16 tile, 8 bytes (rows g and g + 8, 4 k each; lanes of
         # odd g // 2 swap their word order so a store costs the minimum 2 wavefronts) or 16 (8 k of a row: half
         # the store instructions, no word swap)
@@ -552,11 +548,7 @@ class GemmWgmmaDecoderKernel:
         self.chunks = k // D.CHUNK_K
         self.quads = k // D.QUAD_K
         self.tile_n = tile_n
-        # one ring stage: the words [4 tile_m / 64 row groups, 4 chunks, 128] then the scale words [row groups, 64]
-        self.ring_rgs = tile_m // D.ROWS_PER_GROUP
-        self.ring_stage_words = self.ring_rgs * (4 * 128 + 64)
-        ring_bytes = weight_ring * self.ring_stage_words * 4
-        self.stages = stages or decoder_default_stages(tile_n, tile_m, reserve=ring_bytes)
+        self.stages = stages or decoder_default_stages(tile_n, tile_m)
         self.threads = DECODER_THREADS + THREADS
 
     @cute.jit
@@ -598,9 +590,6 @@ class GemmWgmmaDecoderKernel:
             a_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(a_staged)], 1024]
             sX: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(x_staged)], 1024]
-            w_full: cute.struct.MemRange[cutlass.Int64, max(1, self.weight_ring)]
-            w_empty: cute.struct.MemRange[cutlass.Int64, max(1, self.weight_ring)]
-            sW: cute.struct.Align[cute.struct.MemRange[Int32, max(4, self.weight_ring * self.ring_stage_words)], 128]
 
         self.shared_storage = SharedStorage
         self.tma_bytes = tma_bytes
@@ -695,14 +684,6 @@ class GemmWgmmaDecoderKernel:
             barrier_storage=storage.a_barriers.data_ptr(), num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, DECODER_THREADS),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS), defer_sync=True)
-        if cutlass.const_expr(self.weight_ring > 0):  # the weight ring's barriers: full (1 arrival + bytes), empty (decoder)
-            if tidx == 0:
-                for i in cutlass.range_constexpr(self.weight_ring):
-                    cute.arch.mbarrier_init(storage.w_full.data_ptr() + i, 1)
-                    cute.arch.mbarrier_init(storage.w_empty.data_ptr() + i, DECODER_THREADS)
-                cute.arch.mbarrier_init_fence()
-        ring = (storage.w_full.data_ptr(), storage.w_empty.data_ptr(),
-                cute.make_tensor(storage.sW.data_ptr(), cute.make_layout((max(4, self.weight_ring * self.ring_stage_words),))))
         pipeline.pipeline_init_arrive(cluster_shape_mn=(self.cluster_m, 1), is_relaxed=True)
         pipeline.pipeline_init_wait(cluster_shape_mn=(self.cluster_m, 1))
         sA = storage.sA.get_tensor(a_staged.outer, swizzle=a_staged.inner)
@@ -720,7 +701,7 @@ class GemmWgmmaDecoderKernel:
                                                             s_rb, s_row0, expert, row_groups, mcast_mask, s_qa, s_qb, x_state, a_state)
             else:
                 x_state, a_state = self._decode_segment(mX_tma, mW, mS, sA32, sX, x_pipe, a_pipe, tma_atom, cluster_coord, warp, lane,
-                                                        rb, row0, expert, row_groups, mcast_mask, q_begin, q_end, x_state, a_state, ring)
+                                                        rb, row0, expert, row_groups, mcast_mask, q_begin, q_end, x_state, a_state)
             if cutlass.const_expr(self.cluster_m > 1):
                 if warp == 0:  # every release (the peer CTA's too) has landed before this CTA exits
                     x_pipe.producer_tail(x_state)
@@ -838,20 +819,16 @@ class GemmWgmmaDecoderKernel:
     @cute.jit
     def _decode_segment(self, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, sX: cute.Tensor, x_pipe, a_pipe,
                         tma_atom, cluster_coord, warp: Int32, lane: Int32, rb: Int32, row0: Int32, expert: Int32, row_groups: Int32,
-                        mcast_mask, q_begin, q_end, x_state, a_state, ring=None):
+                        mcast_mask, q_begin, q_end, x_state, a_state):
         """Warpgroup 0: per chunk, the TMA of x (warp 0) and the decoded bf16 weight tile into shared memory, for
         row block rb of weight ``expert`` and the tile_n tokens from row0, quads q_begin .. q_end - 1 of K (all of
-        them unless split_k / stream_k). ``ring`` (with weight_ring): (full barriers, empty barriers, the ring's
-        Int32 words). Returns the producer states (x_state, a_state) past the segment."""
+        them unless split_k / stream_k). Returns the producer states (x_state, a_state) past the segment."""
         x_col0 = expert * self.k if cutlass.const_expr(self.batched) else 0  # batched: the group's K columns
         gX = cute.local_tile(cute.domain_offset((row0, x_col0), mX_tma), (self.tile_n, TILE_K), (0, None))
         tXsX, tXgX = cpasync.tma_partition(tma_atom, cluster_coord[0], cute.make_layout(self.cluster_m),
                                            cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
         R = self.rg_per_warp
         rgs = self._row_groups(rb, warp, expert, row_groups)
-        if cutlass.const_expr(self.weight_ring > 0):
-            return self._decode_ring(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp, lane, rb, expert, row_groups, mcast_mask,
-                                     q_begin, q_end, x_state, a_state, ring)
         # raw words [slot, row group, word], `ahead` chunks in flight; scale words [row group, word] per quad
         wr = cute.make_rmem_tensor(cute.make_ordered_layout((self.ahead, R, 4), order=(2, 1, 0)), Int32)
         scur = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
@@ -894,66 +871,6 @@ class GemmWgmmaDecoderKernel:
             gate_rg = cutlass.min(rb * 4 + warp, row_groups // 2 - 1)
             return [rg_base + gate_rg, rg_base + gate_rg + row_groups // 2]
         return [rg_base + cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
-
-    @cute.jit
-    def _decode_ring(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX, warp: Int32,
-                     lane: Int32, rb: Int32, expert: Int32, row_groups: Int32, mcast_mask, q_begin, q_end, x_state, a_state, ring):
-        """The decoder loop over a shared weight ring (weight_ring = W quads): thread 0 copies quad q + W - 1 while
-        the warpgroup decodes quad q. Ring stage layout (Int32 words): the CTA's row groups' 4 x 512-byte chunks
-        (row group L = R warp + i at 512 L), then their 256-byte scale words (at 512 x row groups + 64 L)."""
-        W = self.weight_ring
-        R = self.rg_per_warp
-        RG = self.ring_rgs
-        full, empty, sW = ring
-        span = q_end - q_begin
-        producer = (warp == 0) & (lane == 0)
-        for j in cutlass.range_constexpr(W - 1):  # the first W - 1 quads in flight
-            if producer & (j < span):
-                self._ring_issue(mW, mS, sW, full, empty, rb, expert, row_groups, Int32(j), q_begin + j)
-        if cutlass.const_expr(self.pdl != "off"):
-            if warp == 0:  # the first weight quads are in flight: now wait for the kernel that wrote x
-                cute.arch.griddepcontrol_wait()
-        words = cute.make_rmem_tensor(cute.make_ordered_layout((R, 4), order=(1, 0)), Int32)
-        scales = cute.make_rmem_tensor(cute.make_ordered_layout((R, 2), order=(1, 0)), Int32)
-        for jq in cutlass.range(span, unroll=1):
-            if producer & (jq + W - 1 < span):
-                self._ring_issue(mW, mS, sW, full, empty, rb, expert, row_groups, jq + W - 1, q_begin + jq + W - 1)
-            slot = jq % W
-            cute.arch.mbarrier_wait(full + slot, (jq // W) % 2)
-            stage = slot * self.ring_stage_words
-            for i in cutlass.range_constexpr(R):
-                cute.autovec_copy(cute.make_tensor(sW.iterator + stage + RG * 512 + (R * warp + i) * 64 + lane * 2, cute.make_layout((2,))),
-                                  scales[i, None])
-            for ci in cutlass.range_constexpr(4):
-                for i in cutlass.range_constexpr(R):
-                    cute.autovec_copy(cute.make_tensor(sW.iterator + stage + (R * warp + i) * 512 + ci * 128 + lane * 4,
-                                                       cute.make_layout((4,))), words[i, None])
-                x_state, a_state = self._decode_chunk(x_pipe, a_pipe, tma_atom, tXgX, tXsX, sA32, mcast_mask, warp, lane,
-                                                      (q_begin + jq) * 4 + ci, ci, words, scales, x_state, a_state)
-            cute.arch.mbarrier_arrive(empty + slot)
-        return x_state, a_state
-
-    @cute.jit
-    def _ring_issue(self, mW: cute.Tensor, mS: cute.Tensor, sW: cute.Tensor, full, empty, rb: Int32, expert: Int32, row_groups: Int32,
-                    j: Int32, q: Int32):
-        """(One thread) quad q's words and scale words of the CTA's row groups into ring stage j % W, the j-th use
-        of the ring: wait for the stage's previous use to be released, then bulk copies completing on its full
-        barrier."""
-        W = self.weight_ring
-        R = self.rg_per_warp
-        RG = self.ring_rgs
-        slot = j % W
-        if j >= W:
-            cute.arch.mbarrier_wait(empty + slot, (j // W - 1) % 2)
-        cute.arch.mbarrier_arrive_and_expect_tx(full + slot, self.ring_stage_words * 4)
-        stage = slot * self.ring_stage_words
-        for w in cutlass.range_constexpr(4):
-            rgs = self._row_groups(rb, w, expert, row_groups)
-            for i in cutlass.range_constexpr(R):
-                L = R * w + i
-                bulk_copy_g2s(sW.iterator + stage + L * 512, mW.iterator + cute.crd2idx((rgs[i], 4 * q, 0, 0), mW.layout), 2048, full + slot)
-                bulk_copy_g2s(sW.iterator + stage + RG * 512 + L * 64, mS.iterator + cute.crd2idx((rgs[i], q, 0, 0), mS.layout), 256,
-                              full + slot)
 
     @cute.jit
     def _decode_chunk(self, x_pipe, a_pipe, tma_atom, tXgX, tXsX, sA32: cute.Tensor, mcast_mask, warp: Int32, lane: Int32, kt, ci: int,
@@ -1109,17 +1026,6 @@ def store_shared_v4(ptr, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip
 
 
 @dsl_user_op
-def bulk_copy_g2s(dst, src, nbytes: int, mbar, *, loc=None, ip=None):
-    """``cp.async.bulk`` of ``nbytes`` (a multiple of 16) from global ``src`` to this CTA's shared ``dst`` (both
-    16-byte aligned cute pointers), completing as transaction bytes on the shared mbarrier ``mbar``."""
-    dst32 = llvm.ptrtoint(T.i32(), dst.llvm_ptr, loc=loc, ip=ip)
-    bar32 = llvm.ptrtoint(T.i32(), mbar.llvm_ptr, loc=loc, ip=ip)
-    llvm.inline_asm(None, [dst32, src.llvm_ptr, bar32],
-                    f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], {nbytes}, [$2];", "r,l,r",
-                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
-
-
-@dsl_user_op
 def load_cg_v4_f32(ptr, *, loc=None, ip=None):
     """Four fp32 (16 aligned bytes) from global memory through L2 only (``ld.global.cg.v4``: another CTA wrote
     them; an ordinary load, so the compiler keeps it after the fences and may batch it)."""
@@ -1156,7 +1062,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
                   batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
-                  store_bytes: int | None = None, weight_ring: int | None = None):
+                  store_bytes: int | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1170,13 +1076,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
-                                        store_bytes or DECODER_STORE_BYTES, DECODER_WEIGHT_RING if weight_ring is None else weight_ring)
+                                        store_bytes or DECODER_STORE_BYTES)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.weight_ring)
+               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or weight_ring:
-        raise ValueError("only the decoder schedule has the store width and weight ring options and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes:
+        raise ValueError("only the decoder schedule has the store width option and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -1186,8 +1092,11 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
 
 
 DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 on an H200 (38950a4)
-DECODER_STORE_BYTES = 8  # the decoder's shared stores of the bf16 tile (GemmWgmmaDecoderKernel's store_bytes)
-DECODER_WEIGHT_RING = 0  # quads in the decoder's shared weight ring (GemmWgmmaDecoderKernel's weight_ring; 0: registers)
+# the decoder's shared stores of the bf16 tile (GemmWgmmaDecoderKernel's store_bytes). H100
+# (data/bench/wgmma_decoder_probe_nvidia_h100_80gb_hbm3_8062a02.json): 16 against 8 bytes 3-8% faster where the
+# decoder bounds the kernel (64-token tiles: gate_up M = 64 33.8 -> 31.1 us, down 19.2 -> 17.9), within noise from M = 256
+# (gate_up M = 4096 567 against 585-598 us, down 312 against 304-314)
+DECODER_STORE_BYTES = 16
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
 PDL = "auto"  # programmatic dependent launch of the plain / SwiGLU decoder kernel (gemm_decode.PDL_MODES; "auto": run_wgmma's rule)
@@ -1197,9 +1106,13 @@ PINGPONG = False  # measured 1-10% slower on an H200 (data/bench/wgmma_probe_nvi
 WGMMA_MAX_SPLITS = 4  # measured up to 4 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_7e5ffe1.json)
 
 
+SMALL_TILE_MAX_M = 64  # up to this M the plan takes one 64-token tile (the decoder, not the MMA, bounds the time there)
+
+
 def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: int | None = None) -> tuple:
     """(tile_n, K splits) of the plain / SwiGLU decoder kernel: the most CTAs that fit in ONE wave, over tiles
-    of 128 tokens (256 too from M = 256) and 1..WGMMA_MAX_SPLITS splits (each at least 2 quads); ties go to
+    of 64 tokens up to M = SMALL_TILE_MAX_M, else of 128 tokens (256 too from M = 256), and 1..WGMMA_MAX_SPLITS
+    splits (each at least 2 quads); ties go to
     256 tokens for K >= 4096 (the split sum, a fixed cost per tile, pays off over a long K), to 128 below.
     With no one-wave choice, :func:`tile_n_for` and no split. H100 (data/bench/wgmma_split_probe_*_7e5ffe1.json):
     gate_up M = 128 48 CTAs -> 2 splits: 39.2 against 59.8 us; M = 256 256 tokens x 2 splits: 52.7 against 60.1;
@@ -1208,7 +1121,7 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
     row_blocks = -(-(-(-row_groups // (TILE_M // D.ROWS_PER_GROUP))) // cluster_m) * cluster_m
     quads = k // D.QUAD_K
     best = None
-    for tile_n in (128, 256):
+    for tile_n in (64,) if m <= SMALL_TILE_MAX_M else (128, 256):
         if tile_n == 256 and m < 256:
             continue
         ctas = row_blocks * -(-m // tile_n)
@@ -1218,7 +1131,7 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
             key = (ctas * splits, tile_n if k >= 4096 else -tile_n)
             if best is None or key > best[0]:
                 best = (key, tile_n, splits)
-    return (tile_n_for(m), 1) if best is None else best[1:]
+    return (64 if m <= SMALL_TILE_MAX_M else tile_n_for(m), 1) if best is None else best[1:]
 
 
 def tile_n_for(m: int) -> int:
@@ -1238,7 +1151,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
               splits: int | None = None, pdl: str | None = None, stream_k: bool = False, parts: int | None = None,
-              store_bytes: int | None = None, weight_ring: int | None = None) -> torch.Tensor:
+              store_bytes: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
@@ -1293,8 +1206,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
-                             weight_ring=weight_ring)
+                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
