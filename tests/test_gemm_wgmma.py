@@ -93,22 +93,24 @@ def test_wgmma_kernel_ptx_sm90a(k, tile_n):
 
 
 @requires_cute
-@pytest.mark.parametrize("k,tile_n,tile_m,store_bytes", [(512, 128, 128, 16), (7168, 256, 128, 16), (768, 256, 128, 8),
-                                                         (7168, 128, 256, 16), (3072, 64, 128, 16), (3072, 16, 128, 8)])
-def test_decoder_schedule_ptx_sm90a(k, tile_n, tile_m, store_bytes):
+@pytest.mark.parametrize("k,tile_n,tile_m,store_bytes,decoders", [(512, 128, 128, 16, 1), (7168, 256, 128, 16, 1), (768, 256, 128, 8, 1),
+                                                                  (7168, 128, 256, 16, 1), (3072, 64, 128, 16, 1), (3072, 16, 128, 8, 1),
+                                                                  (3072, 64, 128, 16, 2), (7168, 128, 128, 8, 2)])
+def test_decoder_schedule_ptx_sm90a(k, tile_n, tile_m, store_bytes, decoders):
     """The decoder schedule: SS-WGMMA (A and B both shared-memory descriptors), the decoded tile written with
     16-byte (or 8-byte) shared stores and fenced for the async proxy before its barrier arrive, x by TMA."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_wgmma
 
     ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, schedule="decoder", tile_m=tile_m,
-                                          store_bytes=store_bytes))
+                                          store_bytes=store_bytes, decoders=decoders))
+    assert f".reqntid {128 * decoders + 256}, 1, 1" in ptx  # decoder warpgroups + two MMA warpgroups
     mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16\s+\{[^}]*\},\s*(%rd\d+),\s*(%rd\d+)", ptx)
     m_tiles = tile_m // 128  # WGMMAs per k16 step and warpgroup (64 rows each)
     assert len(mma) == 4 * m_tiles == len(re.findall(r"wgmma\.mma_async", ptx))  # 4 k16 steps per chunk, A from smem
     assert all(int(n_size) == tile_n for n_size, _, _ in mma)
     trip = 8 if k % 512 == 0 and tile_m == 128 else 4  # chunks per decoder loop trip (the depth of the word ring)
-    rgs = tile_m // 64  # row groups per decoder warp
+    rgs = tile_m // 64 // decoders  # row groups per decoder warp
     if store_bytes == 8:  # per chunk: row groups x 4 words x 2 rows
         assert len(re.findall(r"st\.shared\.v2\.b32", ptx)) == trip * rgs * 4 * 2 and "st.shared::cta.v4" not in ptx
     else:  # per chunk: row groups x 2 word pairs x 2 rows
@@ -465,12 +467,15 @@ def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
 @requires_cute
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [1, 40, 64, 100])
-@pytest.mark.parametrize("tile_n,splits,store_bytes", [(64, 2, 16), (64, 4, 8), (16, 1, 16), (32, 3, 16)])
+@pytest.mark.parametrize("tile_n,splits,store_bytes,decoders", [(64, 2, 16, 1), (64, 4, 8, 1), (16, 1, 16, 1), (32, 3, 16, 1),
+                                                                (64, 2, 16, 2), (64, 1, 8, 2), (128, 2, 16, 2)])
 @pytest.mark.parametrize("limit", [None, 10.0])
-def test_wgmma_small_tiles_on_gpu(fresh_seed, n, k, m, tile_n, splits, store_bytes, limit):
-    """Tiles of 16..64 tokens (the op's WGMMA path up to M = 64 takes 64), with K splits and both store widths:
-    accuracy into a NaN-poisoned output and graph replay bit-equal to eager."""
-    check_split_run(n, k, m, limit, tile_n=tile_n, splits=splits, store_bytes=store_bytes)
+def test_wgmma_small_tiles_on_gpu(fresh_seed, n, k, m, tile_n, splits, store_bytes, decoders, limit):
+    """Tiles of 16..128 tokens (the op's WGMMA path up to M = 64 takes 64), with K splits, both store widths and
+    one or two decoder warpgroups: accuracy into a NaN-poisoned output and graph replay bit-equal to eager."""
+    if limit and decoders == 2:
+        pytest.skip("the SwiGLU kernel has one decoder warpgroup")
+    check_split_run(n, k, m, limit, tile_n=tile_n, splits=splits, store_bytes=store_bytes, decoders=decoders)
 
 
 def check_split_run(n: int, k: int, m: int, limit, **options):

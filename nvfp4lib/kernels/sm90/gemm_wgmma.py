@@ -478,8 +478,15 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
-                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16):
+                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16, decoders: int = 1):
         _check_shape(k, tile_n, DECODER_TILE_N)
+        # decoders: decoder warpgroups (1 or 2); with 2 each decodes half the rows of every chunk, so two warps an
+        # SM sub-partition hide each other's latencies (the launch's 512 threads cap the registers at 128 a thread)
+        if decoders not in (1, 2) or (decoders == 2 and (swiglu or tile_m * tile_n > 128 * 128)):
+            raise ValueError(f"decoders must be 1, or 2 without the SwiGLU and with at most 128 tokens a 128-row tile "
+                             f"(128 registers a thread), got {decoders}")
+        self.decoders = decoders
+        self.decoder_threads = DECODER_THREADS * decoders
         # store_bytes: the decoder's shared stores of the bf16 tile, 8 bytes (rows g and g + 8, 4 k each; lanes of
         # odd g // 2 swap their word order so a store costs the minimum 2 wavefronts) or 16 (8 k of a row: half
         # the store instructions, no word swap)
@@ -533,7 +540,7 @@ class GemmWgmmaDecoderKernel:
             raise ValueError(f"tile_m must be 128 or 256 with tile_m * tile_n <= 128 * 256 (128 fp32 accumulators a thread), "
                              f"got {tile_m} x {tile_n}")
         self.tile_m = tile_m
-        self.rg_per_warp = tile_m // (4 * D.ROWS_PER_GROUP)  # weight row groups each decoder warp decodes
+        self.rg_per_warp = tile_m // (4 * decoders * D.ROWS_PER_GROUP)  # weight row groups each decoder warp decodes
         self.a_stage_words = tile_m * TILE_K // 2
         if ahead not in (2, 4, 8):
             raise ValueError(f"ahead (chunks of weight words in flight) must be 2, 4 or 8, got {ahead}")
@@ -550,7 +557,7 @@ class GemmWgmmaDecoderKernel:
         self.quads = k // D.QUAD_K
         self.tile_n = tile_n
         self.stages = stages or decoder_default_stages(tile_n, tile_m)
-        self.threads = DECODER_THREADS + THREADS
+        self.threads = self.decoder_threads + THREADS
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -683,13 +690,13 @@ class GemmWgmmaDecoderKernel:
             tx_count=self.tma_bytes, cta_layout_vmnk=cute.make_layout((1, self.cluster_m, 1, 1)), defer_sync=True)
         a_pipe = pipeline.PipelineAsync.create(
             barrier_storage=storage.a_barriers.data_ptr(), num_stages=self.stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, DECODER_THREADS),
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.decoder_threads),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS), defer_sync=True)
         pipeline.pipeline_init_arrive(cluster_shape_mn=(self.cluster_m, 1), is_relaxed=True)
         pipeline.pipeline_init_wait(cluster_shape_mn=(self.cluster_m, 1))
         sA = storage.sA.get_tensor(a_staged.outer, swizzle=a_staged.inner)
         sX = storage.sX.get_tensor(x_staged.outer, swizzle=x_staged.inner)
-        if warp < DECODER_THREADS // 32:
+        if warp < self.decoder_threads // 32:
             sA32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32),
                                     cute.make_layout((self.stages * self.a_stage_words,)))
             mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0) if cutlass.const_expr(self.cluster_m > 1) else 0
@@ -707,7 +714,7 @@ class GemmWgmmaDecoderKernel:
                 if warp == 0:  # every release (the peer CTA's too) has landed before this CTA exits
                     x_pipe.producer_tail(x_state)
         else:
-            thr_mma = tiled_mma.get_slice(tidx - DECODER_THREADS)
+            thr_mma = tiled_mma.get_slice(tidx - self.decoder_threads)
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
             acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((self.tile_m, self.tile_n)), Float32)
@@ -756,7 +763,7 @@ class GemmWgmmaDecoderKernel:
         last = cutlass.Boolean(True)
         if cutlass.const_expr(self.split_k or self.stream_k):
             if splits > 1:
-                last = self._sum_splits(acc, mWs, mCnt, tidx - DECODER_THREADS, lane, split, splits, slot)
+                last = self._sum_splits(acc, mWs, mCnt, tidx - self.decoder_threads, lane, split, splits, slot)
         if last:
             if cutlass.const_expr(self.swiglu):
                 alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
@@ -871,7 +878,7 @@ class GemmWgmmaDecoderKernel:
         if cutlass.const_expr(self.swiglu):  # [gate row group, its up row group]
             gate_rg = cutlass.min(rb * 4 + warp, row_groups // 2 - 1)
             return [rg_base + gate_rg, rg_base + gate_rg + row_groups // 2]
-        return [rg_base + cutlass.min(rb * (4 * R) + R * warp + i, row_groups - 1) for i in range(R)]
+        return [rg_base + cutlass.min(rb * (self.tile_m // D.ROWS_PER_GROUP) + R * warp + i, row_groups - 1) for i in range(R)]
 
     @cute.jit
     def _decode_chunk(self, x_pipe, a_pipe, tma_atom, tXgX, tXsX, sA32: cute.Tensor, mcast_mask, warp: Int32, lane: Int32, kt, ci: int,
@@ -1063,7 +1070,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
                   batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
-                  store_bytes: int | None = None):
+                  store_bytes: int | None = None, decoders: int | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1077,13 +1084,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
-                                        store_bytes or DECODER_STORE_BYTES)
+                                        store_bytes or DECODER_STORE_BYTES, decoders or 1)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes)
+               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes:
-        raise ValueError("only the decoder schedule has the store width option and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders:
+        raise ValueError("only the decoder schedule has the store width and decoders options and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
     pingpong = PINGPONG if pingpong is None else pingpong
@@ -1152,7 +1159,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
               splits: int | None = None, pdl: str | None = None, stream_k: bool = False, parts: int | None = None,
-              store_bytes: int | None = None) -> torch.Tensor:
+              store_bytes: int | None = None, decoders: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
@@ -1207,7 +1214,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
-                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes)
+                             cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
+                             decoders=decoders)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
