@@ -1209,8 +1209,15 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         if pdl == "auto":
             # H100, graph replay (data/bench/pdl_probe_nvidia_h100_80gb_hbm3_7e77c8f.json): "start" gained 1.4-2.9 us
             # for every shape at 128-token tiles (gate_up M = 128 39.6 -> 37.5, fused_wqa_wkv M = 256 27.5 -> 25.5)
-            # and -1.2..+1.1 us at 256-token tiles (gate_up M = 256 52.5 -> 53.7, wo_b M = 1024 384.4 -> 380.5)
-            pdl = "start" if tile_n == 128 else "off"
+            # and -1.2..+1.1 us at 256-token tiles (gate_up M = 256 52.5 -> 53.7, wo_b M = 1024 384.4 -> 380.5); at
+            # 64-token tiles (two decoder warpgroups) it gained 0.2-3.3 us
+            # (data/bench/wgmma_decoders_probe_nvidia_h100_80gb_hbm3_7d19538.json: wo_b M = 64 60.6 -> 57.3)
+            pdl = "start" if tile_n <= 128 else "off"
+    if decoders is None and schedule == "decoder":
+        # two decoder warpgroups where the decoder bounds the kernel (tiles of up to 128 tokens, not the SwiGLU
+        # kernel): H100 (wgmma_decoders_probe_*_7d19538.json) gate_up M = 128 36.5 -> 33.7 us, wo_b 73.1 -> 65.8,
+        # down M = 256 26.9 -> 25.8, gate_up M = 64 31.4 -> 30.4
+        decoders = 2 if not (swiglu or stream_k) and tile_n <= 128 and (tile_m or TILE_M) == TILE_M else 1
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
