@@ -204,15 +204,15 @@ def test_bench_without_gpu_says_so(capsys):
 @requires_cute  # the rule reads the kernel's tile sizes
 def test_wgmma_dispatch_rule():
     """The sm90 op runs the WGMMA kernel for M in (64, 1024] (512 for 4096 < K < 16384) when its grid (with K splits)
-    is large enough and there is no bias, and from M = 49 (33 for K >= 16384) with one 64-token tile where that grid
+    is large enough and there is no bias, and from M = 33 with one 64-token tile where that grid
     holds at least 96 CTAs; the decode kernel below, dequantize + cuBLAS above."""
     from nvfp4lib.ops.gemm import use_wgmma
 
     assert use_wgmma(256, 6144, 7168, False) and use_wgmma(256, 7168, 3072, False) and use_wgmma(1024, 7168, 3072, False)
     assert use_wgmma(256, 7168, 16384, False) and use_wgmma(1024, 7168, 16384, False)  # wo_b
     assert not use_wgmma(1024, 6144, 7168, False)  # gate_up at M = 1024: dequantize + cuBLAS was faster
-    assert use_wgmma(64, 6144, 7168, False) and use_wgmma(49, 7168, 3072, False)  # 64-token tile, 2 K splits
-    assert not use_wgmma(48, 6144, 7168, False) and not use_wgmma(16, 7168, 3072, False)  # decode kernel
+    assert use_wgmma(64, 6144, 7168, False) and use_wgmma(33, 7168, 3072, False)  # 64-token tile, 2 K splits
+    assert not use_wgmma(32, 6144, 7168, False) and not use_wgmma(16, 7168, 3072, False)  # decode kernel
     assert use_wgmma(33, 7168, 16384, False) and not use_wgmma(32, 7168, 16384, False)  # wo_b
     assert not use_wgmma(64, 2048, 7168, False)  # fused_wqa_wkv: 16 row blocks x 4 K splits = 64 CTAs, decode kernel
     assert not use_wgmma(64, 6144, 7168, True)  # no bias in the WGMMA epilogue

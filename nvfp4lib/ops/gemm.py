@@ -13,7 +13,7 @@ Public API:
 
 Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
 (``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K), except from
-``SMALL_WGMMA_MIN_M`` (49; 33 for K >= 16384) for weights of many row blocks; M up to ``WGMMA_MAX_M`` (1024;
+``SMALL_WGMMA_MIN_M`` (33) for weights of many row blocks; M up to ``WGMMA_MAX_M`` (1024;
 512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule; 64-token tiles up to
 M = 64) where its grid fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
 (``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The
@@ -45,13 +45,12 @@ WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K (and below WGMMA_VERY_LONG_
 WGMMA_LONG_K = 4096
 WGMMA_VERY_LONG_K = 16384  # wo_b at M = 1024 on an H100: 392 us against 470 for dequantize + cuBLAS (wgmma_split_probe)
 WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, fused_wqa_wkv's 16 row blocks too
-# M <= DECODE_MAX_M: the WGMMA kernel with one 64-token tile against the decode kernel on an H100
-# (data/bench/wgmma_decoder_probe_nvidia_h100_80gb_hbm3_8062a02.json, "crossover"): the WGMMA kernel's time does not
-# move with M there (gate_up 30.7-31.1 us, down 17.7, wo_b 61.8-62.4 at M = 40..64, 2 K splits), while the decode
-# kernel's jumps past M = 48 (gate_up 29.6 -> 34.6, down 16.4 -> 21.7, wo_b 72.5 -> 96.4). fused_wqa_wkv (16 row
-# blocks, 64 CTAs with 4 splits: 19.0 us) stays on the decode kernel (11.4-13.1)
-SMALL_WGMMA_MIN_M = 49
-SMALL_WGMMA_MIN_M_VERY_LONG_K = 33  # wo_b (K = 16384): 61.8 against 76.1 at M = 40; at M = 32 the decode kernel (51.4 against 61.7)
+# M <= DECODE_MAX_M: the WGMMA kernel with one 64-token tile (two decoder warpgroups) against the decode kernel on an
+# H100 (data/bench/wgmma_crossover_nvidia_h100_80gb_hbm3_cb1b594.json): the WGMMA kernel's time does not move with M
+# there (gate_up 27.7-27.9 us, down 15.5-15.6, wo_b 56.2-57.2 from M = 24 to 48), while the decode kernel's jumps past
+# M = 32 (gate_up 19.0 -> 29.5, down 12.7 -> 16.5, wo_b 50.6 -> 75.3). fused_wqa_wkv (16 row blocks, 64 CTAs with 4
+# splits: 18.0 us at M = 64) stays on the decode kernel (13.1)
+SMALL_WGMMA_MIN_M = 33
 SMALL_WGMMA_MIN_CTAS = 96
 
 
@@ -71,8 +70,7 @@ def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     from ..kernels.sm90.gemm_wgmma import wgmma_plan
 
     if m <= DECODE_MAX_M:
-        least = SMALL_WGMMA_MIN_M_VERY_LONG_K if k >= WGMMA_VERY_LONG_K else SMALL_WGMMA_MIN_M
-        if m < least:
+        if m < SMALL_WGMMA_MIN_M:
             return False
         tile_n, splits = wgmma_plan(m, -(-n // 16), k)
         return -(-n // 128) * -(-m // tile_n) * splits >= SMALL_WGMMA_MIN_CTAS

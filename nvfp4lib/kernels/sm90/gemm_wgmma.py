@@ -2,7 +2,7 @@
 
 **Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (512 for 4096 < K < 16384)**
 (``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not; and, with one 64-token tile,
-for M in [49, 64] ([33, 64] for K >= 16384) where that grid fills, there faster than the decode kernel. Where its grid would leave SMs
+for M in [33, 64] where that grid fills, there faster than the decode kernel. Where its grid would leave SMs
 idle it splits K across CTAs (``split_k``, :func:`wgmma_plan`). **Stream-K** (``stream_k``, not the default): one
 part per cluster of SMs, each a contiguous share of all tiles' K quads (at most a few tile segments, met
 through the split-K sum). Correct (GPU tests, graph replay bit-equal) but, on an H100, faster than the
