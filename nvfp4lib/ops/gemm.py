@@ -290,10 +290,10 @@ def gemm_w4a16_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     """gate_up GEMM with the clamped SwiGLU fused: weight rows [gate (n/2); up (n/2)] in the ModelOpt or the
     sm90 layout (int32 words), alpha fp32 [n] -> bf16 [M, n/2] = ``silu(min(gate, limit)) *
     clamp(up, -limit, limit)`` (``limit = inf``: no clamp). CUDA + sm90 layout, the SwiGLU in the kernel's
-    epilogue (fp32 accumulators, one bf16 rounding): M <= DECODE_MAX_M with n/2 a multiple of 16, the decode
-    kernel; larger M with n/2 a multiple of 64 and K of 256, the WGMMA kernel (decoder schedule; at every M
-    measured it beat the GEMM followed by the SwiGLU pass, whose fp32 round trip over [M, n] costs about a
-    third of the GEMM). Otherwise the GEMM (bf16 out on the GPU, fp32 on CPU) then the SwiGLU in fp32."""
+    epilogue (fp32 accumulators, one bf16 rounding): with n/2 a multiple of 64 and K of 256, the WGMMA kernel
+    above DECODE_MAX_M and from SMALL_WGMMA_MIN_M where :func:`use_wgmma` says so; otherwise, M <= DECODE_MAX_M with
+    n/2 a multiple of 16, the decode kernel. Both beat the GEMM followed by the SwiGLU pass at every M measured
+    (its fp32 round trip over [M, n] costs about a third of the GEMM). Otherwise the GEMM (bf16 out on the GPU, fp32 on CPU) then the SwiGLU in fp32."""
     if n % 2:
         raise ValueError(f"gate_up must have an even number of rows, got n={n}")
     sm90 = weight.dtype == torch.int32
@@ -303,14 +303,18 @@ def gemm_w4a16_swiglu(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         _check_gemm_args(x, weight, weight_scale, alpha, None)
     half = n // 2
     if x.is_cuda:
-        if sm90 and 0 < x.shape[0] <= DECODE_MAX_M and half % 16 == 0:
-            from ..kernels.sm90 import gemm_decode
-
-            return gemm_decode.run_decode(x.contiguous(), weight, weight_scale, alpha, half, swiglu_limit=float(limit))
-        if sm90 and x.shape[0] > DECODE_MAX_M and half % 64 == 0 and wgmma_takes(x.shape[1]):
+        m = x.shape[0]
+        # the WGMMA kernel above DECODE_MAX_M, and from SMALL_WGMMA_MIN_M where use_wgmma says so (H100,
+        # data/bench/wgmma_crossover_nvidia_h100_80gb_hbm3_bea9875.json: gate_up + SwiGLU 29.2-30.2 us at M = 33..64
+        # against the decode kernel's 34.3-36.3; 19.4 for the decode kernel at M <= 32)
+        if sm90 and m > 0 and half % 64 == 0 and wgmma_takes(x.shape[1]) and (m > DECODE_MAX_M or use_wgmma(m, n, x.shape[1], False)):
             from ..kernels.sm90 import gemm_wgmma
 
             return gemm_wgmma.run_wgmma(x.contiguous(), weight, weight_scale, alpha, n, swiglu_limit=float(limit))
+        if sm90 and 0 < m <= DECODE_MAX_M and half % 16 == 0:
+            from ..kernels.sm90 import gemm_decode
+
+            return gemm_decode.run_decode(x.contiguous(), weight, weight_scale, alpha, half, swiglu_limit=float(limit))
         h = gemm_w4a16_sm90(x, weight, weight_scale, alpha, None, n) if sm90 else gemm_w4a16(x, weight, weight_scale, alpha, None)
     else:
         rows = dequantize_sm90(weight, weight_scale, n) if sm90 else dequantize_rows(weight, weight_scale)
