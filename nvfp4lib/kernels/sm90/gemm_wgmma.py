@@ -463,12 +463,16 @@ class GemmWgmmaDecoderKernel:
       buffer in WGMMA's canonical K-major 128-byte-swizzled layout (16-byte stores, 8 k of a row each; or
       ``store_bytes=8``: lanes of even and odd ``g // 2`` take their words in opposite order so a store
       instruction costs the minimum 2 wavefronts). Where the decoder bounds the kernel (tiles of 64 tokens or
-      fewer), the stores are its largest cost: the ``nostore`` probe halved gate_up at M = 64 (33.5 -> 17.2 us,
+      fewer), the stores and the decode feeding them (which the compiler drops with them) are its largest
+      cost: the ``nostore`` probe halved gate_up at M = 64 (33.5 -> 17.2 us,
       data/bench/wgmma_probes_m64_nvidia_h200_8062a02.json); moving the weight words through a shared ring
       (cp.async.bulk) instead of registers was 10-25% slower (wgmma_ring_probe_*_8062a02.json, removed).
-      Its warp 0 also issues the TMA of x. Weight stage full/empty: a :class:`PipelineAsync` (128 producer
-      arrivals after ``fence.proxy.async``, 256 consumer arrivals).
-    - Warpgroups 1 and 2: SS-WGMMA ``m64n{tile_n}k16`` (A and B from shared memory), 4 per chunk, one
+      Its warp 0 also issues the TMA of x. Weight stage full/empty: a :class:`PipelineAsync` (an arrival of
+      every decoder thread after ``fence.proxy.async``, 256 consumer arrivals).
+    - ``decoders=2`` (run_wgmma's default at tiles of up to 128 tokens, not the SwiGLU kernel): warpgroups 0
+      and 1 decode, warp w of the eight taking row group w of the 128-row tile (two warps an SM sub-partition
+      hide each other's latencies; the launch's 512 threads cap the registers at 128). Warp 0 issues the TMA.
+    - The last two warpgroups: SS-WGMMA ``m64n{tile_n}k16`` (A and B from shared memory), 4 per chunk, one
       commit group per chunk, the previous chunk's stages released after ``wait_group(1)``; then the
       epilogue shared with the register schedule (:func:`store_tile`).
 
