@@ -128,10 +128,10 @@ def time_decode_variants(row: dict, variants, x: torch.Tensor, weights, ref: tor
     from ..kernels.sm90 import gemm_decode, gemm_wgmma
     from .harness import time_safely
 
-    runners = {"decode": lambda: gemm_decode.run_decode, "wgmma": lambda: gemm_wgmma.run_wgmma}
+    runners = {"decode": gemm_decode.run_decode, "wgmma": gemm_wgmma.run_wgmma}
     if kernel not in runners:
         raise ValueError(f"kernel must be one of {sorted(runners)}, got {kernel!r}")
-    run = runners[kernel]()
+    run = runners[kernel]
     n = 2 * out_n if limit and kernel == "wgmma" else out_n  # run_wgmma takes the weight's rows (2I with the SwiGLU)
     for label, kw in variants:
         def call(p, kw=kw):

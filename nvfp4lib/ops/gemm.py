@@ -67,18 +67,17 @@ def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     there) where the 64-token plan fills SMALL_WGMMA_MIN_CTAS, the decode kernel otherwise."""
     if has_bias or n % 2:
         return False
+    if m <= DECODE_MAX_M:
+        least_m, least_ctas = SMALL_WGMMA_MIN_M, SMALL_WGMMA_MIN_CTAS
+    else:
+        least_m, least_ctas = DECODE_MAX_M + 1, WGMMA_MIN_CTAS
+    most = WGMMA_MAX_M if k <= WGMMA_LONG_K or k >= WGMMA_VERY_LONG_K else WGMMA_MAX_M_LONG_K
+    if not least_m <= m <= most:
+        return False
     from ..kernels.sm90.gemm_wgmma import wgmma_plan
 
-    if m <= DECODE_MAX_M:
-        if m < SMALL_WGMMA_MIN_M:
-            return False
-        tile_n, splits = wgmma_plan(m, -(-n // 16), k)
-        return -(-n // 128) * -(-m // tile_n) * splits >= SMALL_WGMMA_MIN_CTAS
-    most = WGMMA_MAX_M if k <= WGMMA_LONG_K or k >= WGMMA_VERY_LONG_K else WGMMA_MAX_M_LONG_K
-    if m > most:
-        return False
     tile_n, splits = wgmma_plan(m, -(-n // 16), k)
-    return -(-n // 128) * -(-m // tile_n) * splits >= WGMMA_MIN_CTAS
+    return -(-n // 128) * -(-m // tile_n) * splits >= least_ctas
 
 
 @dataclass
