@@ -401,6 +401,23 @@ def test_wgmma_plan_fills_one_wave():
     assert wgmma_plan(64, 384, 7168) == (64, 2) and wgmma_plan(40, 448, 16384) == (64, 2) and wgmma_plan(64, 128, 7168) == (64, 4)
 
 
+def test_stream_k_rule():
+    """Stream-K replaces an unsplit plan whose tile waves are less than 80% full, for K >= 4096 only (H100,
+    wgmma_split_probe_*_517eb25.json)."""
+    from nvfp4lib.kernels.sm90.gemm_wgmma import stream_k_pays, wgmma_plan
+
+    def pays(m, n, k):
+        return stream_k_pays(m, n // 16, k, *wgmma_plan(m, n // 16, k))
+
+    assert pays(1024, 6144, 7168)  # gate_up: 192 tiles on 132 SMs (73%): 141.7 us against 166.6 unsplit
+    assert not pays(2048, 6144, 7168)  # 384 tiles (97%): 275.0 unsplit against 331.7
+    assert not pays(1024, 7168, 3072)  # down: short K (84.5 against 78.7 unsplit)
+    assert not pays(1024, 7168, 16384) and not pays(2048, 7168, 16384)  # wo_b: 224 / 448 tiles (85%)
+    assert not pays(2048, 2048, 7168)  # fused_wqa_wkv: 128 tiles, one wave
+    assert not pays(256, 6144, 7168)  # a split plan
+    assert pays(768, 6144, 7168)  # 144 tiles: a second wave of 12
+
+
 @requires_cute
 @pytest.mark.parametrize("tile_n,swiglu", [(128, False), (256, False), (256, True)])
 def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):

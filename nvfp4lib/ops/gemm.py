@@ -14,7 +14,7 @@ Public API:
 Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
 (``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K), except from
 ``SMALL_WGMMA_MIN_M`` (33) for weights of many row blocks; M up to ``WGMMA_MAX_M`` (1024;
-512 for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule; 64-token tiles up to
+``WGMMA_MAX_M_LONG_K``, 2048, for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule; 64-token tiles up to
 M = 64) where its grid fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
 (``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The
 ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
@@ -41,9 +41,13 @@ DECODE_MAX_M = 64  # M up to this runs the memory-bound decode kernel; larger M 
 # (gate_up 59.8 against 69.0 us, down 29.5 against 33.9, wo_b 129.3 against 175.6) and at M = 1024 for
 # K = 3072 (down 77.4 against 80.2); slower at M = 1024 for K = 7168 (gate_up 160.6 against 146.5) and above.
 WGMMA_MAX_M = 1024
-WGMMA_MAX_M_LONG_K = 512  # for K above WGMMA_LONG_K (and below WGMMA_VERY_LONG_K)
+# For K above WGMMA_LONG_K, on an H100 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_517eb25.json, the op then
+# dequantize + cuBLAS above M = 512): gate_up M = 1024 141.7 us (stream-K, gemm_wgmma.stream_k_pays) against 163.9,
+# M = 2048 275.0 against 298.5; fused_wqa_wkv M = 2048 87.8 against 95.2; wo_b M = 2048 790.1 against 787.5 (even).
+# At M = 4096 the two were within 4% either way (gate_up 560.6 against 580.6, fused_wqa_wkv 186.7 against 180.9):
+# dequantize + cuBLAS there.
+WGMMA_MAX_M_LONG_K = 2048
 WGMMA_LONG_K = 4096
-WGMMA_VERY_LONG_K = 16384  # wo_b at M = 1024 on an H100: 392 us against 470 for dequantize + cuBLAS (wgmma_split_probe)
 WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, fused_wqa_wkv's 16 row blocks too
 # M <= DECODE_MAX_M: the WGMMA kernel with one 64-token tile (two decoder warpgroups) against the decode kernel on an
 # H100 (data/bench/wgmma_crossover_nvidia_h100_80gb_hbm3_cb1b594.json): the WGMMA kernel's time does not move with M
@@ -71,7 +75,7 @@ def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
         least_m, least_ctas = SMALL_WGMMA_MIN_M, SMALL_WGMMA_MIN_CTAS
     else:
         least_m, least_ctas = DECODE_MAX_M + 1, WGMMA_MIN_CTAS
-    most = WGMMA_MAX_M if k <= WGMMA_LONG_K or k >= WGMMA_VERY_LONG_K else WGMMA_MAX_M_LONG_K
+    most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
     if not least_m <= m <= most:
         return False
     from ..kernels.sm90.gemm_wgmma import wgmma_plan

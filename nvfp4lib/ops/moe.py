@@ -82,6 +82,15 @@ def _grouped_sm90_reference(x_sorted, bounds, words, scale_words, alpha, n, swig
     return out
 
 
+_side_streams: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_limit=None, overlap=True):
     """The eager CUDA path for large groups: one sm90 GEMM per non-empty expert, its bounds given on the
     host (``bounds``: the E+1 offsets as ints). Groups of at most DECODE_MAX_M rows run the decode kernel;
@@ -91,7 +100,7 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
     so the loop can be captured in a CUDA graph. With ``swiglu_limit`` the gate_up GEMM is followed by the
     clamped SwiGLU in fp32. Returns bf16 [M, n or n/2]."""
     from ..kernels.sm90 import dequant as D
-    from ..kernels.sm90.gemm_prefill import dequantize_to_bf16, side_stream
+    from ..kernels.sm90.gemm_prefill import dequantize_to_bf16
     from .gemm import DECODE_MAX_M
 
     m = x_sorted.shape[0]
@@ -101,7 +110,7 @@ def grouped_sm90_loop(x_sorted, bounds, words, scale_words, alpha, n, swiglu_lim
     large = [span for span in spans if span[2] - span[1] > DECODE_MAX_M]
     if overlap and len(large) > 1:
         k = words.shape[2] * D.CHUNK_K
-        main, side = torch.cuda.current_stream(), side_stream(x_sorted.device)
+        main, side = torch.cuda.current_stream(), _side_stream(x_sorted.device)
         buffers = [torch.empty(words.shape[1] * D.ROWS_PER_GROUP * k, dtype=torch.bfloat16, device=x_sorted.device) for _ in range(2)]
         dequantized = [torch.cuda.Event() for _ in large]
         consumed = [torch.cuda.Event() for _ in large]

@@ -178,65 +178,12 @@ def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: to
     return out[:n]
 
 
-def chunk_bounds(n: int, k: int, chunk_bytes: int | None) -> list:
-    """Row ranges ``[(n0, n1), ...]`` covering ``0..n`` whose bf16 weight (``rows * k * 2`` bytes) is at most
-    ``chunk_bytes``, each a multiple of 256 rows (the last may be shorter; at least 256 rows); one range
-    without ``chunk_bytes``."""
-    if not chunk_bytes:
-        return [(0, n)]
-    rows = max(256, chunk_bytes // (2 * k) // 256 * 256)
-    return [(n0, min(n0 + rows, n)) for n0 in range(0, n, rows)]
-
-
-_side_streams: dict = {}
-
-
-def side_stream(device) -> torch.cuda.Stream:
-    """One reusable side stream per device (work forked from and joined back into the current stream)."""
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
-
-
 def run_prefill(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
-                bias: torch.Tensor | None = None, chunk_bytes: int | None = None, overlap: bool = False) -> torch.Tensor:
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x bf16 [M, K] -> bf16 [M, n]: dequantize (alpha folded in) then cuBLAS (bias in its epilogue).
 
-    ``chunk_bytes``: dequantize and multiply the weight in row chunks (:func:`chunk_bounds`) through one reused
-    bf16 buffer of at most that size, each cuBLAS call writing its columns of y in place (ldc = n). A chunk
-    small enough for the L2 is written and read back there instead of going through HBM. ``overlap``: the
-    chunks' dequantizations run on a side stream into two alternating buffers, one chunk ahead of the GEMMs
-    (forked from and joined into the current stream: capturable)."""
-    bounds = chunk_bounds(n, words.shape[1] * D.CHUNK_K, chunk_bytes)
-    bias16 = None if bias is None else bias.to(torch.bfloat16)
-    if len(bounds) == 1:
-        return torch.nn.functional.linear(x, dequantize_to_bf16(words, scale_words, alpha, n), bias16)
-    k = x.shape[1]
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16, device=x.device)
-    size = bounds[0][1] * k
-    buffers = [torch.empty(size, dtype=torch.bfloat16, device=x.device) for _ in range(2 if overlap else 1)]
-    main = torch.cuda.current_stream()
-    side = side_stream(x.device) if overlap else main
-    done = [torch.cuda.Event() for _ in bounds] if overlap else []
-    used = [torch.cuda.Event() for _ in bounds] if overlap else []
-    if overlap:
-        side.wait_stream(main)  # fork: x, the weight and the buffers are ready
-    for i, (n0, n1) in enumerate(bounds):
-        rows = slice(n0 // D.ROWS_PER_GROUP, -(-n1 // D.ROWS_PER_GROUP))
-        with torch.cuda.stream(side):
-            if overlap and i >= 2:
-                side.wait_event(used[i - 2])  # the buffer's previous GEMM has read it
-            weight = dequantize_to_bf16(words[rows], scale_words[rows], alpha[n0:n1], n1 - n0, out=buffers[i % len(buffers)])
-            if overlap:
-                done[i].record(side)
-        if overlap:
-            main.wait_event(done[i])
-        if bias16 is None:
-            torch.mm(x, weight.t(), out=y[:, n0:n1])
-        else:
-            torch.addmm(bias16[n0:n1], x, weight.t(), out=y[:, n0:n1])
-        if overlap:
-            used[i].record(main)
-    if overlap:
-        main.wait_stream(side)  # join
-    return y
+    Dequantizing in row chunks through one reused bf16 buffer (so each chunk stays in the L2) was measured and
+    dropped: on an H100 it gained 3-7% for gate_up at M = 2048 and 8192 only, and lost up to 2x for small chunks, down
+    and wo_b (data/bench/chunked_prefill_probe_nvidia_h100_80gb_hbm3_517eb25.json, script at 517eb25)."""
+    weight = dequantize_to_bf16(words, scale_words, alpha, n)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(torch.bfloat16))

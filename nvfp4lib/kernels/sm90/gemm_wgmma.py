@@ -1146,6 +1146,28 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
     return (64 if m <= SMALL_TILE_MAX_M else tile_n_for(m), 1) if best is None else best[1:]
 
 
+# Stream-K where the plan's tiles leave the last wave mostly idle. H100 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_517eb25.json):
+# gate_up M = 1024 (192 tiles of 256 tokens on 132 SMs, the waves 73% full) 141.7 us against 166.6 unsplit, gate_up + SwiGLU
+# 148.3 against 165.6; where the waves are >= 85% full the unsplit kernel was as fast or faster (down and wo_b at M = 1024,
+# gate_up at 2048: 275.0 against 331.7). Only for K >= STREAM_K_MIN_K: each segment's restart and fix-up (~10 us) is a fixed
+# cost that a short K does not earn back (down at M = 1024: 84.5 against 78.7 unsplit).
+STREAM_K_BELOW_FILL = 0.8
+STREAM_K_MIN_K = 4096
+
+
+def stream_k_pays(m: int, row_groups: int, k: int, tile_n: int, splits: int, sm_count: int = 132,
+                  cluster_m: int | None = None) -> bool:
+    """Whether the plain / SwiGLU decoder kernel should run stream-K instead of the plan ``(tile_n, splits)`` of
+    :func:`wgmma_plan`: an unsplit plan of more than one wave of tiles (one CTA an SM) whose waves are less than
+    :data:`STREAM_K_BELOW_FILL` full, and K >= :data:`STREAM_K_MIN_K`."""
+    cluster_m = cluster_m or DECODER_CLUSTER_M
+    row_blocks = -(-(-(-row_groups // (TILE_M // D.ROWS_PER_GROUP))) // cluster_m) * cluster_m
+    tiles = row_blocks * -(-m // tile_n)
+    if splits > 1 or k < STREAM_K_MIN_K or tiles <= sm_count:
+        return False
+    return tiles / (-(-tiles // sm_count) * sm_count) < STREAM_K_BELOW_FILL
+
+
 def tile_n_for(m: int) -> int:
     """Tokens per CTA: 256 (half the decode work per FLOP) from M = 512 up, 128 below (more CTAs). On an H200
     256 was faster at M = 1024 for both schedules (decoder: 161 against 190 us for gate_up)."""
@@ -1162,7 +1184,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
-              splits: int | None = None, pdl: str | None = None, stream_k: bool = False, parts: int | None = None,
+              splits: int | None = None, pdl: str | None = None, stream_k: bool | None = None, parts: int | None = None,
               store_bytes: int | None = None, decoders: int | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
@@ -1170,8 +1192,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     SwiGLU of the product, bf16 [M, I], computed in the epilogue. ``splits`` (decoder schedule): K split
     over that many CTAs per tile (1: none). ``stream_k`` (decoder schedule, plain or SwiGLU): ``parts``
     clusters (default: one per pair of SMs) share the tiles' K quads evenly instead; with neither ``tile_n``
-    nor ``splits`` given, :func:`wgmma_plan`
-    picks both. ``pdl`` (decoder schedule; default ``PDL``): programmatic dependent launch, as
+    nor ``splits`` given, :func:`wgmma_plan` picks both and, with ``stream_k`` None, :func:`stream_k_pays`
+    whether to run stream-K instead (it needs a transient fp32 workspace of up to a few tile sums per tile). ``pdl`` (decoder schedule; default ``PDL``): programmatic dependent launch, as
     :func:`~.gemm_decode.run_decode` (the weights must not be written by the kernel just before). No host
     sync; CUDA-graph capturable after a first eager call (which compiles)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
@@ -1202,6 +1224,9 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     schedule = SCHEDULE if schedule is None else schedule
     if tile_n is None and splits is None and schedule == "decoder" and (tile_m or TILE_M) == TILE_M:
         tile_n, splits = wgmma_plan(m, row_groups, k, _sm_count(x.device), cluster_m)
+        if stream_k is None:
+            stream_k = stream_k_pays(m, row_groups, k, tile_n, splits, _sm_count(x.device), cluster_m)
+    stream_k = bool(stream_k)
     tile_n = tile_n or tile_n_for(m)
     quads = k // D.QUAD_K
     splits = max(1, min(splits or 1, quads))
