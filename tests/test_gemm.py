@@ -214,6 +214,8 @@ def test_wgmma_dispatch_rule():
     # 163.9 for dequantize + cuBLAS, M = 2048 275.0 against 298.5; fused_wqa_wkv M = 2048 87.8 against 95.2
     assert use_wgmma(1024, 6144, 7168, False) and use_wgmma(2048, 6144, 7168, False) and use_wgmma(2048, 2048, 7168, False)
     assert use_wgmma(2048, 7168, 16384, False) and not use_wgmma(4096, 6144, 7168, False)  # within 4% either way at 4096
+    # ... where the plan fills about a wave (dispatch_check_*_7ca588a.json): fused_wqa_wkv at M = 1536 has 96 CTAs
+    assert use_wgmma(1024, 2048, 7168, False) and not use_wgmma(1536, 2048, 7168, False)
     assert use_wgmma(64, 6144, 7168, False) and use_wgmma(33, 7168, 3072, False)  # 64-token tile, 2 K splits
     assert not use_wgmma(32, 6144, 7168, False) and not use_wgmma(16, 7168, 3072, False)  # decode kernel
     assert use_wgmma(33, 7168, 16384, False) and not use_wgmma(32, 7168, 16384, False)  # wo_b

@@ -48,6 +48,11 @@ WGMMA_MAX_M = 1024
 # dequantize + cuBLAS there.
 WGMMA_MAX_M_LONG_K = 2048
 WGMMA_LONG_K = 4096
+# ... but there, above M = 512, only where the plan fills about one wave (90% of an H100's 132 SMs): fused_wqa_wkv at
+# M = 1536 (16 row blocks x 6 token tiles = 96 CTAs) ran 83.0 us against 71.1 for dequantize + cuBLAS, at M = 2048
+# (128 CTAs) 87.7 against 94.4 (data/bench/dispatch_check_nvidia_h100_80gb_hbm3_7ca588a.json)
+LONG_K_FULL_WAVE_ABOVE_M = 512
+LONG_K_FULL_WAVE_CTAS = 119
 WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, fused_wqa_wkv's 16 row blocks too
 # M <= DECODE_MAX_M: the WGMMA kernel with one 64-token tile (two decoder warpgroups) against the decode kernel on an
 # H100 (data/bench/wgmma_crossover_nvidia_h100_80gb_hbm3_cb1b594.json): the WGMMA kernel's time does not move with M
@@ -67,7 +72,8 @@ def wgmma_takes(k: int) -> bool:
 
 def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM: above DECODE_MAX_M up to
-    WGMMA_MAX_M (see there) where its plan fills WGMMA_MIN_CTAS; at or below it, from SMALL_WGMMA_MIN_M (see
+    WGMMA_MAX_M (WGMMA_MAX_M_LONG_K for K > WGMMA_LONG_K; see there) where its plan fills WGMMA_MIN_CTAS
+    (LONG_K_FULL_WAVE_CTAS for K > WGMMA_LONG_K above M = LONG_K_FULL_WAVE_ABOVE_M); at or below it, from SMALL_WGMMA_MIN_M (see
     there) where the 64-token plan fills SMALL_WGMMA_MIN_CTAS, the decode kernel otherwise."""
     if has_bias or n % 2:
         return False
@@ -75,6 +81,8 @@ def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
         least_m, least_ctas = SMALL_WGMMA_MIN_M, SMALL_WGMMA_MIN_CTAS
     else:
         least_m, least_ctas = DECODE_MAX_M + 1, WGMMA_MIN_CTAS
+        if k > WGMMA_LONG_K and m > LONG_K_FULL_WAVE_ABOVE_M:
+            least_ctas = LONG_K_FULL_WAVE_CTAS
     most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
     if not least_m <= m <= most:
         return False

@@ -1,13 +1,14 @@
 """Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
 
-**Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (512 for 4096 < K < 16384)**
-(``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not; and, with one 64-token tile,
-for M in [33, 64] where that grid fills, there faster than the decode kernel. Where its grid would leave SMs
-idle it splits K across CTAs (``split_k``, :func:`wgmma_plan`). **Stream-K** (``stream_k``, not the default): one
+**Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (2048 for K > 4096 where its plan fills
+about a wave)** (``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not; and, with one
+64-token tile, for M in [33, 64] where that grid fills, there faster than the decode kernel. Where its grid would
+leave SMs idle it splits K across CTAs (``split_k``, :func:`wgmma_plan`). **Stream-K** (``stream_k``): one
 part per cluster of SMs, each a contiguous share of all tiles' K quads (at most a few tile segments, met
-through the split-K sum). Correct (GPU tests, graph replay bit-equal) but, on an H100, faster than the
-plan only for gate_up at M = 1024 (142-152 against 158-170 us): each segment restart and fix-up costs
-~10 us, about what the balanced waves gain (``data/bench/wgmma_split_probe_*_{e89ab12,7ca7278}.json``).
+through the split-K sum). Correct (GPU tests, graph replay bit-equal); each segment restart and fix-up costs
+~10 us, about what balanced waves gain (``data/bench/wgmma_split_probe_*_{e89ab12,7ca7278}.json``), so it is
+the default only where the unsplit plan leaves the last wave mostly idle (:func:`stream_k_pays`: gate_up at
+M = 1024 on an H100 141.7 against 166.6 us, ``wgmma_split_probe_*_517eb25.json``).
 Both kernels launch with PDL at 128-token tiles (``pdl``). The decoder schedule also comes as
 
 - the **SwiGLU** kernel (``swiglu``): gate_up with the clamped SwiGLU in the epilogue (``gemm_w4a16_swiglu``
