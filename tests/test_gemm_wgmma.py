@@ -422,7 +422,8 @@ def test_stream_k_rule():
 @pytest.mark.parametrize("tile_n,swiglu", [(128, False), (256, False), (256, True)])
 def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):
     """The split-K decoder kernel: 16-byte coalesced workspace stores, L2 (.cg) 16-byte loads of the other
-    splits' partials, the arrival counter; no local memory."""
+    splits' partials, the arrival counter (acq_rel), the written counter (release) and the last arrival's wait
+    on it (acquire loads); no local memory."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_wgmma
 
@@ -432,6 +433,8 @@ def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):
     assert len(re.findall(r"st\.global\.v4\.b32", ptx)) == frag // 4 and "st.global.v4" not in plain
     assert len(re.findall(r"ld\.global\.cg\.v4", ptx)) >= frag // 4
     assert "atom" in ptx and "atom" not in plain
+    assert re.search(r"atom\.global\.acq_rel\.add", ptx) and re.search(r"atom\.global\.release\.add", ptx)
+    assert "ld.acquire.gpu" in ptx and "ld.acquire" not in plain
     assert ".local" not in ptx
     with pytest.raises(ValueError, match="split"):
         gemm_wgmma.compile_wgmma(7168, tile_n, schedule="register", arch="sm_90a", split_k=True)

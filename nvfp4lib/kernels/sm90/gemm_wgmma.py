@@ -574,7 +574,7 @@ class GemmWgmmaDecoderKernel:
         tiles_ptr is int32 [token_tiles, 3] (:func:`grouped_tile_table`), else unused. With ``swiglu``: n = I (y is
         bf16 [m, I]), row_groups = 2I / 16, alpha [E, 2I], ``limit`` the SwiGLU clamp. With ``split_k``: ``splits``
         K splits (grid z), ws_ptr fp32 [tiles, splits, F / 4, 256, 4] (F = tile_m * tile_n / 256 accumulators a
-        thread) and cnt_ptr int32 [tiles, 8], zero before the first launch (the kernel leaves it zero); tiles =
+        thread) and cnt_ptr int32 [2, tiles, 8], zero before the first launch (the kernel leaves it zero); tiles =
         row blocks x token tiles. With ``stream_k``: ``parts`` clusters share the work and ``splits`` is the most
         segments any tile has (:func:`stream_segments`; the workspace's second dimension)."""
         mX, mW, mAlpha, mY = _global_tensors(x_ptr, w_ptr, alpha_ptr, y_ptr, m, n, experts * row_groups, self.k)
@@ -614,7 +614,9 @@ class GemmWgmmaDecoderKernel:
         # consecutive bytes (coalesced)
         mWs = cute.make_tensor(ws_ptr, cute.make_layout((row_blocks * token_tiles, splits, frag // 4, THREADS, 4),
                                                         stride=(splits * THREADS * frag, THREADS * frag, THREADS * 4, 4, 1)))
-        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((row_blocks * token_tiles, THREADS // 32), stride=(THREADS // 32, 1)))
+        # [arrivals | written, tile, MMA warp] (see _sum_splits)
+        mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((2, row_blocks * token_tiles, THREADS // 32),
+                                                          stride=(row_blocks * token_tiles * (THREADS // 32), THREADS // 32, 1)))
         grid = [row_blocks, token_tiles, splits]
         if cutlass.const_expr(self.stream_k):
             grid = [self.cluster_m, 1, parts]
@@ -791,34 +793,50 @@ class GemmWgmmaDecoderKernel:
     @cute.jit
     def _sum_splits(self, acc: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mt: Int32, lane: Int32, split: Int32,
                     splits: Int32, slot: Int32):
-        """Split K: this thread's fragment -> workspace; the warp that arrives last for (tile, warp) sums the
-        splits' fragments into ``acc`` (deterministic whichever arrives last) and resets the counter. Returns
-        whether this warp is that last one (warp-uniform)."""
+        """Split K: a tile's splits meet through the workspace, per MMA warp. Each warp counts its arrival (an
+        acq_rel counter per tile and warp, ``mCnt[0]``); every warp but the last to arrive writes its fp32 fragment
+        to the workspace and then counts that (``mCnt[1]``, release). The last to arrive does not write its own
+        (two splits: it stays in registers): it waits until the others' are written, adds them (own + other for two
+        splits; all in split order for more: the same sum whichever arrives last) and resets both counters. It
+        waits only on warps that have already arrived, so the wait always ends. Returns whether this warp is the
+        last one (warp-uniform). H100 (K sweep, ``data/bench/wgmma_k_sweep_*``): the sum of two 256-token splits cost
+        9.3 us when both wrote their 128 KB fragments at once."""
         frag = cute.size(acc)
         flat = cute.make_tensor(acc.iterator, cute.make_layout(frag))  # acc is compact: a flat view
-        base = mWs.iterator + cute.crd2idx((slot, split, 0, mt, 0), mWs.layout)
-        for j in cutlass.range_constexpr(frag // 4):
-            store_v4_f32((base + j * THREADS * 4).llvm_ptr, flat[4 * j], flat[4 * j + 1], flat[4 * j + 2], flat[4 * j + 3])
-        cute.arch.fence_acq_rel_gpu()
-        cute.arch.sync_warp()
         mwarp = mt // 32
-        arrived = Int32(0)
+        arrivals = mCnt.iterator + cute.crd2idx((0, slot, mwarp), mCnt.layout)
+        written = mCnt.iterator + cute.crd2idx((1, slot, mwarp), mCnt.layout)
+        rank = Int32(0)
         if lane == 0:
-            arrived = cute.arch.atomic_add((mCnt.iterator + slot * (THREADS // 32) + mwarp).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
-        arrived = cute.arch.shuffle_sync(arrived, 0)
-        last = arrived == splits - 1
+            rank = cute.arch.atomic_add(arrivals.llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
+        rank = cute.arch.shuffle_sync(rank, 0)
+        last = rank == splits - 1
+        if (not last) or splits > 2:  # the fragment goes to the workspace (the last's own too with more than two splits)
+            base = mWs.iterator + cute.crd2idx((slot, split, 0, mt, 0), mWs.layout)
+            for j in cutlass.range_constexpr(frag // 4):
+                store_v4_f32((base + j * THREADS * 4).llvm_ptr, flat[4 * j], flat[4 * j + 1], flat[4 * j + 2], flat[4 * j + 3])
+            if not last:
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.sync_warp()
+                if lane == 0:
+                    cute.arch.atomic_add(written.llvm_ptr, Int32(1), sem="release", scope="gpu")
         if last:
+            if lane == 0:  # the others have arrived: wait until their fragments are written
+                seen = cute.arch.load(written.llvm_ptr, Int32, sem="acquire", scope="gpu")
+                while seen < splits - 1:
+                    seen = cute.arch.load(written.llvm_ptr, Int32, sem="acquire", scope="gpu")
+            cute.arch.sync_warp()
             cute.arch.fence_acq_rel_gpu()
             if splits == 2:  # own + other: the same two fp32 whichever split arrives last (addition commutes)
-                base = mWs.iterator + cute.crd2idx((slot, 1 - split, 0, mt, 0), mWs.layout)
-                self._add_partial(flat, base, frag)
+                self._add_partial(flat, mWs.iterator + cute.crd2idx((slot, 1 - split, 0, mt, 0), mWs.layout), frag)
             else:  # every split in split order (deterministic)
                 for i in cutlass.range_constexpr(frag):
                     flat[i] = Float32(0.0)
                 for s in cutlass.range(splits, unroll=1):
                     self._add_partial(flat, mWs.iterator + cute.crd2idx((slot, s, 0, mt, 0), mWs.layout), frag)
             if lane == 0:
-                mCnt[slot, mwarp] = Int32(0)
+                cute.arch.store(arrivals.llvm_ptr, Int32(0))
+                cute.arch.store(written.llvm_ptr, Int32(0))
         return last
 
     @cute.jit
@@ -1264,7 +1282,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
             splits = stream_segments(tiles // cm, quads, parts)
         if splits > 1:
             ws = torch.empty(tiles * splits * tm * tile_n, dtype=torch.float32, device=x.device)
-            cnt = _split_counters(x.device, tiles * (THREADS // 32))
+            cnt = _split_counters(x.device, 2 * tiles * (THREADS // 32))
         compiled(*_pointers(*tensors, with_tiles=True, ws=ws, cnt=cnt), Int32(m), Int32(out_n), Int32(row_groups), Int32(1),
                  Int32(-(-m // tile_n)), Float32(swiglu_limit if swiglu else 0.0), Int32(splits), Int32(parts or 1), _current_stream())
     else:
