@@ -435,6 +435,8 @@ def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):
     assert "atom" in ptx and "atom" not in plain
     assert re.search(r"atom\.global\.acq_rel\.add", ptx) and re.search(r"atom\.global\.release\.add", ptx)
     assert "ld.acquire.gpu" in ptx and "ld.acquire" not in plain
+    small = ptx_of(gemm_wgmma.compile_wgmma(7168, 64, schedule="decoder", arch="sm_90a", keep_ptx=True, split_k=True))
+    assert re.search(r"atom\.global\.acq_rel\.add", small) and "ld.acquire" not in small  # 64-token tiles: write, then arrive
     assert ".local" not in ptx
     with pytest.raises(ValueError, match="split"):
         gemm_wgmma.compile_wgmma(7168, tile_n, schedule="register", arch="sm_90a", split_k=True)

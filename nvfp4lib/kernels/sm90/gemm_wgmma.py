@@ -103,6 +103,7 @@ STEPS = TILE_K // 16  # k16 WGMMAs per chunk
 FULL_MASK = D.EM_MASK | D.SIGN_MASK
 SCALE_BIAS2 = (D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS
 PROBES = ("full", "own", "nodecode", "noload", "sidecar", "sidecar_idle")
+ARRIVE_FIRST_FRAG = 64  # the split sum's order (GemmWgmmaDecoderKernel._sum_splits) from this many fp32 a thread
 
 
 @dsl_user_op
@@ -793,39 +794,49 @@ class GemmWgmmaDecoderKernel:
     @cute.jit
     def _sum_splits(self, acc: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mt: Int32, lane: Int32, split: Int32,
                     splits: Int32, slot: Int32):
-        """Split K: a tile's splits meet through the workspace, per MMA warp. Each warp counts its arrival (an
-        acq_rel counter per tile and warp, ``mCnt[0]``); every warp but the last to arrive writes its fp32 fragment
-        to the workspace and then counts that (``mCnt[1]``, release). The last to arrive does not write its own
-        (two splits: it stays in registers): it waits until the others' are written, adds them (own + other for two
-        splits; all in split order for more: the same sum whichever arrives last) and resets both counters. It
-        waits only on warps that have already arrived, so the wait always ends. Returns whether this warp is the
-        last one (warp-uniform). H100 (K sweep, ``data/bench/wgmma_k_sweep_*``): the sum of two 256-token splits cost
-        9.3 us when both wrote their 128 KB fragments at once."""
+        """Split K: a tile's splits meet through the workspace, per MMA warp; the last warp to arrive (an acq_rel
+        counter per tile and warp, ``mCnt[0]``) adds the others' fp32 fragments (own + other for two splits; all
+        in split order for more: the same sum whichever arrives last), resets the counters and runs the
+        epilogue. Returns whether this warp is that last one (warp-uniform).
+
+        Two orders. Fragments of at least :data:`ARRIVE_FIRST_FRAG` floats a thread (tiles of 128 x 128 and up):
+        a warp counts its arrival first; every warp but the last then writes its fragment and counts that
+        (``mCnt[1]``, release), and the last keeps its own in registers (two splits) and waits until the others'
+        are written. It waits only on warps that have already arrived, so the wait always ends. Smaller
+        fragments: every warp writes, then arrives (no wait). H100 K sweeps (``data/bench/wgmma_k_sweep_*``,
+        2230fba against d5897c9): the two-split sum 1.4-1.7 us cheaper at 256-token tiles, 0.4-1.3 at 128, and
+        0.3-0.6 us dearer at 64 with the first order."""
         frag = cute.size(acc)
         flat = cute.make_tensor(acc.iterator, cute.make_layout(frag))  # acc is compact: a flat view
+        arrive_first = frag >= ARRIVE_FIRST_FRAG
         mwarp = mt // 32
         arrivals = mCnt.iterator + cute.crd2idx((0, slot, mwarp), mCnt.layout)
         written = mCnt.iterator + cute.crd2idx((1, slot, mwarp), mCnt.layout)
+        own = mWs.iterator + cute.crd2idx((slot, split, 0, mt, 0), mWs.layout)
+        if cutlass.const_expr(not arrive_first):
+            self._store_partial(flat, own, frag)
+            cute.arch.fence_acq_rel_gpu()
+            cute.arch.sync_warp()
         rank = Int32(0)
         if lane == 0:
             rank = cute.arch.atomic_add(arrivals.llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
         rank = cute.arch.shuffle_sync(rank, 0)
         last = rank == splits - 1
-        if (not last) or splits > 2:  # the fragment goes to the workspace (the last's own too with more than two splits)
-            base = mWs.iterator + cute.crd2idx((slot, split, 0, mt, 0), mWs.layout)
-            for j in cutlass.range_constexpr(frag // 4):
-                store_v4_f32((base + j * THREADS * 4).llvm_ptr, flat[4 * j], flat[4 * j + 1], flat[4 * j + 2], flat[4 * j + 3])
+        if cutlass.const_expr(arrive_first):
+            if (not last) or splits > 2:  # the last's own fragment stays in registers with two splits
+                self._store_partial(flat, own, frag)
             if not last:
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.sync_warp()
                 if lane == 0:
                     cute.arch.atomic_add(written.llvm_ptr, Int32(1), sem="release", scope="gpu")
         if last:
-            if lane == 0:  # the others have arrived: wait until their fragments are written
-                seen = cute.arch.load(written.llvm_ptr, Int32, sem="acquire", scope="gpu")
-                while seen < splits - 1:
+            if cutlass.const_expr(arrive_first):
+                if lane == 0:  # the others have arrived: wait until their fragments are written
                     seen = cute.arch.load(written.llvm_ptr, Int32, sem="acquire", scope="gpu")
-            cute.arch.sync_warp()
+                    while seen < splits - 1:
+                        seen = cute.arch.load(written.llvm_ptr, Int32, sem="acquire", scope="gpu")
+                cute.arch.sync_warp()
             cute.arch.fence_acq_rel_gpu()
             if splits == 2:  # own + other: the same two fp32 whichever split arrives last (addition commutes)
                 self._add_partial(flat, mWs.iterator + cute.crd2idx((slot, 1 - split, 0, mt, 0), mWs.layout), frag)
@@ -836,8 +847,15 @@ class GemmWgmmaDecoderKernel:
                     self._add_partial(flat, mWs.iterator + cute.crd2idx((slot, s, 0, mt, 0), mWs.layout), frag)
             if lane == 0:
                 cute.arch.store(arrivals.llvm_ptr, Int32(0))
-                cute.arch.store(written.llvm_ptr, Int32(0))
+                if cutlass.const_expr(arrive_first):
+                    cute.arch.store(written.llvm_ptr, Int32(0))
         return last
+
+    @cute.jit
+    def _store_partial(self, flat: cute.Tensor, base, frag: int):
+        """This thread's fragment -> its workspace slice at ``base`` (16-byte stores, coalesced across the warp)."""
+        for j in cutlass.range_constexpr(frag // 4):
+            store_v4_f32((base + j * THREADS * 4).llvm_ptr, flat[4 * j], flat[4 * j + 1], flat[4 * j + 2], flat[4 * j + 3])
 
     @cute.jit
     def _load_words(self, mW: cute.Tensor, rg: Int32, chunk: Int32, lane: Int32, wr: cute.Tensor, slot: int, i: int):
