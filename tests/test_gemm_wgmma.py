@@ -442,6 +442,26 @@ def test_decoder_split_k_ptx_sm90a(tile_n, swiglu):
         gemm_wgmma.compile_wgmma(7168, tile_n, schedule="register", arch="sm_90a", split_k=True)
 
 
+@requires_cute
+@pytest.mark.parametrize("tile_n,options", [(256, {}), (128, dict(decoders=2)), (64, dict(decoders=2)), (256, dict(split_k=True)),
+                                            (128, dict(grouped=True)), (256, dict(batched=True))])
+def test_decoder_staged_epilogue_ptx_sm90a(tile_n, options):
+    """The staged epilogue: y written with 16-byte stores (two a token row of a warp's 16 columns, tile_n * 2 / 32
+    a lane) after one named barrier per MMA warpgroup, no 4-byte y stores left; not with stream-K or the SwiGLU."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    k = 4096 if options.get("grouped") or options.get("batched") else 7168
+    staged = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, staged=True, **options))
+    plain = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, **options))
+    workspace = 128 * tile_n // 256 // 4 if options.get("split_k") else 0  # the split sum's own 16-byte stores
+    assert len(re.findall(r"st\.global\.v4\.b32", staged)) == tile_n * 2 // 32 + workspace
+    assert len(re.findall(r"st\.global\.v4\.b32", plain)) == workspace and len(re.findall(r"st\.global\.b32", plain)) >= tile_n // 4
+    assert "bar.sync" in staged and ".local" not in staged
+    for off in (dict(stream_k=True), dict(swiglu=True)):
+        assert not gemm_wgmma.GemmWgmmaDecoderKernel(7168, 256, staged=True, **off).staged
+
+
 def test_stream_segments():
     """Stream-K: parts share tiles x quads work units evenly; the most segments any tile has (the workspace's
     second dimension) against a direct count."""
@@ -533,3 +553,29 @@ def check_split_run(n: int, k: int, m: int, limit, **options):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, y)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("n,k", [(6144, 7168), (1152, 512), (200, 512)])  # 200: a row block that ends inside y
+@pytest.mark.parametrize("m", [33, 65, 300])
+@pytest.mark.parametrize("tile_n,options", [(256, {}), (128, dict(decoders=2)), (64, dict(decoders=2)), (256, dict(splits=2)),
+                                            (128, dict(splits=3))])
+def test_wgmma_staged_epilogue_on_gpu(fresh_seed, n, k, m, tile_n, options):
+    """The staged epilogue writes exactly what the direct one does (bit-equal, both into NaN-poisoned outputs) and
+    is correct; n not a multiple of 8 falls back to the direct epilogue."""
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    if options.get("splits", 1) > 1 and k // 256 < 2 * options["splits"]:
+        pytest.skip("too few quads for the split")
+    check_split_run(n, k, m, None, tile_n=tile_n, staged=True, **options)
+    q = quantize(torch.randn(n, k, device="cuda") * 0.02)
+    from nvfp4lib.ops.gemm import prepare_weight
+
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    outs = [gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, tile_n=tile_n, staged=staged,
+                                 out=torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16), **options)
+            for staged in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    assert gemm_wgmma.staged_epilogue(outs[0], n) == (n % 8 == 0)

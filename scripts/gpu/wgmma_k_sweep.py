@@ -5,7 +5,7 @@ gives the per-quad cost (the slope) and the cost that does not scale with K (the
 pipeline fill, split sum, epilogue). Every point is checked against the fp32 reference. CUDA-graph replay over 4
 rotating weight sets. Run there:
   source /tmp/site/env.sh && NVFP4LIB_COMMIT=<sha> PYTHONPATH=.:$PYTHONPATH python3 scripts/gpu/wgmma_k_sweep.py
-Env: PROBE (a timing probe, unchecked), MS (default 256), KS (default 512,1024,2048,3584,7168), VARIANTS (tile_n x splits [c cluster], default
+Env: PROBE (a timing probe, unchecked), EXTRA (``key=value:...`` run_wgmma options), MS (default 256), KS (default 512,1024,2048,3584,7168), VARIANTS (tile_n x splits [c cluster], default
 256x1,256x2,256x1c1). Writes $OUT/wgmma_k_sweep.json and prints the fits."""
 import os
 
@@ -20,6 +20,7 @@ MS = [int(v) for v in os.environ.get("MS", "256").split(",")]
 KS = [int(v) for v in os.environ.get("KS", "512,1024,2048,3584,7168").split(",")]
 VARIANTS = os.environ.get("VARIANTS", "256x1,256x2,256x1c1").split(",")
 PROBE = os.environ.get("PROBE")  # a timing probe of the decoder kernel (run_wgmma probe=...): wrong results, not checked
+EXTRA = harness.parse_kwargs(filter(None, os.environ.get("EXTRA", "").split(":")))  # more run_wgmma options, e.g. staged=False
 notes, rows = [], []
 for k in KS:
     shapes = {f"k{k}": (N, k, None)}
@@ -27,7 +28,7 @@ for k in KS:
         for v in VARIANTS:
             tile, _, rest = v.partition("x")
             splits, _, cluster = rest.partition("c")
-            kw = dict(tile_n=int(tile), splits=int(splits), stream_k=False)
+            kw = dict(tile_n=int(tile), splits=int(splits), stream_k=False, **EXTRA)
             if cluster:
                 kw["cluster_m"] = int(cluster)
             if k // 256 < 2 * kw["splits"] and kw["splits"] > 1:
@@ -51,7 +52,7 @@ for v in VARIANTS:
             fits.append(dict(variant=v, m=m, us_per_quad=float(slope), fixed_us=float(intercept)))
 harness.write_probe("wgmma_k_sweep", "scripts/gpu/wgmma_k_sweep.py: CUDA-graph replay (harness.time_graph) over 4 rotating weight sets; "
                     f"run_wgmma at N = {N}, fixed (tile_n, splits, cluster), K swept; linear fit of time against K quads per CTA"
-                    + (f"; timing probe {PROBE} (wrong results)" if PROBE else ""),
+                    + (f"; timing probe {PROBE} (wrong results)" if PROBE else "") + (f"; options {EXTRA}" if EXTRA else ""),
                     rows=rows, fits=fits, notes=notes)
 for f in fits:
     print(f"{f['variant']:10s} M={f['m']:5d}  {f['us_per_quad']:6.3f} us per quad of 256 k  fixed {f['fixed_us']:6.2f} us")

@@ -447,6 +447,7 @@ class GemmWgmmaKernel:
 
 DECODER_THREADS = 128  # the decoder warpgroup of GemmWgmmaDecoderKernel
 DECODER_PROBES = ("full", "noload", "nofence", "nostore", "noepilogue")
+STAGE_HALF_WORDS = 64 * D.CHUNK_K // 2  # one MMA warpgroup's 64 rows of a weight stage, in words
 
 
 def decoder_default_stages(tile_n: int, tile_m: int = TILE_M) -> int:
@@ -484,7 +485,8 @@ class GemmWgmmaDecoderKernel:
 
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
-                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16, decoders: int = 1):
+                 split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16, decoders: int = 1,
+                 staged: bool = False):
         _check_shape(k, tile_n, DECODER_TILE_N)
         # decoders: decoder warpgroups (1 or 2); with 2 each decodes half the rows of every chunk, so two warps an
         # SM sub-partition hide each other's latencies (the launch's 512 threads cap the registers at 128 a thread)
@@ -566,6 +568,12 @@ class GemmWgmmaDecoderKernel:
         self.tile_n = tile_n
         self.stages = stages or decoder_default_stages(tile_n, tile_m)
         self.threads = self.decoder_threads + THREADS
+        # staged: the epilogue through shared memory (store_tile_staged), each MMA warp in its own warpgroup's half of
+        # the weight stages (free once the warpgroup's last MMAs are done; the other warpgroup never reads it). Not with
+        # stream-K (the decoder fills the stages with the next segment meanwhile) nor the SwiGLU epilogue; the launch
+        # asks for it only where y allows 16-byte stores.
+        self.staged = (staged and tile_m == TILE_M and not (stream_k or swiglu)
+                       and 4 * tile_n * 8 <= self.stages * STAGE_HALF_WORDS)
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -737,13 +745,22 @@ class GemmWgmmaDecoderKernel:
                     read, release = self._mma_segment(tiled_mma, thr_mma, tCrA, tCrB, acc, x_pipe, a_pipe, read, release, mAlpha, mY, mWs, mCnt,
                                                        tidx, lane, g, expert, s_rb, s_row0, row_end, n, limit, s_qa, s_qb, s_part, s_parts, s_slot)
             else:
+                stage32 = None
+                if cutlass.const_expr(self.staged):
+                    mwarp = (tidx - self.decoder_threads) // 32  # MMA warp 4v + w: warpgroup v's half of the stages, slot w
+                    offset = (mwarp % 4) * self.tile_n * 8
+                    stage32 = cute.make_tensor(cute.recast_ptr(storage.sA.data_ptr(), dtype=Int32)
+                                               + (offset // STAGE_HALF_WORDS) * self.a_stage_words + (mwarp // 4) * STAGE_HALF_WORDS
+                                               + offset % STAGE_HALF_WORDS, cute.make_layout((self.tile_n * 8,)))
                 read, release = self._mma_segment(tiled_mma, thr_mma, tCrA, tCrB, acc, x_pipe, a_pipe, read, release, mAlpha, mY, mWs, mCnt,
-                                                   tidx, lane, g, expert, rb, row0, row_end, n, limit, q_begin, q_end, split, splits, slot)
+                                                   tidx, lane, g, expert, rb, row0, row_end, n, limit, q_begin, q_end, split, splits, slot,
+                                                   stage32)
 
     @cute.jit
     def _mma_segment(self, tiled_mma, thr_mma, tCrA, tCrB, acc: cute.Tensor, x_pipe, a_pipe, read, release, mAlpha: cute.Tensor,
                      mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tidx: Int32, lane: Int32, g: Int32, expert: Int32, rb: Int32,
-                     row0: Int32, row_end: Int32, n: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32):
+                     row0: Int32, row_end: Int32, n: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32,
+                     stage32=None):
         """MMA warpgroups: quads q_begin .. q_end - 1 of one tile (row block rb x the tile_n tokens from row0) into
         ``acc``, then the split sum (``splits`` > 1: this is part ``split`` of the tile's K) and the epilogue.
         Returns the consumer states (read, release), both past the segment's last chunk."""
@@ -762,6 +779,8 @@ class GemmWgmmaDecoderKernel:
                 release.advance()
             read.advance()
         warpgroup.wait_group(0)
+        if cutlass.const_expr(self.staged):  # the whole warpgroup's MMAs are done before its warps overwrite the stages
+            cute.arch.barrier(barrier_id=1 + (tidx - self.decoder_threads) // 128, number_of_threads=128)
         # the last chunk's stages too: with a cluster the producer's tail waits for every release
         x_pipe.consumer_release(release)
         a_pipe.consumer_release(release)
@@ -783,7 +802,11 @@ class GemmWgmmaDecoderKernel:
             else:
                 alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
                 y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
-                store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
+                if cutlass.const_expr(self.staged):
+                    store_tile_staged(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, lane, (tidx - self.decoder_threads) // 32,
+                                      stage32, self.tile_n, y_col0)
+                else:
+                    store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
         return read, release
 
     @cute.jit
@@ -966,8 +989,8 @@ class GemmWgmmaDecoderKernel:
                     odd = decode_word(words[i, 2 * h + 1], scale_g, scale_g8)
                     chunk = ((2 * t + h) ^ g) * 4
                     if cutlass.const_expr(self.probe != "nostore"):
-                        store_shared_v4(sA32.iterator + base + row * 32 + chunk, even[0], even[2], odd[0], odd[2])
-                        store_shared_v4(sA32.iterator + base + row8 * 32 + chunk, even[1], even[3], odd[1], odd[3])
+                        store_v4_b32(sA32.iterator + base + row * 32 + chunk, even[0], even[2], odd[0], odd[2])
+                        store_v4_b32(sA32.iterator + base + row8 * 32 + chunk, even[1], even[3], odd[1], odd[3])
             else:
                 for j in cutlass.range_constexpr(4):
                     # store j takes word kk = j ^ flip: the lane's words j and j ^ 1, swapped when flip
@@ -1013,6 +1036,40 @@ def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, 
         col = rb * tile_m + mm
         a = mAlpha[cutlass.min(col, n - 1)] * shift7
         _store_pair(mY32, acc[2 * p] * a, acc[2 * p + 1] * a, odd, row0 + nn, col, row_end, n)
+
+
+@cute.jit
+def store_tile_staged(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32,
+                      n: Int32, g: Int32, lane: Int32, mwarp: Int32, stage32, tile_n: cutlass.Constexpr, col0: Int32 = 0):
+    """:func:`store_tile` (tile_m 128) through shared memory, one MMA warp at a time: the warp writes its 16 weight
+    rows x tile_n tokens as bf16 into ``stage32`` (Int32 shared memory, [tile_n tokens, 8 words]: one token's 16
+    columns of y), then stores each token's 32 bytes with two 16-byte stores (whole sectors, a quarter of
+    store_tile's 4-byte stores). Needs n, y's row pitch and col0 multiples of 8 and y 16-byte aligned (the launch
+    checks: :func:`staged_epilogue`). H100 K sweep with the ``noepilogue`` probe
+    (``data/bench/wgmma_k_sweep_*_945e304*``): store_tile cost ~5 us a 256-token tile, ~3 us a 128-token one."""
+    shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
+    odd = g % 2
+    tCcC = thr_mma.partition_C(cute.make_identity_tensor((TILE_M, tile_n)))
+    for p in cutlass.range_constexpr(cute.size(acc) // 2):
+        mm, nn = tCcC[2 * p]
+        a = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
+        v0 = acc[2 * p] * a
+        v1 = acc[2 * p + 1] * a
+        # as _store_pair: lanes g and g ^ 1 swap halves, so each holds two adjacent columns of one token
+        recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
+        lo = cutlass.select_(odd == 1, recv, v0)
+        hi = cutlass.select_(odd == 1, v1, recv)
+        stage32[(nn + odd) * 8 + (mm % D.ROWS_PER_GROUP - odd) // 2] = pack_bf16x2(lo, hi)
+    cute.arch.sync_warp()
+    pitch = mY.shape[1] // 2  # y's row pitch in words
+    y_words = cute.recast_ptr(mY.iterator, dtype=Int32)
+    for it in cutlass.range_constexpr(tile_n * 2 // 32):
+        c = it * 32 + lane
+        tok = c // 2
+        col = rb * TILE_M + mwarp * D.ROWS_PER_GROUP + (c % 2) * 8
+        if (row0 + tok < row_end) & (col < n):  # n a multiple of 8: a piece is wholly inside or outside y
+            vals = load_v4_b32(stage32.iterator + tok * 8 + (c % 2) * 4)
+            store_v4_b32(y_words + (row0 + tok) * pitch + (col0 + col) // 2, vals[0], vals[1], vals[2], vals[3])
 
 
 @cute.jit
@@ -1067,8 +1124,8 @@ def store_v4_f32(ptr, a: Float32, b: Float32, c: Float32, d: Float32, *, loc=Non
 
 
 @dsl_user_op
-def store_shared_v4(ptr, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
-    """Four words to 16 aligned bytes of shared memory (``st.shared.v4.b32``); ``ptr`` an Int32 smem pointer."""
+def store_v4_b32(ptr, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
+    """Four words to 16 aligned bytes (``st.shared.v4.b32`` / ``st.global.v4.b32``); ``ptr`` an Int32 pointer."""
     from cutlass._mlir import ir
     from cutlass._mlir.dialects import arith
 
@@ -1076,6 +1133,16 @@ def store_shared_v4(ptr, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip
     for i, value in enumerate((a, b, c, d)):
         v = llvm.insertelement(v, Int32(value).ir_value(loc=loc, ip=ip), arith.constant(T.i32(), i, loc=loc, ip=ip), loc=loc, ip=ip)
     cute.arch.store(ptr.llvm_ptr, v, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def load_v4_b32(ptr, *, loc=None, ip=None):
+    """Four words from 16 aligned bytes (``ld.shared.v4.b32`` for a shared-memory ``ptr``, an Int32 pointer)."""
+    from cutlass._mlir import ir
+    from cutlass._mlir.dialects import arith
+
+    v = cute.arch.load(ptr.llvm_ptr, ir.VectorType.get([4], T.i32()), loc=loc, ip=ip)
+    return [Int32(llvm.extractelement(v, arith.constant(T.i32(), i, loc=loc, ip=ip), loc=loc, ip=ip)) for i in range(4)]
 
 
 @dsl_user_op
@@ -1115,7 +1182,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
                   batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
-                  store_bytes: int | None = None, decoders: int | None = None):
+                  store_bytes: int | None = None, decoders: int | None = None, staged: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1129,12 +1196,12 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
-                                        store_bytes or DECODER_STORE_BYTES, decoders or 1)
+                                        store_bytes or DECODER_STORE_BYTES, decoders or 1, staged)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders)
+               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders, kernel.staged)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders:
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders or staged:
         raise ValueError("only the decoder schedule has the store width and decoders options and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
@@ -1215,6 +1282,17 @@ def tile_n_for(m: int) -> int:
     return 256 if m >= 512 else 128
 
 
+# The decoder kernel's epilogue through shared memory, 16-byte stores of whole sectors (store_tile_staged), where y allows
+STAGED_EPILOGUE = True
+
+
+def staged_epilogue(y: torch.Tensor, n: int) -> bool:
+    """Whether a decoder-kernel launch writing ``n`` columns of y asks for the staged epilogue: STAGED_EPILOGUE, and y
+    16-byte aligned with its row pitch and n multiples of 8 elements (the kernel also needs tile_m 128, enough
+    stages, and no stream-K or SwiGLU)."""
+    return STAGED_EPILOGUE and n % 8 == 0 and y.data_ptr() % 16 == 0 and y.stride(-2) % 8 == 0
+
+
 def _current_stream():
     import cuda.bindings.driver as cuda_driver
 
@@ -1226,7 +1304,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
               splits: int | None = None, pdl: str | None = None, stream_k: bool | None = None, parts: int | None = None,
-              store_bytes: int | None = None, decoders: int | None = None) -> torch.Tensor:
+              store_bytes: int | None = None, decoders: int | None = None, staged: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
@@ -1236,7 +1314,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     nor ``splits`` given, :func:`wgmma_plan` picks both and, with ``stream_k`` None, :func:`stream_k_pays`
     whether to run stream-K instead (it needs a transient fp32 workspace of up to a few tile sums per tile). ``pdl`` (decoder schedule; default ``PDL``): programmatic dependent launch, as
     :func:`~.gemm_decode.run_decode` (the weights must not be written by the kernel just before). No host
-    sync; CUDA-graph capturable after a first eager call (which compiles)."""
+    sync; CUDA-graph capturable after a first eager call (which compiles). ``staged`` (decoder schedule): the epilogue
+    through shared memory (default :func:`staged_epilogue`)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -1292,7 +1371,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
-                             decoders=decoders)
+                             decoders=decoders, staged=staged_epilogue(y, out_n) if staged is None else staged)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
@@ -1420,7 +1499,7 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
         raise ValueError(f"tiles must be int32 [{max_tiles}, 3] (grouped_tile_table for tile_n={tile_n}), got {tiles.dtype} {tuple(tiles.shape)}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu, staged=staged_epilogue(y, out_n))
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
              Int32(1), Int32(1), _current_stream())
@@ -1471,7 +1550,7 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
         x = x.clone()
     tile_n = tile_n or BATCHED_TILE_N
     tiles = batched_tile_table(tokens, groups, tile_n, x.device)
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True, staged=staged_epilogue(y, n))
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
              Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), Int32(1),
              _current_stream())
