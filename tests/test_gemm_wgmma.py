@@ -578,4 +578,4 @@ def test_wgmma_staged_epilogue_on_gpu(fresh_seed, n, k, m, tile_n, options):
                                  out=torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16), **options)
             for staged in (True, False)]
     assert torch.equal(outs[0], outs[1])
-    assert gemm_wgmma.staged_epilogue(outs[0], n) == (n % 8 == 0)
+    assert gemm_wgmma.staged_epilogue(outs[0], n, tile_n) == (n % 8 == 0 and tile_n >= 128)

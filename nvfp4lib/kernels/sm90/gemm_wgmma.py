@@ -1046,7 +1046,8 @@ def store_tile_staged(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
     columns of y), then stores each token's 32 bytes with two 16-byte stores (whole sectors, a quarter of
     store_tile's 4-byte stores). Needs n, y's row pitch and col0 multiples of 8 and y 16-byte aligned (the launch
     checks: :func:`staged_epilogue`). H100 K sweep with the ``noepilogue`` probe
-    (``data/bench/wgmma_k_sweep_*_945e304*``): store_tile cost ~5 us a 256-token tile, ~3 us a 128-token one."""
+    (``data/bench/wgmma_k_sweep_*_945e304*``): store_tile cost ~5 us a 256-token tile, ~3 us a 128-token one; this
+    one saved 1.0-1.6 of them (:data:`STAGED_EPILOGUE_MIN_TILE_N`)."""
     shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
     odd = g % 2
     tCcC = thr_mma.partition_C(cute.make_identity_tensor((TILE_M, tile_n)))
@@ -1282,15 +1283,19 @@ def tile_n_for(m: int) -> int:
     return 256 if m >= 512 else 128
 
 
-# The decoder kernel's epilogue through shared memory, 16-byte stores of whole sectors (store_tile_staged), where y allows
-STAGED_EPILOGUE = True
+# The decoder kernel's epilogue through shared memory, 16-byte stores of whole sectors (store_tile_staged), from this many
+# tokens a tile, where y allows. H100 K sweeps (data/bench/wgmma_k_sweep_*_b6e7ad5_*): the fixed cost of a tile 7.9 -> 6.3 us
+# at 256 tokens, 3.5 -> 2.5 at 128, 14.3 -> 12.0 at 256 with two K splits; at 64 tokens (two decoder warpgroups, 128
+# registers a thread) the main loop slowed by 0.13 us a quad (1.37 -> 1.50), more than the 1.1 us it saved.
+STAGED_EPILOGUE_MIN_TILE_N = 128
 
 
-def staged_epilogue(y: torch.Tensor, n: int) -> bool:
-    """Whether a decoder-kernel launch writing ``n`` columns of y asks for the staged epilogue: STAGED_EPILOGUE, and y
-    16-byte aligned with its row pitch and n multiples of 8 elements (the kernel also needs tile_m 128, enough
-    stages, and no stream-K or SwiGLU)."""
-    return STAGED_EPILOGUE and n % 8 == 0 and y.data_ptr() % 16 == 0 and y.stride(-2) % 8 == 0
+def staged_epilogue(y: torch.Tensor, n: int, tile_n: int) -> bool:
+    """Whether a decoder-kernel launch of ``tile_n``-token tiles writing ``n`` columns of y asks for the staged
+    epilogue: tile_n >= STAGED_EPILOGUE_MIN_TILE_N, and y 16-byte aligned with its row pitch and n multiples of 8
+    elements (the kernel also needs tile_m 128, enough stages, and no stream-K or SwiGLU). run_wgmma only: the grouped
+    and batched kernels compile with it (tests/test_gemm_wgmma.py) but have not run it on a GPU, so they do not ask."""
+    return tile_n >= STAGED_EPILOGUE_MIN_TILE_N and n % 8 == 0 and y.data_ptr() % 16 == 0 and y.stride(-2) % 8 == 0
 
 
 def _current_stream():
@@ -1371,7 +1376,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
-                             decoders=decoders, staged=staged_epilogue(y, out_n) if staged is None else staged)
+                             decoders=decoders, staged=staged_epilogue(y, out_n, tile_n) if staged is None else staged)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
@@ -1499,7 +1504,8 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
         raise ValueError(f"tiles must be int32 [{max_tiles}, 3] (grouped_tile_table for tile_n={tile_n}), got {tiles.dtype} {tuple(tiles.shape)}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu, staged=staged_epilogue(y, out_n))
+    # the staged epilogue compiles for the grouped kernel but has not run on a GPU there yet: off
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
              Int32(1), Int32(1), _current_stream())
@@ -1550,7 +1556,8 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
         x = x.clone()
     tile_n = tile_n or BATCHED_TILE_N
     tiles = batched_tile_table(tokens, groups, tile_n, x.device)
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True, staged=staged_epilogue(y, n))
+    # the staged epilogue compiles for the batched kernel but has not run on a GPU there yet: off
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
              Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), Int32(1),
              _current_stream())
