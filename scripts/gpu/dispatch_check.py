@@ -19,10 +19,10 @@ SHAPES = {s: ALL[s] for s in os.environ.get("SHAPES", ",".join(ALL)).split(",")}
 MS = [int(v) for v in os.environ.get("MS", "1024,1536,2048,3072,4096").split(",")]
 notes, rows = [], []
 sms = torch.cuda.get_device_properties(0).multi_processor_count
-dense, dense_of = None, None
+dense_of = None
 for name, n, k, _, _, weights, m, x, ref in gemm_bench.probe_cases(SHAPES, MS):
-    if dense_of != name:
-        dense, dense_of = None, name
+    if dense_of != name:  # the bf16 weights of this shape, made once (the last shape's freed first)
+        dense_of, dense = name, None
         dense = [(dequantize_sm90(p.weight, p.block_scale, n) * p.alpha[:, None]).to(torch.bfloat16) for p in weights]
     tile_n, splits = gemm_wgmma.wgmma_plan(m, n // 16, k, sms)
     path = "wgmma" if use_wgmma(m, n, k, False) else "decode" if m <= DECODE_MAX_M else "prefill"

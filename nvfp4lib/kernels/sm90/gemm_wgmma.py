@@ -1054,12 +1054,7 @@ def store_tile_staged(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
     for p in cutlass.range_constexpr(cute.size(acc) // 2):
         mm, nn = tCcC[2 * p]
         a = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
-        v0 = acc[2 * p] * a
-        v1 = acc[2 * p + 1] * a
-        # as _store_pair: lanes g and g ^ 1 swap halves, so each holds two adjacent columns of one token
-        recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
-        lo = cutlass.select_(odd == 1, recv, v0)
-        hi = cutlass.select_(odd == 1, v1, recv)
+        lo, hi = _swap_pair(acc[2 * p] * a, acc[2 * p + 1] * a, odd)
         stage32[(nn + odd) * 8 + (mm % D.ROWS_PER_GROUP - odd) // 2] = pack_bf16x2(lo, hi)
     cute.arch.sync_warp()
     pitch = mY.shape[1] // 2  # y's row pitch in words
@@ -1074,13 +1069,19 @@ def store_tile_staged(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
 
 
 @cute.jit
-def _store_pair(mY32: cute.Tensor, v0: Float32, v1: Float32, odd: Int32, tok0: Int32, col: Int32, row_end: Int32, n: Int32):
-    """Column ``col`` of tokens tok0 and tok0 + 1 (v0, v1) -> y. Lanes g and g ^ 1 (same t, columns col and
-    col ^ 1) swap halves so that each stores two adjacent columns of one token (4 bytes): the even lane token
-    tok0, the odd lane tok0 + 1."""
+def _swap_pair(v0: Float32, v1: Float32, odd: Int32):
+    """One column's values of tokens tok0 and tok0 + 1 (v0, v1) -> (lo, hi): lanes g and g ^ 1 (same t, columns col
+    and col ^ 1) swap halves, so each holds two adjacent columns of one token: the even lane token tok0, the odd
+    lane tok0 + 1."""
     recv = cute.arch.shuffle_sync_bfly(cutlass.select_(odd == 1, v0, v1), offset=4)
-    lo = cutlass.select_(odd == 1, recv, v0)
-    hi = cutlass.select_(odd == 1, v1, recv)
+    return cutlass.select_(odd == 1, recv, v0), cutlass.select_(odd == 1, v1, recv)
+
+
+@cute.jit
+def _store_pair(mY32: cute.Tensor, v0: Float32, v1: Float32, odd: Int32, tok0: Int32, col: Int32, row_end: Int32, n: Int32):
+    """Column ``col`` of tokens tok0 and tok0 + 1 (v0, v1) -> y, two adjacent columns of one token (4 bytes) a
+    lane (:func:`_swap_pair`)."""
+    lo, hi = _swap_pair(v0, v1, odd)
     tok = tok0 + odd
     if (tok < row_end) & (col < n):
         mY32[tok, (col - odd) // 2] = pack_bf16x2(lo, hi)
@@ -1230,6 +1231,11 @@ WGMMA_MAX_SPLITS = 4  # measured up to 4 (data/bench/wgmma_split_probe_nvidia_h1
 SMALL_TILE_MAX_M = 64  # up to this M the plan takes one 64-token tile (the decoder, not the MMA, bounds the time there)
 
 
+def _row_blocks(row_groups: int, tile_m: int, cluster_m: int) -> int:
+    """Row blocks of the decoder kernel's grid: ceil(RG * 16 / tile_m), rounded up to whole clusters."""
+    return -(-(-(-row_groups // (tile_m // D.ROWS_PER_GROUP))) // cluster_m) * cluster_m
+
+
 def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: int | None = None) -> tuple:
     """(tile_n, K splits) of the plain / SwiGLU decoder kernel: the most CTAs that fit in ONE wave, over tiles
     of 64 tokens up to M = SMALL_TILE_MAX_M, else of 128 tokens (256 too from M = 256), and 1..WGMMA_MAX_SPLITS
@@ -1239,7 +1245,7 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
     gate_up M = 128 48 CTAs -> 2 splits: 39.2 against 59.8 us; M = 256 256 tokens x 2 splits: 52.7 against 60.1;
     wo_b M = 256 98.7 against 129.3 (cuBLAS 91.2); fused_wqa_wkv M = 256 4 splits 27.5 (dequantize + cuBLAS 32.7)."""
     cluster_m = cluster_m or DECODER_CLUSTER_M
-    row_blocks = -(-(-(-row_groups // (TILE_M // D.ROWS_PER_GROUP))) // cluster_m) * cluster_m
+    row_blocks = _row_blocks(row_groups, TILE_M, cluster_m)
     quads = k // D.QUAD_K
     best = None
     for tile_n in (64,) if m <= SMALL_TILE_MAX_M else (128, 256):
@@ -1269,9 +1275,7 @@ def stream_k_pays(m: int, row_groups: int, k: int, tile_n: int, splits: int, sm_
     """Whether the plain / SwiGLU decoder kernel should run stream-K instead of the plan ``(tile_n, splits)`` of
     :func:`wgmma_plan`: an unsplit plan of more than one wave of tiles (one CTA an SM) whose waves are less than
     :data:`STREAM_K_BELOW_FILL` full, and K >= :data:`STREAM_K_MIN_K`."""
-    cluster_m = cluster_m or DECODER_CLUSTER_M
-    row_blocks = -(-(-(-row_groups // (TILE_M // D.ROWS_PER_GROUP))) // cluster_m) * cluster_m
-    tiles = row_blocks * -(-m // tile_n)
+    tiles = _row_blocks(row_groups, TILE_M, cluster_m or DECODER_CLUSTER_M) * -(-m // tile_n)
     if splits > 1 or k < STREAM_K_MIN_K or tiles <= sm_count:
         return False
     return tiles / (-(-tiles // sm_count) * sm_count) < STREAM_K_BELOW_FILL
@@ -1381,8 +1385,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if schedule == "decoder":
         ws = cnt = None
         tm, cm = tile_m or TILE_M, cluster_m or DECODER_CLUSTER_M
-        row_blocks = -(-(-(-row_groups // (tm // D.ROWS_PER_GROUP))) // cm) * cm
-        tiles = row_blocks * -(-m // tile_n)
+        tiles = _row_blocks(row_groups, tm, cm) * -(-m // tile_n)
         if stream_k:  # splits: the most segments a tile has (the workspace's second dimension)
             parts = min(parts or _sm_count(x.device) // cm, tiles // cm * quads)
             splits = stream_segments(tiles // cm, quads, parts)
