@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ..cute_compile import compile_kernel, import_cute
+from ..launch import current_stream, sm_count, split_counters
 from . import dequant as D
 
 cutlass, cute = import_cute()
@@ -644,25 +645,6 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     return None if chosen is None else (chosen[2], *chosen[3], False)
 
 
-_state: dict = {}
-
-
-def _counters(device, size: int) -> torch.Tensor:
-    """A zeroed int32 counter buffer per device, grown on demand (the kernel leaves it zero)."""
-    key = ("cnt", device)
-    buf = _state.get(key)
-    if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _state[key] = buf
-    return buf
-
-
-def _current_stream():
-    import cuda.bindings.driver as cuda_driver
-
-    return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
-
-
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
             paired=False, pdl=None, ctas_per_sm=None):
@@ -680,7 +662,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     if ksplit is None:  # automatic: the in-CTA K split where measured and a one-wave CTA shape exists
         ksplit = 1
         if offsets is None and warps_per_sm is None and not x_smem and not splits and rows is None:
-            plan = auto_ksplit(warp_groups, quads, max_rows, _sm_count(x.device), swiglu, tiles)
+            plan = auto_ksplit(warp_groups, quads, max_rows, sm_count(x.device), swiglu, tiles)
             if plan:
                 tiles, rows, ksplit, paired = plan
                 splits = 1
@@ -698,10 +680,10 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         per_split = -(-quads // splits)
         nsplit = -(-quads // per_split)
     elif offsets is None and warps_per_sm is None:
-        per_split, nsplit = splits_for_wave(warp_groups, quads, token_blocks, _sm_count(x.device), resident_warps(swiglu, tiles),
+        per_split, nsplit = splits_for_wave(warp_groups, quads, token_blocks, sm_count(x.device), resident_warps(swiglu, tiles),
                                             MAX_SMEM_QUADS if x_smem else None)
     else:  # the grouped kernel (measured with this rule: MoE decode and wo_a), or an explicit warps_per_sm (variants)
-        per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, _sm_count(x.device),
+        per_split, nsplit = splits_for(warp_groups, quads, token_blocks * active_groups, sm_count(x.device),
                                        warps_per_sm or default_warps, MAX_SMEM_QUADS if x_smem else None)
     if pdl is None:
         pdl = "off" if offsets is not None else DEFAULTS["pdl"]
@@ -715,14 +697,14 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     if paired and nsplit > 1:
         raise ValueError(f"the paired SwiGLU kernel splits K inside the CTA only (got {nsplit} grid splits)")
     ws = torch.empty(slots * nsplit * warp_groups * 32 * frag if nsplit > 1 else 4, dtype=torch.float32, device=x.device)
-    cnt = _counters(x.device, slots * warp_groups) if nsplit > 1 else ws  # read only with split K
+    cnt = split_counters(x.device, slots * warp_groups) if nsplit > 1 else ws  # read only with split K
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
     compiled(*_pointers(x, words, scale_words, alpha, bias32 if bias32 is not None else alpha, y, ws, cnt,
                         offsets if offsets is not None else cnt),
              Int32(m), Int32(n), Int32(warp_groups), Int32(per_split), Int32(nsplit),
-             Float32(swiglu_limit if swiglu else 0.0), Int32(experts), Int32(max_rows), _current_stream())
+             Float32(swiglu_limit if swiglu else 0.0), Int32(experts), Int32(max_rows), current_stream())
     return y
 
 
@@ -773,10 +755,3 @@ def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tens
     tiles = tiles or (1 if -(-x.shape[0] // experts) <= TOKENS_PER_TILE else MAX_TILES)
     return _launch(x, *stacked, alpha.reshape(-1), n, None, out, swiglu_limit, None, warps_per_sm, tiles, None,
                    offsets=offsets, experts=experts, max_rows=max_rows, active_groups=active)
-
-
-def _sm_count(device) -> int:
-    key = ("sms", device)
-    if key not in _state:
-        _state[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _state[key]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..cute_compile import compile_kernel, import_cute
+from ..launch import current_stream
 from . import dequant as D
 from .gemm_decode import decode_word, prmt
 
@@ -164,8 +165,6 @@ def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: to
                        out: torch.Tensor | None = None, coalesced: bool | None = None) -> torch.Tensor:
     """bf16 [n, K] = bf16(e2m1 * block scale * alpha[n]) on the GPU (one kernel, on the current stream).
     out: an optional bf16 buffer of at least RG*16*K elements (contiguous) to write into."""
-    from .gemm_decode import _current_stream
-
     row_groups, chunks = words.shape[0], words.shape[1]
     k = chunks * D.CHUNK_K
     size = row_groups * D.ROWS_PER_GROUP * k
@@ -174,7 +173,7 @@ def dequantize_to_bf16(words: torch.Tensor, scale_words: torch.Tensor, alpha: to
     elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < size:
         raise ValueError(f"out must be a contiguous bf16 buffer of at least {size} elements")
     out = out.reshape(-1)[:size].view(row_groups * D.ROWS_PER_GROUP, k)
-    compile_dequant(k, coalesced=coalesced)(*_pointers(words, scale_words, alpha, out), Int32(n), Int32(row_groups), _current_stream())
+    compile_dequant(k, coalesced=coalesced)(*_pointers(words, scale_words, alpha, out), Int32(n), Int32(row_groups), current_stream())
     return out[:n]
 
 

@@ -83,6 +83,7 @@ from typing import NamedTuple
 import torch
 
 from ..cute_compile import compile_kernel, import_cute
+from ..launch import current_stream, sm_count, split_counters
 from . import dequant as D
 from .gemm_decode import PDL_MODES, decode_word, prmt
 
@@ -1302,12 +1303,6 @@ def staged_epilogue(y: torch.Tensor, n: int, tile_n: int) -> bool:
     return tile_n >= STAGED_EPILOGUE_MIN_TILE_N and n % 8 == 0 and y.data_ptr() % 16 == 0 and y.stride(-2) % 8 == 0
 
 
-def _current_stream():
-    import cuda.bindings.driver as cuda_driver
-
-    return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
-
-
 def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
               out: torch.Tensor | None = None, tile_n: int | None = None, stages: int | None = None,
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
@@ -1352,9 +1347,9 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         raise ValueError(f"out must be a contiguous bf16 [{m}, {out_n}] tensor")
     schedule = SCHEDULE if schedule is None else schedule
     if tile_n is None and splits is None and schedule == "decoder" and (tile_m or TILE_M) == TILE_M:
-        tile_n, splits = wgmma_plan(m, row_groups, k, _sm_count(x.device), cluster_m)
+        tile_n, splits = wgmma_plan(m, row_groups, k, sm_count(x.device), cluster_m)
         if stream_k is None:
-            stream_k = stream_k_pays(m, row_groups, k, tile_n, splits, _sm_count(x.device), cluster_m)
+            stream_k = stream_k_pays(m, row_groups, k, tile_n, splits, sm_count(x.device), cluster_m)
     stream_k = bool(stream_k)
     tile_n = tile_n or tile_n_for(m)
     quads = k // D.QUAD_K
@@ -1387,35 +1382,17 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         tm, cm = tile_m or TILE_M, cluster_m or DECODER_CLUSTER_M
         tiles = _row_blocks(row_groups, tm, cm) * -(-m // tile_n)
         if stream_k:  # splits: the most segments a tile has (the workspace's second dimension)
-            parts = min(parts or _sm_count(x.device) // cm, tiles // cm * quads)
+            parts = min(parts or sm_count(x.device) // cm, tiles // cm * quads)
             splits = stream_segments(tiles // cm, quads, parts)
         if splits > 1:
             ws = torch.empty(tiles * splits * tm * tile_n, dtype=torch.float32, device=x.device)
-            cnt = _split_counters(x.device, 2 * tiles * (THREADS // 32))
+            cnt = split_counters(x.device, 2 * tiles * (THREADS // 32))
         compiled(*_pointers(*tensors, with_tiles=True, ws=ws, cnt=cnt), Int32(m), Int32(out_n), Int32(row_groups), Int32(1),
-                 Int32(-(-m // tile_n)), Float32(swiglu_limit if swiglu else 0.0), Int32(splits), Int32(parts or 1), _current_stream())
+                 Int32(-(-m // tile_n)), Float32(swiglu_limit if swiglu else 0.0), Int32(splits), Int32(parts or 1), current_stream())
     else:
-        compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), _current_stream())
+        compiled(*_pointers(*tensors), Int32(m), Int32(n), Int32(row_groups), current_stream())
     return y
 
-
-_split_state: dict = {}
-
-
-def _sm_count(device) -> int:
-    key = ("sms", device)
-    if key not in _split_state:
-        _split_state[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _split_state[key]
-
-
-def _split_counters(device, size: int) -> torch.Tensor:
-    """A zeroed int32 counter buffer per device for split K, grown on demand (the kernel leaves it zero)."""
-    buf = _split_state.get(device)
-    if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _split_state[device] = buf
-    return buf
 
 
 def _check_stacked(words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int, k: int):
@@ -1511,7 +1488,7 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
     compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
-             Int32(1), Int32(1), _current_stream())
+             Int32(1), Int32(1), current_stream())
     return y
 
 
@@ -1563,5 +1540,5 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
     compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
              Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), Int32(1),
-             _current_stream())
+             current_stream())
     return y

@@ -45,6 +45,7 @@ import torch
 from ...formats import BLOCK_SIZE
 from ...layout import ATOM_ROWS, padded_rows, padded_scale_cols
 from ..cute_compile import compile_kernel, import_cute
+from ..launch import current_stream
 
 cutlass, cute = import_cute()
 
@@ -310,12 +311,6 @@ def compile_scale_assembly(k: int, grouped: bool, dynamic: bool, rows_per_cta: i
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
-def _current_stream():
-    import cuda.bindings.driver as cuda_driver
-
-    return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
-
-
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """Contiguous with a 16-byte aligned start (the kernel's vector loads assume it)."""
     x = x.contiguous()
@@ -333,7 +328,7 @@ def _launch(x, packed, scales, global_out, num_groups, scale_rows, capacity, gro
 
     pointers = _pointers(x, given(offsets), given(padded), given(band_group), given(row_group), given(global_scales),
                          given(amax), packed, scales, global_out)
-    compiled(*pointers, Int32(x.shape[0]), Int32(num_groups), Int32(scale_rows), Int32(capacity), _current_stream())
+    compiled(*pointers, Int32(x.shape[0]), Int32(num_groups), Int32(scale_rows), Int32(capacity), current_stream())
 
 
 def run_single(x: torch.Tensor, input_scale):
