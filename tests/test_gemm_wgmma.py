@@ -579,3 +579,57 @@ def test_wgmma_staged_epilogue_on_gpu(fresh_seed, n, k, m, tile_n, options):
             for staged in (True, False)]
     assert torch.equal(outs[0], outs[1])
     assert gemm_wgmma.staged_epilogue(outs[0], n, tile_n) == (n % 8 == 0 and tile_n >= 128)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("n,k", [(7168, 3072), (512, 512), (200, 512)])  # 200: a row block that ends inside y
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_grouped_staged_epilogue_on_gpu(fresh_seed, n, k, tile_n):
+    """The grouped kernel (uneven and empty groups; a group's last tile runs into the next group's rows, which must
+    not be written) with the staged epilogue: bit-equal to the direct one, both into NaN-poisoned outputs; asked for
+    by default where y allows."""
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    w, offsets = _grouped_case((300, 0, 517, 1, 129), n, k)
+    x = torch.randn(int(offsets[-1]), k, device="cuda", dtype=torch.bfloat16)
+    outs = [gemm_wgmma.run_grouped_wgmma(x, offsets, w.weight, w.block_scale, w.alpha, n, tile_n=tile_n, staged=staged,
+                                         out=torch.full((x.shape[0], n), float("nan"), device="cuda", dtype=torch.bfloat16))
+            for staged in (True, False)]
+    torch.cuda.synchronize()
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+    assert gemm_wgmma.staged_epilogue(outs[0], n, tile_n) == (n % 8 == 0)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("tokens", [65, 300])
+@pytest.mark.parametrize("tile_n", [128, 256])
+def test_batched_staged_epilogue_on_gpu(fresh_seed, tokens, tile_n):
+    """The batched kernel (wo_a's 16 groups, x read in place) with the staged epilogue: bit-equal to the direct one,
+    both into NaN-poisoned outputs, and equal to it under CUDA-graph replay."""
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+    from nvfp4lib.ops.gemm import prepare_weight
+
+    groups, n, k = 16, 1024, 4096
+    q = quantize(torch.randn(groups * n, k, device="cuda") * 0.02)
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90")
+    args = (p.weight.view(groups, -1, *p.weight.shape[1:]), p.block_scale.view(groups, -1, *p.block_scale.shape[1:]),
+            p.alpha.view(groups, n), n)
+    x = torch.randn(tokens, groups, k, device="cuda", dtype=torch.bfloat16)
+
+    def run(staged, out=None):
+        return gemm_wgmma.run_batched_wgmma(x, *args, tile_n=tile_n, staged=staged, out=out)
+
+    outs = [run(staged, torch.full((tokens, groups, n), float("nan"), device="cuda", dtype=torch.bfloat16)) for staged in (True, False)]
+    torch.cuda.synchronize()
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run(None)
+    static.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, outs[1])

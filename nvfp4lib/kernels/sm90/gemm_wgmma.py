@@ -1298,8 +1298,8 @@ STAGED_EPILOGUE_MIN_TILE_N = 128
 def staged_epilogue(y: torch.Tensor, n: int, tile_n: int) -> bool:
     """Whether a decoder-kernel launch of ``tile_n``-token tiles writing ``n`` columns of y asks for the staged
     epilogue: tile_n >= STAGED_EPILOGUE_MIN_TILE_N, and y 16-byte aligned with its row pitch and n multiples of 8
-    elements (the kernel also needs tile_m 128, enough stages, and no stream-K or SwiGLU). run_wgmma only: the grouped
-    and batched kernels compile with it (tests/test_gemm_wgmma.py) but have not run it on a GPU, so they do not ask."""
+    elements (the kernel also needs tile_m 128, enough stages, and no stream-K or SwiGLU). run_wgmma, run_grouped_wgmma
+    and run_batched_wgmma (y seen as [T, G * n]) ask for it by this rule."""
     return tile_n >= STAGED_EPILOGUE_MIN_TILE_N and n % 8 == 0 and y.data_ptr() % 16 == 0 and y.stride(-2) % 8 == 0
 
 
@@ -1450,7 +1450,7 @@ def grouped_tile_n(m: int, experts: int) -> int:
 def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
                       alpha: torch.Tensor, n: int, out: torch.Tensor | None = None, tile_n: int | None = None,
                       tiles: torch.Tensor | None = None, cluster_m: int | None = None,
-                      swiglu_limit: float | None = None) -> torch.Tensor:
+                      swiglu_limit: float | None = None, staged: bool | None = None) -> torch.Tensor:
     """One launch for E weights: ``y[rows of group e] = x[rows of group e] @ dequant(W_e)^T * alpha[e]``.
 
     x bf16 [M, K] (contiguous, expert-sorted rows); offsets int [E+1] on the device (0 .. M, non-decreasing;
@@ -1484,8 +1484,8 @@ def run_grouped_wgmma(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
         raise ValueError(f"tiles must be int32 [{max_tiles}, 3] (grouped_tile_table for tile_n={tile_n}), got {tiles.dtype} {tuple(tiles.shape)}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
-    # the staged epilogue compiles for the grouped kernel but has not run on a GPU there yet: off
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu)
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, grouped=True, swiglu=swiglu,
+                             staged=staged_epilogue(y, out_n, tile_n) if staged is None else staged)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles.contiguous(), with_tiles=True),
              Int32(m), Int32(out_n), Int32(row_groups), Int32(experts), Int32(max_tiles), Float32(swiglu_limit if swiglu else 0.0),
              Int32(1), Int32(1), current_stream())
@@ -1514,7 +1514,8 @@ BATCHED_TILE_N = 256  # wo_a on an H100 (data/bench/wo_a_probe_*_1053aa4.json): 
 
 
 def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, alpha: torch.Tensor, n: int,
-                      out: torch.Tensor | None = None, tile_n: int | None = None, cluster_m: int | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, tile_n: int | None = None, cluster_m: int | None = None,
+                      staged: bool | None = None) -> torch.Tensor:
     """G weights, each over ALL rows of its own slice of x: ``y[:, g] = x[:, g] @ dequant(W_g)^T * alpha[g]`` (wo_a).
 
     x bf16 [T, G, K] (contiguous; group g reads columns g K .. g K + K - 1 of the [T, G K] view in place, by
@@ -1536,8 +1537,9 @@ def run_batched_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.T
         x = x.clone()
     tile_n = tile_n or BATCHED_TILE_N
     tiles = batched_tile_table(tokens, groups, tile_n, x.device)
-    # the staged epilogue compiles for the batched kernel but has not run on a GPU there yet: off
-    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True)
+    if staged is None:  # y is [T, G * n] to the kernel: group g's columns start at g * n
+        staged = staged_epilogue(y.view(tokens, groups * n), n, tile_n)
+    compiled = compile_wgmma(k, tile_n, schedule="decoder", cluster_m=cluster_m, batched=True, staged=staged)
     compiled(*_pointers(x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y, tiles, with_tiles=True),
              Int32(tokens), Int32(n), Int32(row_groups), Int32(groups), Int32(tiles.shape[0]), Float32(0.0), Int32(1), Int32(1),
              current_stream())
