@@ -203,9 +203,10 @@ def test_bench_without_gpu_says_so(capsys):
 
 @requires_cute  # the rule reads the kernel's tile sizes
 def test_wgmma_dispatch_rule():
-    """The sm90 op runs the WGMMA kernel for M in (64, 1024] (2048 for K > 4096) when its grid (with K splits)
-    is large enough and there is no bias, and from M = 33 with one 64-token tile where that grid
-    holds at least 96 CTAs; the decode kernel below, dequantize + cuBLAS above."""
+    """The sm90 op runs the WGMMA kernel for M in (64, 1024] (2048 for K > 4096; any M for K > 4096 and N >= 4096
+    where the tile waves are 90% full) when its grid (with K splits) is large enough and there is no bias, and from
+    M = 33 with one 64-token tile where that grid holds at least 96 CTAs; the decode kernel below, dequantize + cuBLAS
+    above."""
     from nvfp4lib.ops.gemm import use_wgmma
 
     assert use_wgmma(256, 6144, 7168, False) and use_wgmma(256, 7168, 3072, False) and use_wgmma(1024, 7168, 3072, False)
@@ -213,7 +214,11 @@ def test_wgmma_dispatch_rule():
     # K > 4096 up to M = 2048 (H100, wgmma_split_probe_*_517eb25.json): gate_up M = 1024 (stream-K) 141.7 us against
     # 163.9 for dequantize + cuBLAS, M = 2048 275.0 against 298.5; fused_wqa_wkv M = 2048 87.8 against 95.2
     assert use_wgmma(1024, 6144, 7168, False) and use_wgmma(2048, 6144, 7168, False) and use_wgmma(2048, 2048, 7168, False)
-    assert use_wgmma(2048, 7168, 16384, False) and not use_wgmma(4096, 6144, 7168, False)  # within 4% either way at 4096
+    assert use_wgmma(2048, 7168, 16384, False)
+    # above 2048 for K > 4096 and N >= 4096 where the tile waves are >= 90% full (gate_up, wo_b at 4096 / 6144 / 8192)
+    assert all(use_wgmma(m, n, k, False) for m in (4096, 6144, 8192) for n, k in ((6144, 7168), (7168, 16384)))
+    assert not use_wgmma(3072, 6144, 7168, False) and not use_wgmma(3072, 7168, 16384, False)  # 87% / 85% full
+    assert not any(use_wgmma(m, 2048, 7168, False) or use_wgmma(m, 7168, 3072, False) for m in (4096, 8192))  # fused, down
     # ... where the plan fills about a wave (dispatch_check_*_7ca588a.json): fused_wqa_wkv at M = 1536 has 96 CTAs
     assert use_wgmma(1024, 2048, 7168, False) and not use_wgmma(1536, 2048, 7168, False)
     assert use_wgmma(64, 6144, 7168, False) and use_wgmma(33, 7168, 3072, False)  # 64-token tile, 2 K splits

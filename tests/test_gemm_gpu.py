@@ -14,7 +14,7 @@ SHAPES = [(6144, 7168), (7168, 3072), (2048, 7168)]
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", [1, 4, 12, 16, 64, 256, 1024])
+@pytest.mark.parametrize("m", [1, 4, 12, 16, 64, 256, 1024, 4096])
 def test_accuracy_and_graph_replay(fresh_seed, n, k, m):
     from nvfp4lib.kernels.sm90 import gemm_decode
 

@@ -14,7 +14,7 @@ Public API:
 Dispatch on CUDA (sm90 layout): M <= ``DECODE_MAX_M`` (64) runs the CuTeDSL decode kernel
 (``kernels/sm90/gemm_decode.py``: mma.sync swap-AB, register decode of E2M1 x E4M3, split-K), except from
 ``SMALL_WGMMA_MIN_M`` (33) for weights of many row blocks; M up to ``WGMMA_MAX_M`` (1024;
-``WGMMA_MAX_M_LONG_K``, 2048, for K > 4096) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule; 64-token tiles up to
+``WGMMA_MAX_M_LONG_K``, 2048, for K > 4096; any M for K > 4096 and N >= ``WIDE_N`` where the tiles fill their waves) the WGMMA kernel (``kernels/sm90/gemm_wgmma.py``, decoder schedule; 64-token tiles up to
 M = 64) where its grid fills most of the GPU and there is no bias (:func:`use_wgmma`); otherwise the prefill path
 (``kernels/sm90/gemm_prefill.py``: a CuTeDSL dequantization to bf16 with alpha folded in, then cuBLAS). The
 ModelOpt layout on CUDA goes through a torch dequantization and cuBLAS (correct, slow). On CPU
@@ -61,6 +61,15 @@ WGMMA_MIN_CTAS = 64  # CTAs x K splits (gemm_wgmma.wgmma_plan): with the split, 
 # splits: 18.0 us at M = 64) stays on the decode kernel (13.1)
 SMALL_WGMMA_MIN_M = 33
 SMALL_WGMMA_MIN_CTAS = 96
+# Above WGMMA_MAX_M_LONG_K, for K > WGMMA_LONG_K and N >= WIDE_N (32+ row blocks), the WGMMA kernel again where its
+# unsplit tiles fill their waves to WIDE_N_MIN_WAVE_FILL. H100 (data/bench/dispatch_check_nvidia_h100_80gb_hbm3_81c6f75.json,
+# against dequantize + cuBLAS): gate_up M = 4096 / 6144 / 8192 527 / 813 / 1082 us against 561 / 835 / 1102, wo_b
+# 1400 / 2206 / 2770 against 1476 / 2258 / 2833 (the waves 93-97% full); at M = 3072 (waves 85-87% full) gate_up lost
+# (431 against 424; 442 against 426 at 43f6e18) and wo_b won (1130 against 1165). fused_wqa_wkv (16 row blocks) went
+# either way by up to 3% (M = 8192: 360 against 349), down (K = 3072) too: those stay on dequantize + cuBLAS.
+WIDE_N = 4096
+WIDE_N_MIN_WAVE_FILL = 0.9
+SM_COUNT = 132  # the H100 these rules were measured on (gemm_wgmma.wgmma_plan's default too)
 
 
 def wgmma_takes(k: int) -> bool:
@@ -73,8 +82,10 @@ def wgmma_takes(k: int) -> bool:
 def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
     """Whether the sm90 op runs the WGMMA kernel for an [M, K] x [N, K]^T GEMM: above DECODE_MAX_M up to
     WGMMA_MAX_M (WGMMA_MAX_M_LONG_K for K > WGMMA_LONG_K; see there) where its plan fills WGMMA_MIN_CTAS
-    (LONG_K_FULL_WAVE_CTAS for K > WGMMA_LONG_K above M = LONG_K_FULL_WAVE_ABOVE_M); at or below it, from SMALL_WGMMA_MIN_M (see
-    there) where the 64-token plan fills SMALL_WGMMA_MIN_CTAS, the decode kernel otherwise."""
+    (LONG_K_FULL_WAVE_CTAS for K > WGMMA_LONG_K above M = LONG_K_FULL_WAVE_ABOVE_M); above that, for K > WGMMA_LONG_K
+    and N >= WIDE_N, where its tiles fill their waves to WIDE_N_MIN_WAVE_FILL (an H100's SM_COUNT SMs); at or below
+    DECODE_MAX_M, from SMALL_WGMMA_MIN_M (see there) where the 64-token plan fills SMALL_WGMMA_MIN_CTAS, the decode
+    kernel otherwise."""
     if has_bias or n % 2:
         return False
     if m <= DECODE_MAX_M:
@@ -84,12 +95,15 @@ def use_wgmma(m: int, n: int, k: int, has_bias: bool) -> bool:
         if k > WGMMA_LONG_K and m > LONG_K_FULL_WAVE_ABOVE_M:
             least_ctas = LONG_K_FULL_WAVE_CTAS
     most = WGMMA_MAX_M if k <= WGMMA_LONG_K else WGMMA_MAX_M_LONG_K
-    if not least_m <= m <= most:
+    if m < least_m:
         return False
     from ..kernels.sm90.gemm_wgmma import wgmma_plan
 
     tile_n, splits = wgmma_plan(m, -(-n // 16), k)
-    return -(-n // 128) * -(-m // tile_n) * splits >= least_ctas
+    ctas = -(-n // 128) * -(-m // tile_n) * splits
+    if m > most:
+        return k > WGMMA_LONG_K and n >= WIDE_N and ctas / (-(-ctas // SM_COUNT) * SM_COUNT) >= WIDE_N_MIN_WAVE_FILL
+    return ctas >= least_ctas
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Prefill (large M) NVFP4 W4A16 GEMM for sm_90a in CuTeDSL: ``y[M, N] = x[M, K] @ dequant(W)^T * alpha[N]``.
 
 **Correct on a Hopper GPU; the op dispatches it for M in (64, 1024] (2048 for K > 4096 where its plan fills
-about a wave)** (``ops.gemm.use_wgmma``): there it beats dequantize + cuBLAS, above it does not; and, with one
+about a wave; any M for K > 4096 and N >= 4096 where its tiles fill their waves)** (``ops.gemm.use_wgmma``): there it
+beats dequantize + cuBLAS, elsewhere it does not; and, with one
 64-token tile, for M in [33, 64] where that grid fills, there faster than the decode kernel. Where its grid would
 leave SMs idle it splits K across CTAs (``split_k``, :func:`wgmma_plan`). **Stream-K** (``stream_k``): one
 part per cluster of SMs, each a contiguous share of all tiles' K quads (at most a few tile segments, met
