@@ -366,3 +366,28 @@ def plot_before_after(table: pd.DataFrame, before: str, after: str, label: str =
     if label:
         ax.set_title(label, fontsize=9)
     return ax
+
+
+def plot_clock_probe(rows: Sequence[dict], label: str = "", axes=None):
+    """SM clock and board power under sustained load (``data/bench/clock_probe_*.json``): per case, the median SM
+    clock (bars, left) and the throughput it reached against the power drawn (right; the board's limit dotted)."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+    names = [r["case"] for r in rows]
+    bars = axes[0].bar(names, [r["sm_clock_mhz"] for r in rows], color=["gray" if r["path"] == "cublas" else "C0" for r in rows])
+    for bar, r in zip(bars, rows):
+        axes[0].annotate(f"{r['power_w']:.0f} W", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                         va="bottom", fontsize=7)
+    axes[0].set_ylabel("SM clock (MHz, median)")
+    axes[0].tick_params(axis="x", labelsize=7, rotation=15)
+    for r in rows:
+        axes[1].scatter(r["power_w"], r["tflops"], color="gray" if r["path"] == "cublas" else "C0")
+        axes[1].annotate(r["case"], (r["power_w"], r["tflops"]), fontsize=7, xytext=(4, -3), textcoords="offset points")
+    axes[1].axvline(700, color="red", linestyle=":", label="700 W board limit")
+    axes[1].set(xlabel="board power (W, median)", ylabel="TFLOP/s")
+    axes[1].legend(fontsize=7)
+    if label:
+        axes[0].figure.suptitle(f"clock and power under sustained load - {label}", fontsize=10)
+    return axes
