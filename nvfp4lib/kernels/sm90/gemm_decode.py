@@ -113,6 +113,16 @@ def load_stream_v4(ptr, *, loc=None, ip=None):
 
 
 @dsl_user_op
+def load_global_v4(ptr, *, loc=None, ip=None):
+    """16 bytes (four words) through L1: ``ld.global.v4.b32`` (the activations, which every warp of the CTA reads)."""
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32()] * 4), [ptr],
+        "ld.global.v4.b32 {$0,$1,$2,$3}, [$4];", "=r,=r,=r,=r,l",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
 def mma_bf16_16816(a, b0: Int32, b1: Int32, c, *, loc=None, ip=None):
     """``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32``: a = 4 Int32 (bf16x2), c = 4 Float32."""
     res = llvm.inline_asm(
@@ -142,7 +152,7 @@ class GemmDecodeKernel:
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
-                 pdl: str = "off", ctas_per_sm: int | None = None):
+                 pdl: str = "off", ctas_per_sm: int | None = None, x_stagger: bool = False):
         D.check_decode_shape(16, k)
         if pdl not in PDL_MODES:
             raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
@@ -172,6 +182,11 @@ class GemmDecodeKernel:
         self.grouped = grouped  # E stacked weights, rows grouped by offsets (see the module docstring)
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
         self.prefetch_x = prefetch_x and not x_smem
+        # x_stagger: lanes of odd token rows load the two 16-byte halves of their 32 bytes a chunk in the opposite
+        # order (and swap them back with selects). A row's chunk is one 128-byte L1 line and lane t reads bytes
+        # 32t..32t+31 of it, so with the plain order the 8 rows of one load instruction hit the same 16 of L1's 32
+        # banks (8 wavefronts for 512 bytes); staggered, even and odd rows take disjoint banks (4, the minimum)
+        self.x_stagger = x_stagger and not x_smem
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
         self.rows = 2 if paired else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
@@ -253,15 +268,26 @@ class GemmDecodeKernel:
             row = first_row + tau * TOKENS_PER_TILE + g
             if row < row_end:
                 for ci in cutlass.range_constexpr(4):
-                    cute.autovec_copy(mX[row, 4 * q + ci, t, None], xr[tau, ci, None])
+                    if cutlass.const_expr(self.x_stagger):
+                        odd = g % 2
+                        base = mX.iterator + cute.crd2idx((row, 4 * q + ci, t, 0), mX.layout)
+                        # kept in load order (odd rows: halves swapped); _mma_chunk selects each MMA's words
+                        first = load_global_v4((base + 4 * odd).llvm_ptr)  # even rows: words 0-3, odd rows: 4-7
+                        second = load_global_v4((base + 4 - 4 * odd).llvm_ptr)
+                        for e in cutlass.range_constexpr(4):
+                            xr[tau, ci, e] = first[e]
+                            xr[tau, ci, 4 + e] = second[e]
+                    else:
+                        cute.autovec_copy(mX[row, 4 * q + ci, t, None], xr[tau, ci, None])
             else:
                 for i in cutlass.range_constexpr(32):
                     xr[tau, i // 8, i % 8] = Int32(0)
 
     @cute.jit
-    def _mma_chunk(self, wcur: cute.Tensor, scur: cute.Tensor, j: int, ci: int, xs: cute.Tensor, acc: cute.Tensor):
+    def _mma_chunk(self, wcur: cute.Tensor, scur: cute.Tensor, j: int, ci: int, xs: cute.Tensor, acc: cute.Tensor, x_swap):
         """Fragment j's 64-k chunk ci: decode its four words (two E4M3 scales each row half) and multiply them
-        into every token tile; ``xs``: the chunk's x words [tiles, 8]."""
+        into every token tile; ``xs``: the chunk's x words [tiles, 8] (with x_stagger in load order: halves swapped
+        where ``x_swap``, the lane's token row is odd)."""
         word = scur[j, ci // 2]
         sel = (ci % 2) * 2
         scale_g = prmt(word, Int32(0), 0x4040 + sel * 0x0101) * 16 + ((D.SCALE_BIAS_BITS << 16) | D.SCALE_BIAS_BITS)
@@ -269,7 +295,12 @@ class GemmDecodeKernel:
         for kk in cutlass.range_constexpr(4):
             a = decode_word(wcur[j, ci, kk], scale_g, scale_g8)
             for tau in cutlass.range_constexpr(self.tiles):
-                c = mma_bf16_16816(a, xs[tau, 2 * kk], xs[tau, 2 * kk + 1], [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
+                b0, b1 = xs[tau, 2 * kk], xs[tau, 2 * kk + 1]
+                if cutlass.const_expr(self.x_stagger):  # the same words from the other half where the halves are swapped
+                    other = (2 * kk + 4) % 8
+                    b0 = Int32(cutlass.select_(x_swap, xs[tau, other], b0))
+                    b1 = Int32(cutlass.select_(x_swap, xs[tau, other + 1], b1))
+                c = mma_bf16_16816(a, b0, b1, [acc[j, tau, 0], acc[j, tau, 1], acc[j, tau, 2], acc[j, tau, 3]])
                 for i in cutlass.range_constexpr(4):
                     acc[j, tau, i] = c[i]
 
@@ -333,6 +364,7 @@ class GemmDecodeKernel:
                     for i in cutlass.range_constexpr(4):
                         sXv[r, v, i] = Int32(0)
             cute.arch.sync_threads()
+        x_swap = (g % 2) == Int32(1)  # x_stagger: this lane's token rows are odd (its x halves load swapped)
         active = (wg < warp_groups) & (first_row < row_end)
         acc = cute.make_rmem_tensor(cute.make_ordered_layout((G, self.tiles, 4), order=(2, 1, 0)), Float32)
         for i in cutlass.range_constexpr(G * self.tiles * 4):
@@ -368,7 +400,7 @@ class GemmDecodeKernel:
                     self._load_x(mX, first_row, g, t, q, row_end, xr)
                 for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
-                        self._mma_chunk(wcur, scur, j, ci, xr[None, ci, None], acc)
+                        self._mma_chunk(wcur, scur, j, ci, xr[None, ci, None], acc, x_swap)
                 if q + 1 < q_end:
                     for i in cutlass.range_constexpr(G * 16):
                         wcur[i // 16, (i // 4) % 4, i % 4] = wnxt[i // 16, (i // 4) % 4, i % 4]
@@ -481,7 +513,7 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
                    rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
-                   pdl: str = "off", ctas_per_sm: int | None = None):
+                   pdl: str = "off", ctas_per_sm: int | None = None, x_stagger: bool | None = None):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -489,17 +521,19 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     prefetch_x = DEFAULTS["prefetch_x"] if prefetch_x is None else prefetch_x
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
+    x_stagger = DEFAULTS["x_stagger"] if x_stagger is None else x_stagger
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
-                              ctas_per_sm)
+                              ctas_per_sm, x_stagger)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
     key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl,
-           kernel.min_ctas)
+           kernel.min_ctas, kernel.x_stagger)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
 DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False,  # chosen from the variants recorded at 15f0806 (H100)
-                pdl="auto")  # "auto": pdl_for(...)
+                pdl="auto",  # "auto": pdl_for(...)
+                x_stagger=False)
 
 
 def tiles_for(m: int) -> int:
@@ -647,7 +681,7 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False, pdl=None, ctas_per_sm=None):
+            paired=False, pdl=None, ctas_per_sm=None, x_stagger=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -690,7 +724,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
         if pdl == "auto":
             pdl = pdl_for(tiles, ksplit, stream_loads, paired, wide=ctas_per_sm is not None)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
-                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
+                              rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm,
+                              x_stagger=x_stagger)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -713,7 +748,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
                stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None,
-               ctas_per_sm: int | None = None) -> torch.Tensor:
+               ctas_per_sm: int | None = None, x_stagger: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -726,7 +761,8 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     (:func:`wide_registers`), and a launch with it set takes PDL by default. No host sync; CUDA-graph
     capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
-                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm)
+                   rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm,
+                   x_stagger=x_stagger)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
