@@ -11,7 +11,12 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   Activations: by default each step loads its 32 bytes per lane and token row (L1/L2 hits shared by the
   CTA's warps); ``prefetch_x`` loads them one step ahead, ``x_smem`` stages the CTA's slice in shared
   memory once. On the H100 neither option paid off by more than 10% (data/bench/gemm_h100*.json
-  "variants"), so both are off by default (``DEFAULTS``).
+  "variants"), so both are off by default (``DEFAULTS``). Nor does ``x_stagger`` (odd token rows load their
+  two 16-byte halves in the opposite order, so that a load instruction's 8 rows use all 32 L1 banks): Nsight
+  Compute saw the L1 throughput fall by a quarter (down M = 16 43.5 -> 32.6%, gate_up 52.0 -> 39.8%), but the
+  kernel is not L1-bound and the selects cost more than the wavefronts saved (graph replay: gate_up M = 16
+  13.0 -> 13.6 us, gate_up + SwiGLU 14.5 -> 16.3, down 8.3 -> 8.0; H100,
+  data/bench/decode_variants_nvidia_h100_80gb_hbm3_2dd4fe9_stagger.json).
 - Register decode (see :mod:`.dequant`): 5 shifts + 6 logic ops + 4 ``mul.rn.bf16x2`` per MMA turn one
   word of E2M1 codes and two E4M3 scales into the exact bf16 products ``v * s * 2**-7``.
 - Grouped (``grouped=True``, the MoE experts and attention's wo_a): one launch for E weights stacked
