@@ -324,6 +324,29 @@ def test_decode_ksplit_kernel_ptx_sm90a(tiles, swiglu, rows, ksplit, paired):
     assert ".local" not in ptx
 
 
+@requires_cute
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_decode_x_stagger_ptx_sm90a(tiles):
+    """x_stagger (measured, off by default): the same MMAs and decode, each 16-byte x half loaded at an address
+    that depends on the lane's row parity, and one select per MMA operand word; the default kernel has none."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    def compiled(stagger):
+        return ptx_of(gemm_decode.compile_decode(3072, tiles, False, arch="sm_90a", keep_ptx=True, rows=2, ksplit=4,
+                                                 x_stagger=stagger))
+
+    plain, staggered = compiled(False), compiled(True)
+    mma = r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32"
+    assert len(re.findall(mma, staggered)) == len(re.findall(mma, plain)) == 16 * tiles
+    assert len(re.findall(r"mul\.rn\.bf16x2", staggered)) == 64
+    # the same 16-byte global loads: the weights' 4 a quad (twice: prefetch and loop) and x's 2 per token tile and chunk
+    assert len(re.findall(r"ld\.global\.v4\.b32", staggered)) == len(re.findall(r"ld\.global\.v4\.b32", plain)) == 8 + 8 * tiles
+    # a select for each of the two x words of every MMA
+    assert len(re.findall(r"\bselp\.b32", staggered)) - len(re.findall(r"\bselp\.b32", plain)) == 2 * 16 * tiles
+    assert ".local" not in staggered
+
+
 def test_ksplit_plan_fills_one_wave():
     """The in-CTA K split plan: every CTA in one wave, the most warps per row group; on the DeepSeek-V4 shapes
     the plans measured best or within 7% of the best CTA shape on an H100 (data/bench/ksplit_probe_*.json)."""

@@ -79,10 +79,12 @@ def test_modelopt_layout_on_gpu_and_subnormal_fallback(fresh_seed, m):
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
-@pytest.mark.parametrize("tiles,rows,ksplit", [(1, 1, 8), (2, 2, 3), (1, 4, 2), (2, 1, 16)])
-def test_decode_in_cta_ksplit(fresh_seed, m, tiles, rows, ksplit):
+@pytest.mark.parametrize("tiles,rows,ksplit,x_stagger", [(1, 1, 8, False), (2, 2, 3, False), (1, 4, 2, False), (2, 1, 16, False),
+                                                         (1, 1, 8, True), (2, 2, 3, True)])
+def test_decode_in_cta_ksplit(fresh_seed, m, tiles, rows, ksplit, x_stagger):
     """The decode kernel with its K range split inside the CTA, on a shape that leaves a CTA's last row slots
-    empty (65 row groups) and K slices of unequal length (20 quads), with a bias, into NaN-poisoned outputs."""
+    empty (65 row groups) and K slices of unequal length (20 quads), with a bias, into NaN-poisoned outputs;
+    also with the staggered activation loads (``x_stagger``, measured and off by default)."""
     from nvfp4lib.kernels.sm90 import gemm_decode
 
     n, k = 1040, 5120
@@ -92,7 +94,8 @@ def test_decode_in_cta_ksplit(fresh_seed, m, tiles, rows, ksplit):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ (dequantize_rows(q.packed, q.block_scale) * p.alpha[:, None]).t() + bias.float()
     y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, n, bias, out=y, tiles=tiles, rows=rows, ksplit=ksplit)
+    gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, n, bias, out=y, tiles=tiles, rows=rows, ksplit=ksplit,
+                           x_stagger=x_stagger)
     assert torch.isfinite(y).all()
     assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
 
