@@ -9,7 +9,15 @@ part per cluster of SMs, each a contiguous share of all tiles' K quads (at most 
 through the split-K sum). Correct (GPU tests, graph replay bit-equal); each segment restart and fix-up costs
 ~10 us, about what balanced waves gain (``data/bench/wgmma_split_probe_*_{e89ab12,7ca7278}.json``), so it is
 the default only where the unsplit plan leaves the last wave mostly idle (:func:`stream_k_pays`: gate_up at
-M = 1024 on an H100 141.7 against 166.6 us, ``wgmma_split_probe_*_517eb25.json``).
+M = 1024 on an H100 141.7 against 166.6 us, ``wgmma_split_probe_*_517eb25.json``). Where that cost goes
+(H100 at M = 256, ``wgmma_variants_*_41487b0_streamk.json``): with one segment a part stream-K is 5-7% slower
+than the same unsplit grid (gate_up 78.3 against 73.7 us, wo_b 169.4 against 158.8: four chunks of weight
+words in flight instead of eight, no staged epilogue); with two parts a tile, as slow as split K or a little
+slower (50.7 against 48.1, 107.6 against 99.0); and on all 132 SMs (2-3 segments a part) slower still
+(56.1, 108.9), though each part has 27% fewer quads. Each extra segment costs ~14 us: its partial written and
+fenced mid-run (``MEMBAR``/``CCTL.IVALL`` show in the stall samples,
+``data/profiles/ncu_source_streamk_gate_up_m256_*_41487b0.csv.gz``), and a tile of three or more segments
+summed at the end by a last arriver that writes its own partial too and reads every one back in order.
 Both kernels launch with PDL at 128-token tiles (``pdl``). The decoder schedule also comes as
 
 - the **SwiGLU** kernel (``swiglu``): gate_up with the clamped SwiGLU in the epilogue (``gemm_w4a16_swiglu``
