@@ -508,6 +508,20 @@ def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
 @requires_hopper
 @requires_cute
 @pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [65, 256])
+@pytest.mark.parametrize("tile_n,splits", [(256, 2), (256, 4), (128, 3), (256, "k"), (128, "k7")])
+@pytest.mark.parametrize("limit", [None, 10.0])
+def test_wgmma_split_k_ahead8_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
+    """Split K and stream-K with eight chunks of weight words in flight (two quads a decode-loop trip): splits and
+    segments of an odd number of quads (K = 7168 in 4 splits: 7 quads each; stream-K's uneven segments) decode
+    their last quad alone. Accuracy, NaN-poisoned output, graph replay bit-equal to eager."""
+    options = dict(splits=splits) if isinstance(splits, int) else dict(stream_k=True, parts=int(splits[1:] or 0) or None)
+    check_split_run(n, k, m, limit, tile_n=tile_n, ahead=8, **options)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("m", [1, 40, 64, 100])
 @pytest.mark.parametrize("tile_n,splits,store_bytes,decoders", [(64, 2, 16, 1), (64, 4, 8, 1), (16, 1, 16, 1), (32, 3, 16, 1),
                                                                 (64, 2, 16, 2), (64, 1, 8, 2), (128, 2, 16, 2)])

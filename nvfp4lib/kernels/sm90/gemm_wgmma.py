@@ -562,13 +562,9 @@ class GemmWgmmaDecoderKernel:
         self.a_stage_words = tile_m * TILE_K // 2
         if ahead not in (2, 4, 8):
             raise ValueError(f"ahead (chunks of weight words in flight) must be 2, 4 or 8, got {ahead}")
-        if ahead == 8 and k % (2 * D.QUAD_K):
-            raise ValueError(f"ahead=8 unrolls two quads: K must be a multiple of {2 * D.QUAD_K}, got K={k}")
         if probe not in DECODER_PROBES:
             raise ValueError(f"probe must be one of {DECODER_PROBES}, got {probe!r}")
-        if (split_k or stream_k) and ahead == 8:
-            ahead = 4  # one quad per decode-loop trip: a split (segment) may hold an odd number of quads
-        self.ahead = ahead
+        self.ahead = ahead  # 8: two quads per decode-loop trip, an odd last quad alone
         # timing only: "noload" (made-up words), "nofence" (no proxy fence), "nostore" (no tile stores), "noepilogue" (no y
         # stores, unless the first accumulator is an impossible value, which keeps the MMAs live): wrong results
         self.probe = probe
@@ -929,22 +925,37 @@ class GemmWgmmaDecoderKernel:
             if warp == 0:  # the first weight chunks are in flight: now wait for the kernel that wrote x
                 cute.arch.griddepcontrol_wait()
         per_trip = max(1, self.ahead // 4)  # quads per loop trip: the word ring is indexed statically
-        for qt in cutlass.range((q_end - q_begin) // per_trip, unroll=1):
+        trips = (q_end - q_begin) // per_trip
+        for qt in cutlass.range(trips, unroll=1):
             for cu in cutlass.range_constexpr(4 * per_trip):
-                ci = cu % 4
-                q = q_begin + qt * per_trip + cu // 4
-                kt = q * 4 + ci
-                slot = cu % self.ahead
-                x_state, a_state = self._decode_chunk(x_pipe, a_pipe, tma_atom, tXgX, tXsX, sA32, mcast_mask, warp, lane, kt, ci,
-                                                      wr[slot, None, None], scur, x_state, a_state)
-                # words of chunk kt + ahead into the slot just decoded; scale words of quad q + 2 at the quad's end
-                for i in cutlass.range_constexpr(R):
-                    self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, c_end - 1), lane, wr, slot, i)
-                if cutlass.const_expr(ci == 3):
-                    for i in cutlass.range_constexpr(R):
-                        for w in cutlass.range_constexpr(2):
-                            scur[i, w] = snxt[i, w]
-                        cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, q_end - 1), lane, None], snxt[i, None])
+                x_state, a_state = self._decode_step(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, mcast_mask, warp, lane, rgs, wr,
+                                                     scur, snxt, q_begin + qt * per_trip + cu // 4, cu, q_end, x_state, a_state)
+        if cutlass.const_expr(per_trip == 2):
+            # an odd quad count (a split or stream-K segment): the last quad alone; after whole trips the ring is at slot 0
+            if (q_end - q_begin) % 2 == 1:
+                for cu in cutlass.range_constexpr(4):
+                    x_state, a_state = self._decode_step(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, mcast_mask, warp, lane, rgs,
+                                                         wr, scur, snxt, q_end - 1, cu, q_end, x_state, a_state)
+        return x_state, a_state
+
+    @cute.jit
+    def _decode_step(self, mW: cute.Tensor, mS: cute.Tensor, sA32: cute.Tensor, x_pipe, a_pipe, tma_atom, tXgX, tXsX, mcast_mask,
+                     warp: Int32, lane: Int32, rgs, wr: cute.Tensor, scur: cute.Tensor, snxt: cute.Tensor, q, cu: int, q_end,
+                     x_state, a_state):
+        """Chunk cu % 4 of quad q from ring slot cu % ahead; then the words of the chunk ``ahead`` later into that slot
+        and, at the quad's end, the scale words of quad q + 2."""
+        ci = cu % 4
+        kt = q * 4 + ci
+        slot = cu % self.ahead
+        x_state, a_state = self._decode_chunk(x_pipe, a_pipe, tma_atom, tXgX, tXsX, sA32, mcast_mask, warp, lane, kt, ci,
+                                              wr[slot, None, None], scur, x_state, a_state)
+        for i in cutlass.range_constexpr(self.rg_per_warp):
+            self._load_words(mW, rgs[i], cutlass.min(kt + self.ahead, q_end * 4 - 1), lane, wr, slot, i)
+        if cutlass.const_expr(ci == 3):
+            for i in cutlass.range_constexpr(self.rg_per_warp):
+                for w in cutlass.range_constexpr(2):
+                    scur[i, w] = snxt[i, w]
+                cute.autovec_copy(mS[rgs[i], cutlass.min(q + 2, q_end - 1), lane, None], snxt[i, None])
         return x_state, a_state
 
     @cute.jit
@@ -1204,7 +1215,8 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     schedule = SCHEDULE if schedule is None else schedule
     if schedule == "decoder":
         # the word ring holds ahead x (row groups per decoder warp) x 4 registers: 8 chunks only at tile_m 128
-        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
+        # (split K and stream-K: 4, as measured so far; their segments may hold an odd number of quads, which ahead=8 handles)
+        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M and not (split_k or stream_k) else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
