@@ -12,7 +12,7 @@ the default only where the unsplit plan leaves the last wave mostly idle (:func:
 M = 1024 on an H100 141.7 against 166.6 us, ``wgmma_split_probe_*_517eb25.json``). Where that cost goes
 (H100 at M = 256, ``wgmma_variants_*_41487b0_streamk.json``): with one segment a part stream-K is 5-7% slower
 than the same unsplit grid (gate_up 78.3 against 73.7 us, wo_b 169.4 against 158.8: four chunks of weight
-words in flight instead of eight, no staged epilogue); with two parts a tile, as slow as split K or a little
+words in flight instead of eight there, eight since 0a9ed0a; no staged epilogue); with two parts a tile, as slow as split K or a little
 slower (50.7 against 48.1, 107.6 against 99.0); and on all 132 SMs (2-3 segments a part) slower still
 (56.1, 108.9), though each part has 27% fewer quads. Each extra segment costs ~14 us: its partial written and
 fenced mid-run (``MEMBAR``/``CCTL.IVALL`` show in the stall samples,
@@ -1215,8 +1215,10 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
     schedule = SCHEDULE if schedule is None else schedule
     if schedule == "decoder":
         # the word ring holds ahead x (row groups per decoder warp) x 4 registers: 8 chunks only at tile_m 128
-        # (split K and stream-K: 4, as measured so far; their segments may hold an odd number of quads, which ahead=8 handles)
-        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M and not (split_k or stream_k) else 4)
+        # split K and stream-K too (a split or segment of an odd number of quads decodes its last quad alone). H100, M = 128 and
+        # 256, four runs each (data/bench/wgmma_variants_nvidia_h100_80gb_hbm3_0a9ed0a_ahead8.json): 8 against 4 chunks equal
+        # or faster for every split plan, gate_up + SwiGLU at M = 128 37.3 -> 34.6 us, wo_b 66.1 -> 64.3, at M = 256 98.8 -> 97.2
+        ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
