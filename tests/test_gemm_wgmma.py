@@ -511,12 +511,14 @@ def test_wgmma_split_k_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
 @pytest.mark.parametrize("m", [65, 256])
 @pytest.mark.parametrize("tile_n,splits", [(256, 2), (256, 4), (128, 3), (256, "k"), (128, "k7")])
 @pytest.mark.parametrize("limit", [None, 10.0])
-def test_wgmma_split_k_ahead8_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit):
-    """Split K and stream-K with eight chunks of weight words in flight (two quads a decode-loop trip): splits and
-    segments of an odd number of quads (K = 7168 in 4 splits: 7 quads each; stream-K's uneven segments) decode
-    their last quad alone. Accuracy, NaN-poisoned output, graph replay bit-equal to eager."""
+@pytest.mark.parametrize("ahead", [8, 16])
+def test_wgmma_split_k_ahead_on_gpu(fresh_seed, n, k, m, tile_n, splits, limit, ahead):
+    """Split K and stream-K with eight or sixteen chunks of weight words in flight (two or four quads a decode-loop
+    trip): splits and segments whose quads are not whole trips (K = 7168 in 4 splits: 7 quads each; K = 3072 in 3:
+    4 quads, 12 in all; stream-K's uneven segments) decode the rest one quad at a time. Accuracy, NaN-poisoned
+    output, graph replay bit-equal to eager."""
     options = dict(splits=splits) if isinstance(splits, int) else dict(stream_k=True, parts=int(splits[1:] or 0) or None)
-    check_split_run(n, k, m, limit, tile_n=tile_n, ahead=8, **options)
+    check_split_run(n, k, m, limit, tile_n=tile_n, ahead=ahead, **options)
 
 
 @requires_hopper

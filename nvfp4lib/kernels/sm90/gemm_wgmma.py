@@ -560,11 +560,11 @@ class GemmWgmmaDecoderKernel:
         self.tile_m = tile_m
         self.rg_per_warp = tile_m // (4 * decoders * D.ROWS_PER_GROUP)  # weight row groups each decoder warp decodes
         self.a_stage_words = tile_m * TILE_K // 2
-        if ahead not in (2, 4, 8):
-            raise ValueError(f"ahead (chunks of weight words in flight) must be 2, 4 or 8, got {ahead}")
+        if ahead not in (2, 4, 8, 16):
+            raise ValueError(f"ahead (chunks of weight words in flight) must be 2, 4, 8 or 16, got {ahead}")
         if probe not in DECODER_PROBES:
             raise ValueError(f"probe must be one of {DECODER_PROBES}, got {probe!r}")
-        self.ahead = ahead  # 8: two quads per decode-loop trip, an odd last quad alone
+        self.ahead = ahead  # 8 / 16: two / four quads per decode-loop trip, the quads past whole trips one at a time
         # timing only: "noload" (made-up words), "nofence" (no proxy fence), "nostore" (no tile stores), "noepilogue" (no y
         # stores, unless the first accumulator is an impossible value, which keeps the MMAs live): wrong results
         self.probe = probe
@@ -930,12 +930,12 @@ class GemmWgmmaDecoderKernel:
             for cu in cutlass.range_constexpr(4 * per_trip):
                 x_state, a_state = self._decode_step(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, mcast_mask, warp, lane, rgs, wr,
                                                      scur, snxt, q_begin + qt * per_trip + cu // 4, cu, q_end, x_state, a_state)
-        if cutlass.const_expr(per_trip == 2):
-            # an odd quad count (a split or stream-K segment): the last quad alone; after whole trips the ring is at slot 0
-            if (q_end - q_begin) % 2 == 1:
-                for cu in cutlass.range_constexpr(4):
+        # quads past the whole trips (a split or stream-K segment): one at a time; after whole trips the ring is at slot 0
+        for r in cutlass.range_constexpr(per_trip - 1):
+            if (q_end - q_begin) % per_trip > r:
+                for cu in cutlass.range_constexpr(4 * r, 4 * r + 4):
                     x_state, a_state = self._decode_step(mW, mS, sA32, x_pipe, a_pipe, tma_atom, tXgX, tXsX, mcast_mask, warp, lane, rgs,
-                                                         wr, scur, snxt, q_end - 1, cu, q_end, x_state, a_state)
+                                                         wr, scur, snxt, q_begin + trips * per_trip + r, cu, q_end, x_state, a_state)
         return x_state, a_state
 
     @cute.jit
