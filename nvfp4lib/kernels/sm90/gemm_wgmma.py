@@ -1218,6 +1218,8 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         # split K and stream-K too (a split or segment of an odd number of quads decodes its last quad alone). H100, M = 128 and
         # 256, four runs each (data/bench/wgmma_variants_nvidia_h100_80gb_hbm3_0a9ed0a_ahead8.json): 8 against 4 chunks equal
         # or faster for every split plan, gate_up + SwiGLU at M = 128 37.3 -> 34.6 us, wo_b 66.1 -> 64.3, at M = 256 98.8 -> 97.2
+        # 16 (four quads a trip) only as an option: within the noise of 8 (+-3-5% between runs of one kernel) for gate_up, down
+        # and wo_b at M = 64..256, 3-6% faster for fused_wqa_wkv (M = 128 21.2 -> 20.0 us; ..._e8e1864_ahead16.json)
         ahead = ahead or DECODER_AHEAD or (8 if k % (2 * D.QUAD_K) == 0 and (tile_m or TILE_M) == TILE_M else 4)
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
