@@ -106,25 +106,26 @@ def decode_word(word: Int32, scale_g: Int32, scale_g8: Int32, *, loc=None, ip=No
     return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
 
 
+def _load_v4(ptr, instruction: str, loc=None, ip=None):
+    """Four words from 16 aligned bytes at ``ptr`` (an LLVM pointer) through ``instruction`` (a PTX 16-byte load)."""
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32()] * 4), [ptr],
+        f"{instruction} {{$0,$1,$2,$3}}, [$4];", "=r,=r,=r,=r,l",
+        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
 @dsl_user_op
 def load_stream_v4(ptr, *, loc=None, ip=None):
     """16 bytes (four words) the kernel reads once: ``ld.global.nc.L1::no_allocate.L2::256B.v4.b32`` (read-only
     path, no L1 line kept, L2 fetches 256-byte pieces from HBM)."""
-    res = llvm.inline_asm(
-        llvm.StructType.get_literal([T.i32()] * 4), [ptr],
-        "ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0,$1,$2,$3}, [$4];", "=r,=r,=r,=r,l",
-        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
-    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+    return _load_v4(ptr, "ld.global.nc.L1::no_allocate.L2::256B.v4.b32", loc, ip)
 
 
 @dsl_user_op
 def load_global_v4(ptr, *, loc=None, ip=None):
     """16 bytes (four words) through L1: ``ld.global.v4.b32`` (the activations, which every warp of the CTA reads)."""
-    res = llvm.inline_asm(
-        llvm.StructType.get_literal([T.i32()] * 4), [ptr],
-        "ld.global.v4.b32 {$0,$1,$2,$3}, [$4];", "=r,=r,=r,=r,l",
-        has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
-    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+    return _load_v4(ptr, "ld.global.v4.b32", loc, ip)
 
 
 @dsl_user_op
@@ -763,7 +764,8 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     the stream has finished, so ``words`` / ``scale_words`` must not be written by that kernel (x, bias and
     alpha are read after the wait). ``ctas_per_sm``: the CTAs an SM holds that the in-CTA split kernel is
     compiled for (fewer: more registers a thread); the automatic plan sets it at M = 9..16
-    (:func:`wide_registers`), and a launch with it set takes PDL by default. No host sync; CUDA-graph
+    (:func:`wide_registers`), and a launch with it set takes PDL by default. ``x_stagger`` (default
+    ``DEFAULTS["x_stagger"]``, off): bank-staggered activation loads, measured no faster (module docstring). No host sync; CUDA-graph
     capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
                    rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm,
