@@ -347,6 +347,37 @@ def test_decode_x_stagger_ptx_sm90a(tiles):
     assert ".local" not in staggered
 
 
+@requires_cute
+@pytest.mark.parametrize("pdl,swiglu,bias", [("start", False, False), ("off", False, True), ("start", True, False)])
+def test_decode_early_scales_ptx_sm90a(pdl, swiglu, bias):
+    """early_scales: the epilogue's factors (alpha, the up rows' alpha, bias: fp32 scalar loads) are read before the
+    first MMA, with PDL right after the wait that lets the kernel read them; without it every one is read after
+    the last MMA. The fit rule takes the in-CTA split plans of one tile or wide registers only."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    def positions(early):
+        ptx = ptx_of(gemm_decode.compile_decode(3072, 1, bias, swiglu, arch="sm_90a", keep_ptx=True, rows=2, ksplit=4, pdl=pdl,
+                                                paired=swiglu, early_scales=early))
+        lines = ptx.splitlines()
+        loads = [i for i, line in enumerate(lines) if re.search(r"\bld\.global\.b32\b", line)]
+        mmas = [i for i, line in enumerate(lines) if "mma.sync" in line]
+        waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+        assert ".local" not in ptx
+        return loads, mmas, waits
+
+    per_column = 2 if swiglu or bias else 1  # alpha, and the up alpha or the bias
+    loads, mmas, waits = positions(True)
+    early = [i for i in loads if i < mmas[0]]
+    assert len(early) == 2 * per_column
+    if pdl != "off":
+        assert all(i > waits[0] for i in early)
+    late_loads, late_mmas, _ = positions(False)
+    assert len(late_loads) >= 2 * per_column and all(i > late_mmas[-1] for i in late_loads)
+    assert gemm_decode.early_scales_fit(4, 1, False) and gemm_decode.early_scales_fit(5, 2, True)
+    assert not gemm_decode.early_scales_fit(4, 2, False) and not gemm_decode.early_scales_fit(1, 1, False)
+
+
 def test_ksplit_plan_fills_one_wave():
     """The in-CTA K split plan: every CTA in one wave, the most warps per row group; on the DeepSeek-V4 shapes
     the plans measured best or within 7% of the best CTA shape on an H100 (data/bench/ksplit_probe_*.json)."""

@@ -100,6 +100,37 @@ def test_decode_in_cta_ksplit(fresh_seed, m, tiles, rows, ksplit, x_stagger):
     assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
 
 
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("k,ksplit", [(512, 8), (5120, 4)])
+@pytest.mark.parametrize("pdl", ["start", "off"])
+def test_decode_early_scales(fresh_seed, m, k, ksplit, pdl):
+    """The epilogue's factors read before the main loop (early_scales) give y bit for bit equal to reading them in
+    the epilogue: with a bias, and the paired SwiGLU (gate and up alphas unequal), with and without PDL; K = 512 over
+    8 slices leaves the slice of every row group's first warp, the one that stores y, without quads (the factors
+    are then read in the epilogue). N = 1040 (a CTA's last row slot empty), into NaN-poisoned outputs."""
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    n = 1040
+    q = quantize(torch.randn(n, k, device="cuda") * 0.02)
+    p = prepare_weight(q.packed, q.block_scale, q.global_scale)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ (dequantize_rows(q.packed, q.block_scale) * p.alpha[:, None]).t() + bias.float()
+    sw, sx, sref = _gate_up_case(n, k, m)
+    out = {}
+    for early in (False, True):
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, n, bias, out=y, tiles=1, rows=2, ksplit=ksplit, pdl=pdl,
+                               early_scales=early)
+        h = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        gemm_decode.run_decode(sx, sw.weight, sw.block_scale, sw.alpha, n, out=h, swiglu_limit=10.0, tiles=1, rows=2, ksplit=ksplit,
+                               paired=True, pdl=pdl, early_scales=early)
+        assert torch.isfinite(y).all() and rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
+        assert torch.isfinite(h).all() and rel_error(h, sref) <= 1e-2 and cosine(h, sref) >= 0.9999
+        out[early] = (y, h)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
 def test_decode_paired_swiglu(fresh_seed, m):
     """The paired SwiGLU decode kernel (a gate and an up warp per K slice, up sums handed over in shared

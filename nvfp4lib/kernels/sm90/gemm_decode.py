@@ -158,7 +158,7 @@ class GemmDecodeKernel:
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
-                 pdl: str = "off", ctas_per_sm: int | None = None, x_stagger: bool = False):
+                 pdl: str = "off", ctas_per_sm: int | None = None, x_stagger: bool = False, early_scales: bool = False):
         D.check_decode_shape(16, k)
         if pdl not in PDL_MODES:
             raise ValueError(f"pdl must be one of {PDL_MODES}, got {pdl!r}")
@@ -193,6 +193,11 @@ class GemmDecodeKernel:
         # 32t..32t+31 of it, so with the plain order the 8 rows of one load instruction hit the same 16 of L1's 32
         # banks (8 wavefronts for 512 bytes); staggered, even and odd rows take disjoint banks (4, the minimum)
         self.x_stagger = x_stagger and not x_smem
+        # early_scales: the epilogue's factors (alpha * 2**7 of the lane's two output columns, the up columns' with
+        # SwiGLU, bias) are read into registers before the main loop (after the PDL wait), not in the epilogue,
+        # where each was a dependent L2 / HBM miss on the kernel's tail (Nsight, gate_up M = 16: the epilogue's
+        # FMULs waited on two alpha loads issued one after the other, behind the y stores they may alias)
+        self.early_scales = early_scales
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
         self.rows = 2 if paired else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
@@ -267,6 +272,21 @@ class GemmDecodeKernel:
         """With PDL: block until the previous kernel on the stream has finished and its writes are visible."""
         if cutlass.const_expr(self.pdl != "off"):
             cute.arch.griddepcontrol_wait()
+
+    @cute.jit
+    def _load_epilogue_factors(self, mAlpha: cute.Tensor, mBias: cute.Tensor, col_base: Int32, wg: Int32, g: Int32, n: Int32,
+                               ep: cute.Tensor):
+        """``ep`` [6] fp32 <- for the lane's output columns col = 16 wg + g + 8h (h = 0, 1; clamped to n - 1, the
+        stores mask them): alpha[col] * 2**7 (ep[h]), with SwiGLU the up column's alpha[col + n] * 2**7 (ep[2 + h]),
+        with a bias bias[col] (ep[4 + h]). The same products the epilogue formed itself (bit-identical y)."""
+        shift = Float32(2.0 ** D.MAGNITUDE_SHIFT)
+        for h in cutlass.range_constexpr(2):
+            col = cutlass.min(wg * D.ROWS_PER_GROUP + g + 8 * h, n - 1)
+            ep[h] = mAlpha[col_base + col] * shift
+            if cutlass.const_expr(self.swiglu):
+                ep[2 + h] = mAlpha[col_base + col + n] * shift
+            if cutlass.const_expr(self.has_bias):
+                ep[4 + h] = mBias[col]
 
     @cute.jit
     def _load_x(self, mX: cute.Tensor, first_row: Int32, g: Int32, t: Int32, q: Int32, row_end: Int32, xr: cute.Tensor):
@@ -376,6 +396,11 @@ class GemmDecodeKernel:
         for i in cutlass.range_constexpr(G * self.tiles * 4):
             acc[i // (4 * self.tiles), (i // 4) % self.tiles, i % 4] = Float32(0.0)
         nfrag = G * self.tiles * 4
+        ep = cute.make_rmem_tensor((6,), Float32)  # the epilogue's factors with early_scales (_load_epilogue_factors)
+        # early_scales: where the loads may go. Without PDL (or with x_smem, which waited above) before the main loop;
+        # with PDL right after the wait in its first quad, or, for a warp with no quads, in the epilogue
+        scales_first = self.early_scales and (self.pdl == "off" or self.x_smem)
+        scales_at_wait = self.early_scales and not scales_first
         if active:
             wcur = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
             wnxt = cute.make_rmem_tensor(cute.make_ordered_layout((G, 4, 4), order=(2, 1, 0)), Int32)
@@ -389,6 +414,10 @@ class GemmDecodeKernel:
                 if cutlass.const_expr(self.prefetch_x):
                     self._wait_for_previous_grid()
                     self._load_x(mX, first_row, g, t, q_begin, row_end, xr)
+                    if cutlass.const_expr(scales_at_wait):
+                        self._load_epilogue_factors(mAlpha, mBias, col_base, wg, g, n, ep)
+            if cutlass.const_expr(scales_first):
+                self._load_epilogue_factors(mAlpha, mBias, col_base, wg, g, n, ep)
             for q in cutlass.range(q_begin, q_end, 1):
                 if q + 1 < q_end:
                     for j in cutlass.range_constexpr(G):
@@ -403,6 +432,8 @@ class GemmDecodeKernel:
                     if cutlass.const_expr(self.pdl != "off"):
                         if q == q_begin:  # the first two quads' weight loads are in flight: now x may be read
                             cute.arch.griddepcontrol_wait()
+                            if cutlass.const_expr(scales_at_wait):
+                                self._load_epilogue_factors(mAlpha, mBias, col_base, wg, g, n, ep)
                     self._load_x(mX, first_row, g, t, q, row_end, xr)
                 for j in cutlass.range_constexpr(G):
                     for ci in cutlass.range_constexpr(4):
@@ -483,23 +514,33 @@ class GemmDecodeKernel:
                     if lane == 0:
                         mCnt[slot, wg] = Int32(0)
             if last:
+                if cutlass.const_expr(scales_at_wait):
+                    if q_begin >= q_end:  # no quads: the main loop never read them
+                        self._load_epilogue_factors(mAlpha, mBias, col_base, wg, g, n, ep)
                 shift = Float32(2.0 ** D.MAGNITUDE_SHIFT)
                 for tau in cutlass.range_constexpr(self.tiles):
                     for i in cutlass.range_constexpr(4):
                         tok = first_row + tau * TOKENS_PER_TILE + 2 * t + (i % 2)
-                        col = wg * D.ROWS_PER_GROUP + g + 8 * (i // 2)
+                        h = i // 2
+                        col = wg * D.ROWS_PER_GROUP + g + 8 * h
                         if (tok < row_end) & (col < n):
-                            value = acc[0, tau, i] * (mAlpha[col_base + col] * shift)
+                            if cutlass.const_expr(self.early_scales):
+                                a_gate, a_up, b = ep[h], ep[2 + h], ep[4 + h]
+                            else:  # read here, each behind the y stores before it
+                                a_gate = mAlpha[col_base + col] * shift
+                                a_up = mAlpha[col_base + col + n] * shift if cutlass.const_expr(self.swiglu) else a_gate
+                                b = mBias[col] if cutlass.const_expr(self.has_bias) else a_gate
+                            value = acc[0, tau, i] * a_gate
                             if cutlass.const_expr(self.swiglu):
                                 if cutlass.const_expr(self.paired):
-                                    up = ups[lane, tau * 4 + i] * (mAlpha[col_base + col + n] * shift)
+                                    up = ups[lane, tau * 4 + i] * a_up
                                 else:
-                                    up = acc[1, tau, i] * (mAlpha[col_base + col + n] * shift)
+                                    up = acc[1, tau, i] * a_up
                                 gate = cute.arch.fmin(value, limit)
                                 up = cute.arch.fmax(cute.arch.fmin(up, limit), -limit)
                                 value = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
                             if cutlass.const_expr(self.has_bias):
-                                value = value + mBias[col]
+                                value = value + b
                             mY[tok, col] = value.to(cutlass.BFloat16)
 
 
@@ -519,7 +560,8 @@ def _pointers(x=None, words=None, scale_words=None, alpha=None, bias=None, y=Non
 def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool | None = None,
                    arch: str | None = None, keep_ptx: bool = False, x_smem: bool | None = None, grouped: bool = False,
                    rows: int | None = None, ksplit: int = 1, stream_loads: bool | None = None, paired: bool = False,
-                   pdl: str = "off", ctas_per_sm: int | None = None, x_stagger: bool | None = None):
+                   pdl: str = "off", ctas_per_sm: int | None = None, x_stagger: bool | None = None,
+                   early_scales: bool | None = None):
     """Compile (cached) the decode kernel for K = k (``grouped``: the one-launch grouped variant; ``rows`` x
     ``ksplit`` warps per CTA, see :class:`GemmDecodeKernel`). Works without a GPU (fake pointers)."""
     from cutlass.cute.runtime import make_fake_stream
@@ -528,18 +570,20 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     x_smem = DEFAULTS["x_smem"] if x_smem is None else x_smem
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
     x_stagger = DEFAULTS["x_stagger"] if x_stagger is None else x_stagger
+    if early_scales is None:
+        early_scales = DEFAULTS["early_scales"] and early_scales_fit(ksplit, tiles, ctas_per_sm is not None)
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
-                              ctas_per_sm, x_stagger)
+                              ctas_per_sm, x_stagger, early_scales)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
     key = ("GemmDecodeKernel", k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, kernel.rows, ksplit, stream_loads, paired, pdl,
-           kernel.min_ctas, kernel.x_stagger)
+           kernel.min_ctas, kernel.x_stagger, early_scales)
     return compile_kernel(key, kernel, *_pointers(), *sizes, make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
 
 
 # Tuning defaults (the benchmark also times the alternatives: data/bench/gemm_h100.json "variants")
 DEFAULTS = dict(prefetch_x=False, warps_per_sm=16, x_smem=False, swiglu_warps_per_sm=12, stream_loads=False,  # chosen from the variants recorded at 15f0806 (H100)
                 pdl="auto",  # "auto": pdl_for(...)
-                x_stagger=False)
+                x_stagger=False, early_scales=True)
 
 
 def tiles_for(m: int) -> int:
@@ -597,6 +641,16 @@ def pdl_for(tiles: int, ksplit: int, stream_loads: bool, paired: bool, wide: boo
     if ksplit > 1 and (tiles == 1 or paired or not stream_loads or wide):
         return "start"
     return "off"
+
+
+def early_scales_fit(ksplit: int, tiles: int, wide: bool) -> bool:
+    """Whether a launch reads the epilogue's factors before the main loop (``early_scales``, where
+    ``DEFAULTS["early_scales"]``): the in-CTA split plans of one token tile or with wide registers (M <= 16), whose
+    register caps (minnctapersm) hold the 2-4 more live registers without a spill (ptxas for sm_90a, the
+    DeepSeek-V4 shapes). Elsewhere they cost: the 80-register two-tile plans (M = 17..64) spilled 36 bytes
+    instead of 16, and the grid's split K and the grouped kernel, compiled without a cap, grew (72 -> 80
+    registers at one tile, 80 -> 128 at two), which would change their planned resident warps."""
+    return ksplit > 1 and (tiles == 1 or wide)
 
 
 def wide_registers(swiglu: bool, tiles: int, token_blocks: int) -> bool:
@@ -687,7 +741,7 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
 
 def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem,
             offsets=None, experts=1, max_rows=None, active_groups=1, splits=None, rows=None, ksplit=1, stream_loads=None,
-            paired=False, pdl=None, ctas_per_sm=None, x_stagger=None):
+            paired=False, pdl=None, ctas_per_sm=None, x_stagger=None, early_scales=None):
     """Shared host side of the plain and the grouped launch (see :func:`run_decode`, :func:`run_grouped_decode`)."""
     m, k = x.shape
     swiglu = swiglu_limit is not None
@@ -731,7 +785,7 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
             pdl = pdl_for(tiles, ksplit, stream_loads, paired, wide=ctas_per_sm is not None)
     compiled = compile_decode(k, tiles, bias is not None, swiglu, prefetch_x, x_smem=x_smem, grouped=offsets is not None,
                               rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm,
-                              x_stagger=x_stagger)
+                              x_stagger=x_stagger, early_scales=early_scales)
     y = out if out is not None else torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     frag = 4 * tiles * groups
     slots = experts * token_blocks
@@ -754,7 +808,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
                stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None,
-               ctas_per_sm: int | None = None, x_stagger: bool | None = None) -> torch.Tensor:
+               ctas_per_sm: int | None = None, x_stagger: bool | None = None, early_scales: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)
     the weight is gate_up [gate; up] of N = 2I rows and the result is the clamped SwiGLU, bf16 [M, I]
@@ -765,11 +819,13 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
     alpha are read after the wait). ``ctas_per_sm``: the CTAs an SM holds that the in-CTA split kernel is
     compiled for (fewer: more registers a thread); the automatic plan sets it at M = 9..16
     (:func:`wide_registers`), and a launch with it set takes PDL by default. ``x_stagger`` (default
-    ``DEFAULTS["x_stagger"]``, off): bank-staggered activation loads, measured no faster (module docstring). No host sync; CUDA-graph
+    ``DEFAULTS["x_stagger"]``, off): bank-staggered activation loads, measured no faster (module docstring).
+    ``early_scales`` (default: where :func:`early_scales_fit`): the epilogue's alpha (and bias) read before the main
+    loop instead of in the epilogue (:class:`GemmDecodeKernel`). No host sync; CUDA-graph
     capturable after a first eager call (compile, counters)."""
     return _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x, warps_per_sm, tiles, x_smem, splits=splits,
                    rows=rows, ksplit=ksplit, stream_loads=stream_loads, paired=paired, pdl=pdl, ctas_per_sm=ctas_per_sm,
-                   x_stagger=x_stagger)
+                   x_stagger=x_stagger, early_scales=early_scales)
 
 
 def run_grouped_decode(x: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor,
