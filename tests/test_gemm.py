@@ -352,7 +352,7 @@ def test_decode_x_stagger_ptx_sm90a(tiles):
 def test_decode_early_scales_ptx_sm90a(pdl, swiglu, bias):
     """early_scales: the epilogue's factors (alpha, the up rows' alpha, bias: fp32 scalar loads) are read before the
     first MMA, with PDL right after the wait that lets the kernel read them; without it every one is read after
-    the last MMA. The fit rule takes the in-CTA split plans of one tile or wide registers only."""
+    the last MMA. The fit rule: the in-CTA split plans with wide registers, or of one tile and short K slices."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_decode
 
@@ -374,8 +374,10 @@ def test_decode_early_scales_ptx_sm90a(pdl, swiglu, bias):
         assert all(i > waits[0] for i in early)
     late_loads, late_mmas, _ = positions(False)
     assert len(late_loads) >= 2 * per_column and all(i > late_mmas[-1] for i in late_loads)
-    assert gemm_decode.early_scales_fit(4, 1, False) and gemm_decode.early_scales_fit(5, 2, True)
-    assert not gemm_decode.early_scales_fit(4, 2, False) and not gemm_decode.early_scales_fit(1, 1, False)
+    fit = gemm_decode.early_scales_fit
+    assert fit(8, 1, False, 28) and fit(6, 1, False, 12) and fit(5, 2, True, 28) and fit(4, 2, True, 64)  # gate_up, down, M = 16
+    assert not fit(6, 1, False, 64)  # wo_b at M <= 8: 11 quads a warp
+    assert not fit(4, 2, False, 28) and not fit(1, 1, False, 28)  # the 80-register two-tile plans, the grid's split K
 
 
 def test_ksplit_plan_fills_one_wave():

@@ -40,7 +40,11 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
 - Split K across the grid (where no such CTA shape exists, and the grouped kernel): grid ``(token blocks, row-group blocks, splits)``; each split writes its fp32 fragment into a
   workspace and the last warp to arrive (per row group, counted with a gpu-scope acq_rel atomic) sums
   the others (L2 loads) and runs the epilogue; it resets its counter, so the kernel is replayable in a
-  CUDA graph. Epilogue: ``acc * alpha[n] * 2**7 (+ bias[n])`` rounded once to bf16.
+  CUDA graph. Epilogue: ``acc * alpha[n] * 2**7 (+ bias[n])`` rounded once to bf16. Where the in-CTA plan's register
+  cap holds them (:func:`early_scales_fit`: M <= 16 but wo_b's long K slices at M <= 8), the lane's alpha (and bias)
+  values are read before the main loop (``early_scales``): read in the epilogue, behind the y stores they may alias,
+  they were a load latency on every warp's tail (gate_up M = 1 9.9 -> 9.4 us, fused_wqa_wkv M = 16 6.7 -> 6.2 on
+  an H100).
 """
 from __future__ import annotations
 
@@ -571,7 +575,7 @@ def compile_decode(k: int, tiles: int, has_bias: bool, swiglu: bool = False, pre
     stream_loads = DEFAULTS["stream_loads"] if stream_loads is None else stream_loads
     x_stagger = DEFAULTS["x_stagger"] if x_stagger is None else x_stagger
     if early_scales is None:
-        early_scales = DEFAULTS["early_scales"] and early_scales_fit(ksplit, tiles, ctas_per_sm is not None)
+        early_scales = DEFAULTS["early_scales"] and early_scales_fit(ksplit, tiles, ctas_per_sm is not None, k // D.QUAD_K)
     kernel = GemmDecodeKernel(k, tiles, has_bias, swiglu, prefetch_x, x_smem, grouped, rows, ksplit, stream_loads, paired, pdl,
                               ctas_per_sm, x_stagger, early_scales)
     sizes = (Int32(1), Int32(16), Int32(1), Int32(1), Int32(1), Float32(10.0), Int32(1), Int32(1))
@@ -643,14 +647,27 @@ def pdl_for(tiles: int, ksplit: int, stream_loads: bool, paired: bool, wide: boo
     return "off"
 
 
-def early_scales_fit(ksplit: int, tiles: int, wide: bool) -> bool:
-    """Whether a launch reads the epilogue's factors before the main loop (``early_scales``, where
-    ``DEFAULTS["early_scales"]``): the in-CTA split plans of one token tile or with wide registers (M <= 16), whose
-    register caps (minnctapersm) hold the 2-4 more live registers without a spill (ptxas for sm_90a, the
-    DeepSeek-V4 shapes). Elsewhere they cost: the 80-register two-tile plans (M = 17..64) spilled 36 bytes
-    instead of 16, and the grid's split K and the grouped kernel, compiled without a cap, grew (72 -> 80
-    registers at one tile, 80 -> 128 at two), which would change their planned resident warps."""
-    return ksplit > 1 and (tiles == 1 or wide)
+# early_scales in the plans of the 80-register cap: where a warp's K slice is at most this many quads (H100, A/B in one
+# process, data/bench/decode_variants_nvidia_h100_80gb_hbm3_2e22bb1_early.json: 0.2-0.5 us faster at 1.75-4.7 quads a warp,
+# the same at 7, 0.2-0.3 us slower for wo_b at 10.7)
+EARLY_SCALES_MAX_QUADS = 8
+
+
+def early_scales_fit(ksplit: int, tiles: int, wide: bool, quads: int) -> bool:
+    """Whether a launch of a K of ``quads`` quads reads the epilogue's factors before the main loop
+    (``early_scales``, where ``DEFAULTS["early_scales"]``): the in-CTA split plans with wide registers (M = 9..16),
+    and those of one token tile whose warps' K slices are at most :data:`EARLY_SCALES_MAX_QUADS` quads. Read in the
+    epilogue, the factors were a load latency on every warp's tail, which the short slices feel most; early, they
+    are 2-4 more live registers through the main loop, which the long slices under the 80-register cap pay for
+    (wo_b at M = 1..8). H100 (graph replay, the late and early kernels alternating in one process,
+    data/bench/decode_variants_nvidia_h100_80gb_hbm3_2e22bb1_early.json): gate_up M = 1 9.9 -> 9.4 us, M = 16
+    12.8 -> 12.4; down M = 1 6.1 -> 5.9, M = 16 8.4 -> 8.2; fused_wqa_wkv M = 1 5.0 -> 4.7, M = 16 6.7 -> 6.2;
+    wo_b M = 16 30.4 -> 29.5. Not elsewhere: the 80-register two-tile plans (M = 17..64) spilled 36 bytes instead
+    of 16 (ptxas, sm_90a), and the grid's split K and the grouped kernel, compiled without a register cap,
+    grew (72 -> 80 registers at one tile, 80 -> 128 at two), which would change their planned resident warps."""
+    if ksplit < 2:
+        return False
+    return wide or (tiles == 1 and -(-quads // ksplit) <= EARLY_SCALES_MAX_QUADS)
 
 
 def wide_registers(swiglu: bool, tiles: int, token_blocks: int) -> bool:
