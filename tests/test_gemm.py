@@ -453,7 +453,8 @@ def test_decode_pdl_ptx_sm90a(mode):
 @requires_cute
 def test_wgmma_pdl_ptx_sm90a():
     """The WGMMA decoder kernel with PDL: the TMA warp waits before the first x load, the MMA warps before their
-    stores; the grouped kernel (its tile table comes from the kernel before) refuses PDL."""
+    stores (with early_alpha, the default, before they read alpha: before the main loop); the grouped kernel (its
+    tile table comes from the kernel before) refuses PDL."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_wgmma
 

@@ -462,6 +462,38 @@ def test_decoder_staged_epilogue_ptx_sm90a(tile_n, options):
         assert not gemm_wgmma.GemmWgmmaDecoderKernel(7168, 256, staged=True, **off).staged
 
 
+@requires_cute
+@pytest.mark.parametrize("tile_n,options", [(256, dict(staged=True)), (64, dict(decoders=2)), (256, dict(split_k=True)),
+                                            (256, dict(swiglu=True)), (256, dict(stream_k=True)), (128, dict(grouped=True)),
+                                            (256, dict(batched=True, staged=True))])
+def test_decoder_early_alpha_ptx_sm90a(tile_n, options):
+    """early_alpha (the default): the MMA warps read their rows' alpha (two fp32 values a thread) before the first
+    WGMMA, none after the last; without it the epilogue reads them (the direct epilogues once per accumulator pair,
+    each behind the y store before it). Not for the register schedule."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+
+    k = 4096 if options.get("grouped") or options.get("batched") else 7168
+
+    def positions(early):
+        ptx = ptx_of(gemm_wgmma.compile_wgmma(k, tile_n, arch="sm_90a", keep_ptx=True, pdl="off" if options.get("grouped") or
+                                              options.get("batched") else "start", early_alpha=early, **options))
+        lines = ptx.splitlines()
+        loads = [i for i, line in enumerate(lines) if re.search(r"\bld\.global\.b32\b", line)]
+        mmas = [i for i, line in enumerate(lines) if "wgmma.mma_async" in line]
+        assert ".local" not in ptx
+        return loads, mmas
+
+    loads, mmas = positions(True)
+    late_loads, late_mmas = positions(False)
+    assert loads and all(i < mmas[0] for i in loads)
+    assert sum(i < mmas[0] for i in loads) == sum(i < late_mmas[0] for i in late_loads) + 2
+    assert sum(i > late_mmas[-1] for i in late_loads) >= 2
+    assert gemm_wgmma.DECODER_EARLY_ALPHA
+    with pytest.raises(ValueError, match="decoder schedule"):
+        gemm_wgmma.compile_wgmma(k, 128, schedule="register", arch="sm_90a", early_alpha=True)
+
+
 def test_stream_segments():
     """Stream-K: parts share tiles x quads work units evenly; the most segments any tile has (the workspace's
     second dimension) against a direct count."""
@@ -595,6 +627,40 @@ def test_wgmma_staged_epilogue_on_gpu(fresh_seed, n, k, m, tile_n, options):
             for staged in (True, False)]
     assert torch.equal(outs[0], outs[1])
     assert gemm_wgmma.staged_epilogue(outs[0], n, tile_n) == (n % 8 == 0 and tile_n >= 128)
+
+
+@requires_hopper
+@requires_cute
+@pytest.mark.parametrize("n,k", [(6144, 7168), (1152, 512), (208, 512)])  # 208: a row block that ends inside y
+@pytest.mark.parametrize("m", [40, 300])
+@pytest.mark.parametrize("options", [dict(tile_n=256), dict(tile_n=128), dict(tile_n=64), dict(tile_n=256, splits=2),
+                                     dict(tile_n=128, splits=3), dict(tile_n=256, swiglu_limit=10.0), dict(tile_n=128, swiglu_limit=10.0, splits=2),
+                                     dict(tile_n=256, stream_k=True), dict(tile_n=256, stream_k=True, swiglu_limit=10.0),
+                                     dict(tile_n=256, staged=False)])
+def test_wgmma_early_alpha_bit_equal_on_gpu(fresh_seed, n, k, m, options):
+    """The decoder kernel with its alpha read before the main loop (early_alpha, the default) writes exactly what it
+    writes reading them in the epilogue: every epilogue (direct, staged, SwiGLU), split K and stream-K, into
+    NaN-poisoned outputs, with unequal per-column alphas (two global scales)."""
+    from nvfp4lib.kernels.sm90 import gemm_wgmma
+    from nvfp4lib.ops.gemm import prepare_weight
+
+    options = dict(options)
+    if options.get("splits", 1) > 1 and k // 256 < 2 * options["splits"]:
+        pytest.skip("too few quads for the split")
+    if options.get("stream_k") and k // 256 < 2:
+        pytest.skip("too few quads for stream-K")
+    half = n // 2
+    qa, qb = quantize(torch.randn(half, k, device="cuda") * 0.02), quantize(torch.randn(n - half, k, device="cuda") * 0.05)
+    p = prepare_weight(torch.cat([qa.packed, qb.packed]), torch.cat([qa.block_scale, qb.block_scale]), [qa.global_scale, qb.global_scale],
+                       [half, n - half], layout="sm90")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out_n = n // 2 if options.get("swiglu_limit") else n
+    if options.get("swiglu_limit") and n % 128:
+        pytest.skip("the SwiGLU epilogue needs 2I rows with I a multiple of 64")
+    outs = [gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, early_alpha=early,
+                                 out=torch.full((m, out_n), float("nan"), device="cuda", dtype=torch.bfloat16), **options)
+            for early in (True, False)]
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
 @requires_hopper

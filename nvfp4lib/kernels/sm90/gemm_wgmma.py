@@ -496,7 +496,7 @@ class GemmWgmmaDecoderKernel:
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
                  split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16, decoders: int = 1,
-                 staged: bool = False):
+                 staged: bool = False, early_alpha: bool = False):
         _check_shape(k, tile_n, DECODER_TILE_N)
         # decoders: decoder warpgroups (1 or 2); with 2 each decodes half the rows of every chunk, so two warps an
         # SM sub-partition hide each other's latencies (the launch's 512 threads cap the registers at 128 a thread)
@@ -580,6 +580,9 @@ class GemmWgmmaDecoderKernel:
         # asks for it only where y allows 16-byte stores.
         self.staged = (staged and tile_m == TILE_M and not (stream_k or swiglu)
                        and 4 * tile_n * 8 <= self.stages * STAGE_HALF_WORDS)
+        # early_alpha: the MMA warps read their rows' alpha (epilogue_alphas: 2 values a thread) before each tile's (or
+        # segment's) main loop, not after it, where the epilogue (or the split sum before it) waited for them
+        self.early_alpha = early_alpha
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -770,6 +773,11 @@ class GemmWgmmaDecoderKernel:
         """MMA warpgroups: quads q_begin .. q_end - 1 of one tile (row block rb x the tile_n tokens from row0) into
         ``acc``, then the split sum (``splits`` > 1: this is part ``split`` of the tile's K) and the epilogue.
         Returns the consumer states (read, release), both past the segment's last chunk."""
+        alphas = None
+        if cutlass.const_expr(self.early_alpha):  # the epilogue's factors, read now so that the main loop hides their latency
+            if cutlass.const_expr(self.pdl != "off"):
+                cute.arch.griddepcontrol_wait()  # alpha is read after the kernel before, as x is (the MMAs wait for x anyway)
+            alphas = epilogue_alphas(acc, thr_mma, self._expert_alpha(mAlpha, expert, n), rb, n, self.tile_n, self.tile_m, self.swiglu)
         acc.fill(0.0)
         for kt in cutlass.range((q_end - q_begin) * 4, unroll=1):
             x_pipe.consumer_wait(read)
@@ -793,7 +801,7 @@ class GemmWgmmaDecoderKernel:
         release.advance()
         if cutlass.const_expr(self.pdl == "loop"):
             cute.arch.griddepcontrol_launch_dependents()
-        if cutlass.const_expr(self.pdl != "off"):
+        if cutlass.const_expr(self.pdl != "off" and not self.early_alpha):  # (early_alpha: waited before reading alpha)
             cute.arch.griddepcontrol_wait()  # before the first global write (returns at once: x has arrived)
         last = cutlass.Boolean(True)
         if cutlass.const_expr(self.split_k or self.stream_k):
@@ -802,18 +810,24 @@ class GemmWgmmaDecoderKernel:
         if cutlass.const_expr(self.probe == "noepilogue"):
             last = last & (acc[0] == Float32(-1.0e30))
         if last:
+            alpha = self._expert_alpha(mAlpha, expert, n)
             if cutlass.const_expr(self.swiglu):
-                alpha = cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))  # the expert's [2I]
-                store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n)
+                store_tile_swiglu(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, limit, self.tile_n, alphas)
             else:
-                alpha = cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))  # the expert's [n]
                 y_col0 = expert * n if cutlass.const_expr(self.batched) else 0  # batched: the group's n columns
                 if cutlass.const_expr(self.staged):
                     store_tile_staged(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, lane, (tidx - self.decoder_threads) // 32,
-                                      stage32, self.tile_n, y_col0)
+                                      stage32, self.tile_n, y_col0, alphas)
                 else:
-                    store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0)
+                    store_tile(acc, thr_mma, alpha, mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m, y_col0, alphas)
         return read, release
+
+    @cute.jit
+    def _expert_alpha(self, mAlpha: cute.Tensor, expert: Int32, n: Int32):
+        """The alpha of weight ``expert``: fp32 [n] (with swiglu [2I], the gate columns first)."""
+        if cutlass.const_expr(self.swiglu):
+            return cute.make_tensor(mAlpha.iterator + expert * 2 * n, cute.make_layout((2 * n,)))
+        return cute.make_tensor(mAlpha.iterator + expert * n, cute.make_layout((n,)))
 
     @cute.jit
     def _add_partial(self, flat: cute.Tensor, base, frag: int):
@@ -1038,11 +1052,12 @@ class GemmWgmmaDecoderKernel:
 
 @cute.jit
 def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32, n: Int32,
-               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M, col0: Int32 = 0):
+               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M, col0: Int32 = 0, alphas=None):
     """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens,
     the tokens from row ``row0`` of y) -> ``y[token, col0 + col] = bf16(acc * alpha[col] * 2**7)``; tokens
     from ``row_end`` on (the end of y, or of the tile's expert) and columns past n are not stored. y's row
-    pitch is ``mY.shape[1]`` (n, or E n for the batched kernel); col0 is even."""
+    pitch is ``mY.shape[1]`` (n, or E n for the batched kernel); col0 is even. ``alphas``: the factors read
+    before (:func:`epilogue_alphas`), else read here."""
     # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
     # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
     mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32) + col0 // 2,
@@ -1055,13 +1070,40 @@ def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, 
     for p in cutlass.range_constexpr(cute.size(acc) // 2):
         mm, nn = tCcC[2 * p]
         col = rb * tile_m + mm
-        a = mAlpha[cutlass.min(col, n - 1)] * shift7
+        a = alphas[p] if cutlass.const_expr(alphas is not None) else mAlpha[cutlass.min(col, n - 1)] * shift7
         _store_pair(mY32, acc[2 * p] * a, acc[2 * p + 1] * a, odd, row0 + nn, col, row_end, n)
 
 
 @cute.jit
+def epilogue_alphas(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, rb: Int32, n: Int32, tile_n: cutlass.Constexpr,
+                    tile_m: cutlass.Constexpr = TILE_M, swiglu: cutlass.Constexpr = False):
+    """The epilogue's factors ``alpha[col] * 2**7`` of this thread's accumulator rows, read ahead of the epilogue:
+    a list over the accumulator pairs p (``acc[2p], acc[2p + 1]``: one weight row, two tokens) for :func:`store_tile`
+    and :func:`store_tile_staged`; with ``swiglu`` the pair (gate, up) factors of the thread's one output column for
+    :func:`store_tile_swiglu`. acc is compact ((2, 2, tile_n / 8), tile_m / 128, 1): pair p's row is v1 = p % 2
+    (row g or g + 8) of row block r = p // (tile_n / 4), so each distinct row is read once."""
+    shift7 = Float32(2.0 ** D.MAGNITUDE_SHIFT)
+    tCcC = thr_mma.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
+    if cutlass.const_expr(swiglu):  # rows g / g + 8 are gate / up of column 64 rb + 8 (mm // 16) + mm % 8
+        mm, _ = tCcC[0]
+        col = cutlass.min(rb * 64 + 8 * (mm // D.ROWS_PER_GROUP) + mm % 8, n - 1)
+        return mAlpha[col] * shift7, mAlpha[col + n] * shift7
+    first, slot_of = _pair_rows(cute.size(acc) // 2, tile_n)
+    rows = [mAlpha[cutlass.min(rb * tile_m + tCcC[2 * p][0], n - 1)] * shift7 for p in first]
+    return [rows[r] for r in slot_of]
+
+
+def _pair_rows(pairs: int, tile_n: int):
+    """(the first pair of each distinct accumulator row, each pair's index into that list): pair p's row is v1 = p % 2
+    of row block p // (tile_n / 4) (see :func:`epilogue_alphas`)."""
+    keys = [(p % 2, p // (tile_n // 4)) for p in range(pairs)]
+    distinct = list(dict.fromkeys(keys))
+    return [keys.index(key) for key in distinct], [distinct.index(key) for key in keys]
+
+
+@cute.jit
 def store_tile_staged(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32,
-                      n: Int32, g: Int32, lane: Int32, mwarp: Int32, stage32, tile_n: cutlass.Constexpr, col0: Int32 = 0):
+                      n: Int32, g: Int32, lane: Int32, mwarp: Int32, stage32, tile_n: cutlass.Constexpr, col0: Int32 = 0, alphas=None):
     """:func:`store_tile` (tile_m 128) through shared memory, one MMA warp at a time: the warp writes its 16 weight
     rows x tile_n tokens as bf16 into ``stage32`` (Int32 shared memory, [tile_n tokens, 8 words]: one token's 16
     columns of y), then stores each token's 32 bytes with two 16-byte stores (whole sectors, a quarter of
@@ -1074,7 +1116,7 @@ def store_tile_staged(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
     tCcC = thr_mma.partition_C(cute.make_identity_tensor((TILE_M, tile_n)))
     for p in cutlass.range_constexpr(cute.size(acc) // 2):
         mm, nn = tCcC[2 * p]
-        a = mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
+        a = alphas[p] if cutlass.const_expr(alphas is not None) else mAlpha[cutlass.min(rb * TILE_M + mm, n - 1)] * shift7
         lo, hi = _swap_pair(acc[2 * p] * a, acc[2 * p + 1] * a, odd)
         stage32[(nn + odd) * 8 + (mm % D.ROWS_PER_GROUP - odd) // 2] = pack_bf16x2(lo, hi)
     cute.arch.sync_warp()
@@ -1110,7 +1152,7 @@ def _store_pair(mY32: cute.Tensor, v0: Float32, v1: Float32, odd: Int32, tok0: I
 
 @cute.jit
 def store_tile_swiglu(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32,
-                      n: Int32, g: Int32, limit: Float32, tile_n: cutlass.Constexpr):
+                      n: Int32, g: Int32, limit: Float32, tile_n: cutlass.Constexpr, alphas=None):
     """Epilogue of the SwiGLU decoder kernel (tile_m 128): tile row 16j + r is gate (r < 8) or up (r >= 8) of
     output column ``64 rb + 8 j + r % 8``, so a thread's accumulators of rows g and g + 8 (fragment index
     v1 = 0, 1) are gate and up of one column -> ``y[token, col] = bf16(silu(min(gate, L)) * clamp(up, -L, L))``,
@@ -1124,8 +1166,11 @@ def store_tile_swiglu(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
         mm, nn = tCcC[4 * v2]
         col = rb * 64 + 8 * (mm // D.ROWS_PER_GROUP) + mm % 8
         cc = cutlass.min(col, n - 1)
-        a_gate = mAlpha[cc] * shift7
-        a_up = mAlpha[cc + n] * shift7
+        if cutlass.const_expr(alphas is not None):  # (gate, up) of the thread's one column (epilogue_alphas)
+            a_gate, a_up = alphas
+        else:
+            a_gate = mAlpha[cc] * shift7
+            a_up = mAlpha[cc + n] * shift7
         h = []
         for v0 in cutlass.range_constexpr(2):
             gate = cute.arch.fmin(acc[4 * v2 + v0] * a_gate, limit)
@@ -1205,7 +1250,8 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                   probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
                   batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
-                  store_bytes: int | None = None, decoders: int | None = None, staged: bool = False):
+                  store_bytes: int | None = None, decoders: int | None = None, staged: bool = False,
+                  early_alpha: bool | None = None):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1224,12 +1270,14 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
         kernel = GemmWgmmaDecoderKernel(k, tile_n, stages, ahead,
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
-                                        store_bytes or DECODER_STORE_BYTES, decoders or 1, staged)
+                                        store_bytes or DECODER_STORE_BYTES, decoders or 1, staged,
+                                        DECODER_EARLY_ALPHA if early_alpha is None else early_alpha)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
-               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders, kernel.staged)
+               grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders, kernel.staged,
+               kernel.early_alpha)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders or staged:
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders or staged or early_alpha:
         raise ValueError("only the decoder schedule has the store width and decoders options and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
@@ -1245,6 +1293,7 @@ DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 
 # decoder bounds the kernel (64-token tiles: gate_up M = 64 33.8 -> 31.1 us, down 19.2 -> 17.9), within noise from M = 256
 # (gate_up M = 4096 567 against 585-598 us, down 312 against 304-314)
 DECODER_STORE_BYTES = 16
+DECODER_EARLY_ALPHA = True  # the decoder kernel's epilogue factors read before the main loop (GemmWgmmaDecoderKernel.early_alpha)
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
 PDL = "auto"  # programmatic dependent launch of the plain / SwiGLU decoder kernel (gemm_decode.PDL_MODES; "auto": run_wgmma's rule)
@@ -1333,7 +1382,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               probe: str = "full", pingpong: bool | None = None, schedule: str | None = None, ahead: int | None = None,
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
               splits: int | None = None, pdl: str | None = None, stream_k: bool | None = None, parts: int | None = None,
-              store_bytes: int | None = None, decoders: int | None = None, staged: bool | None = None) -> torch.Tensor:
+              store_bytes: int | None = None, decoders: int | None = None, staged: bool | None = None,
+              early_alpha: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
@@ -1344,7 +1394,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     whether to run stream-K instead (it needs a transient fp32 workspace of up to a few tile sums per tile). ``pdl`` (decoder schedule; default ``PDL``): programmatic dependent launch, as
     :func:`~.gemm_decode.run_decode` (the weights must not be written by the kernel just before). No host
     sync; CUDA-graph capturable after a first eager call (which compiles). ``staged`` (decoder schedule): the epilogue
-    through shared memory (default :func:`staged_epilogue`)."""
+    through shared memory (default :func:`staged_epilogue`). ``early_alpha`` (decoder schedule, default
+    ``DECODER_EARLY_ALPHA``): the epilogue's alpha read before the main loop."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -1400,7 +1451,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
-                             decoders=decoders, staged=(schedule == "decoder" and staged_epilogue(y, out_n, tile_n)) if staged is None else staged)
+                             decoders=decoders, staged=(schedule == "decoder" and staged_epilogue(y, out_n, tile_n)) if staged is None else staged,
+                             early_alpha=early_alpha)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
