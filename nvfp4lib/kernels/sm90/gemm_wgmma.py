@@ -581,7 +581,12 @@ class GemmWgmmaDecoderKernel:
         self.staged = (staged and tile_m == TILE_M and not (stream_k or swiglu)
                        and 4 * tile_n * 8 <= self.stages * STAGE_HALF_WORDS)
         # early_alpha: the MMA warps read their rows' alpha (epilogue_alphas: 2 values a thread) before each tile's (or
-        # segment's) main loop, not after it, where the epilogue (or the split sum before it) waited for them
+        # segment's) main loop, not after it, where the epilogue (or the split sum before it) waited for them; the
+        # direct epilogues (split K, stream-K, SwiGLU, 64-token tiles) read one per accumulator pair there, each behind
+        # the y store before it (64 a thread at 256 tokens). H100, late and early alternating in one process
+        # (data/bench/wgmma_variants_nvidia_h100_80gb_hbm3_defdabc_early_alpha.json): M = 64 gate_up 25.4 -> 24.4 us,
+        # down 14.8 -> 14.0, wo_b 50.4 -> 49.5; gate_up + SwiGLU M = 256 51.6 -> 50.6; but fused_wqa_wkv M = 256 (128-token
+        # tiles, 4 splits) 22.7 -> 23.2; M = 1024 within the drift of that run (+-3%)
         self.early_alpha = early_alpha
 
     @cute.jit
