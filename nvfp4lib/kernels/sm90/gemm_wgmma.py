@@ -104,6 +104,9 @@ import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass._mlir.dialects import llvm  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
+from cutlass._mlir.dialects import nvvm as _nvvm  # noqa: E402
+
+_CLUSTER_SCOPE = _nvvm.MemScopeKind.CLUSTER  # remote mbarrier arrivals that hand over data (dsmem_split)
 
 TILE_M = 128  # weight rows per CTA: two warpgroups of 64
 WARPGROUPS = 2
@@ -496,7 +499,7 @@ class GemmWgmmaDecoderKernel:
     def __init__(self, k: int, tile_n: int = 256, stages: int | None = None, ahead: int = 2, probe: str = "full",
                  tile_m: int = TILE_M, cluster_m: int = 1, grouped: bool = False, swiglu: bool = False, batched: bool = False,
                  split_k: bool = False, pdl: str = "off", stream_k: bool = False, store_bytes: int = 16, decoders: int = 1,
-                 staged: bool = False, early_alpha: bool = False):
+                 staged: bool = False, early_alpha: bool = False, dsmem_split: bool = False):
         _check_shape(k, tile_n, DECODER_TILE_N)
         # decoders: decoder warpgroups (1 or 2); with 2 each decodes half the rows of every chunk, so two warps an
         # SM sub-partition hide each other's latencies (the launch's 512 threads cap the registers at 128 a thread)
@@ -588,6 +591,14 @@ class GemmWgmmaDecoderKernel:
         # down 14.8 -> 14.0, wo_b 50.4 -> 49.5; gate_up + SwiGLU M = 256 51.6 -> 50.6; but fused_wqa_wkv M = 256 (128-token
         # tiles, 4 splits) 22.7 -> 23.2; M = 1024 within the drift of that run (+-3%)
         self.early_alpha = early_alpha
+        # dsmem_split: two K splits of a tile form a cluster (1, 1, 2) and meet in distributed shared memory instead
+        # of the workspace: after its main loop each CTA tells the other its x stages are free, its warpgroup 1 - z
+        # writes its fp32 fragment into the other CTA's x stages (st.async, counted on that CTA's mbarrier), and
+        # its warpgroup z adds the other's fragment to its own and stores its 64 rows (_sum_splits_dsmem). No x
+        # multicast (cluster_m 1), no workspace, no counters, no gpu-scope fences
+        if dsmem_split and not (split_k and cluster_m == 1 and tile_m == TILE_M and not (grouped or stream_k)):
+            raise ValueError("dsmem_split is split K (two splits) of the plain or SwiGLU kernel with tile_m 128 and cluster_m 1")
+        self.dsmem_split = dsmem_split
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -626,6 +637,7 @@ class GemmWgmmaDecoderKernel:
         class SharedStorage:
             x_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
             a_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+            split_barriers: cute.struct.MemRange[cutlass.Int64, 2]  # dsmem_split: [the other CTA's x stages free, its fragment in]
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(a_staged)], 1024]
             sX: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(x_staged)], 1024]
 
@@ -647,7 +659,8 @@ class GemmWgmmaDecoderKernel:
             grid = [self.cluster_m, 1, parts]
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, mWs, mCnt, tiled_mma, a_staged, x_staged, m, n, row_groups, limit,
                     splits, row_blocks, token_tiles, parts).launch(
-            grid=grid, block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1], stream=stream, use_pdl=self.pdl != "off")
+            grid=grid, block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 2 if self.dsmem_split else 1], stream=stream,
+            use_pdl=self.pdl != "off")
 
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, mX_tma: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor,
@@ -714,6 +727,8 @@ class GemmWgmmaDecoderKernel:
         # releases of every CTA's MMA warps (cluster_m x 8)
         cta_layout_mnk = cute.make_layout((self.cluster_m, 1, 1))
         cluster_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        if cutlass.const_expr(self.dsmem_split):  # the cluster is the tile's two K splits: no x multicast
+            cluster_rank = Int32(0)
         cluster_coord = cta_layout_mnk.get_flat_coord(cluster_rank)
         x_pipe = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.x_barriers.data_ptr(), num_stages=self.stages,
@@ -726,6 +741,16 @@ class GemmWgmmaDecoderKernel:
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS), defer_sync=True)
         pipeline.pipeline_init_arrive(cluster_shape_mn=(self.cluster_m, 1), is_relaxed=True)
         pipeline.pipeline_init_wait(cluster_shape_mn=(self.cluster_m, 1))
+        dsmem = None
+        if cutlass.const_expr(self.dsmem_split):
+            bars = storage.split_barriers.data_ptr()
+            if tidx == 0:
+                cute.arch.mbarrier_init(bars, THREADS)  # the other CTA's MMA threads: its x stages are free
+                cute.arch.mbarrier_init(bars + 1, 1)  # this CTA's receiving warpgroup expects the other's fragment
+                cute.arch.mbarrier_init_fence()
+            cute.arch.cluster_arrive_relaxed()  # both CTAs' barriers exist before either arrives on the other's
+            cute.arch.cluster_wait()
+            dsmem = (bars, cute.recast_ptr(storage.sX.data_ptr(), dtype=Float32))
         sA = storage.sA.get_tensor(a_staged.outer, swizzle=a_staged.inner)
         sX = storage.sX.get_tensor(x_staged.outer, swizzle=x_staged.inner)
         if warp < self.decoder_threads // 32:
@@ -768,13 +793,13 @@ class GemmWgmmaDecoderKernel:
                                                + offset % STAGE_HALF_WORDS, cute.make_layout((self.tile_n * 8,)))
                 read, release = self._mma_segment(tiled_mma, thr_mma, tCrA, tCrB, acc, x_pipe, a_pipe, read, release, mAlpha, mY, mWs, mCnt,
                                                    tidx, lane, g, expert, rb, row0, row_end, n, limit, q_begin, q_end, split, splits, slot,
-                                                   stage32)
+                                                   stage32, dsmem)
 
     @cute.jit
     def _mma_segment(self, tiled_mma, thr_mma, tCrA, tCrB, acc: cute.Tensor, x_pipe, a_pipe, read, release, mAlpha: cute.Tensor,
                      mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, tidx: Int32, lane: Int32, g: Int32, expert: Int32, rb: Int32,
                      row0: Int32, row_end: Int32, n: Int32, limit: Float32, q_begin, q_end, split: Int32, splits: Int32, slot: Int32,
-                     stage32=None):
+                     stage32=None, dsmem=None):
         """MMA warpgroups: quads q_begin .. q_end - 1 of one tile (row block rb x the tile_n tokens from row0) into
         ``acc``, then the split sum (``splits`` > 1: this is part ``split`` of the tile's K) and the epilogue.
         Returns the consumer states (read, release), both past the segment's last chunk."""
@@ -809,7 +834,9 @@ class GemmWgmmaDecoderKernel:
         if cutlass.const_expr(self.pdl != "off" and not self.early_alpha):  # (early_alpha: waited before reading alpha)
             cute.arch.griddepcontrol_wait()  # before the first global write (returns at once: x has arrived)
         last = cutlass.Boolean(True)
-        if cutlass.const_expr(self.split_k or self.stream_k):
+        if cutlass.const_expr(self.dsmem_split):
+            last = self._sum_splits_dsmem(acc, dsmem, tidx - self.decoder_threads, split)
+        elif cutlass.const_expr(self.split_k or self.stream_k):
             if splits > 1:
                 last = self._sum_splits(acc, mWs, mCnt, tidx - self.decoder_threads, lane, split, splits, slot)
         if cutlass.const_expr(self.probe == "noepilogue"):
@@ -902,6 +929,39 @@ class GemmWgmmaDecoderKernel:
                 if cutlass.const_expr(arrive_first):
                     cute.arch.store(written.llvm_ptr, Int32(0))
         return last
+
+    @cute.jit
+    def _sum_splits_dsmem(self, acc: cute.Tensor, dsmem, mt: Int32, split: Int32):
+        """dsmem_split: the tile's two K splits (CTAs z = 0, 1 of the cluster) meet in distributed shared memory.
+        Every MMA thread arrives on the other CTA's ``free`` barrier (its own MMAs are done, so this CTA's x stages
+        are free; 256 arrivals complete it). Warpgroup 1 - z waits for the other's arrivals, then writes its fragment
+        into the other CTA's x stages ([frag / 4, 128 threads, 4] fp32: conflict-free 16-byte reads) with st.async,
+        counted in bytes on that CTA's ``full`` barrier; warpgroup z expects those bytes, waits, adds them to its
+        own fragment (own + other: the same fp32 sum whichever split holds the rows) and is the one that stores
+        (returns True). A CTA exits only after the other's arrivals and bytes have landed (both warpgroups wait)."""
+        bars, recv = dsmem
+        free_bar, full_bar = bars, bars + 1
+        frag = cute.size(acc)
+        flat = cute.make_tensor(acc.iterator, cute.make_layout(frag))
+        other = 1 - split
+        wg = mt // 128
+        i = mt % 128
+        cute.arch.mbarrier_arrive(free_bar, other, scope=_CLUSTER_SCOPE)
+        keep = wg == split
+        if keep:
+            if i == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(full_bar, 128 * frag * 4)
+            cute.arch.mbarrier_wait(full_bar, 0)
+            for j in cutlass.range_constexpr(frag // 4):
+                part = load_v4_b32((recv + (j * 128 + i) * 4).align(16))
+                for e in cutlass.range_constexpr(4):
+                    flat[4 * j + e] = flat[4 * j + e] + _f32_of_bits(part[e])
+        else:
+            cute.arch.mbarrier_wait(free_bar, 0)
+            for j in cutlass.range_constexpr(frag // 4):
+                cute.arch.store_async_dsmem((recv + (j * 128 + i) * 4).align(16),
+                                            tuple(_bits_of_f32(flat[4 * j + e]) for e in range(4)), full_bar, other)
+        return keep
 
     @cute.jit
     def _store_partial(self, flat: cute.Tensor, base, frag: int):
@@ -1185,6 +1245,20 @@ def store_tile_swiglu(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
 
 
 @dsl_user_op
+def _bits_of_f32(v: Float32, *, loc=None, ip=None) -> Int32:
+    """The bit pattern of an fp32 value as an int32 (``mov.b32``)."""
+    return Int32(llvm.inline_asm(T.i32(), [Float32(v).ir_value(loc=loc, ip=ip)], "mov.b32 $0, $1;", "=r,f",
+                                 has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
+def _f32_of_bits(v: Int32, *, loc=None, ip=None) -> Float32:
+    """The fp32 value of an int32 bit pattern (``mov.b32``)."""
+    return Float32(llvm.inline_asm(T.f32(), [Int32(v).ir_value(loc=loc, ip=ip)], "mov.b32 $0, $1;", "=f,r",
+                                   has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@dsl_user_op
 def store_v4_f32(ptr, a: Float32, b: Float32, c: Float32, d: Float32, *, loc=None, ip=None):
     """Four fp32 to 16 aligned bytes of global memory (``st.global.v4``)."""
     from cutlass._mlir import ir
@@ -1256,7 +1330,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
                   batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
                   store_bytes: int | None = None, decoders: int | None = None, staged: bool = False,
-                  early_alpha: bool | None = None):
+                  early_alpha: bool | None = None, dsmem_split: bool = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1276,13 +1350,13 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                                         "full" if probe in ("full", "decoder") else probe.removeprefix("decoder_"), tile_m or TILE_M,
                                         cluster_m or DECODER_CLUSTER_M, grouped or batched, swiglu, batched, split_k, pdl, stream_k,
                                         store_bytes or DECODER_STORE_BYTES, decoders or 1, staged,
-                                        DECODER_EARLY_ALPHA if early_alpha is None else early_alpha)
+                                        DECODER_EARLY_ALPHA if early_alpha is None else early_alpha, dsmem_split)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
                grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders, kernel.staged,
-               kernel.early_alpha)
+               kernel.early_alpha, dsmem_split)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
-    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders or staged or early_alpha:
+    if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders or staged or early_alpha or dsmem_split:
         raise ValueError("only the decoder schedule has the store width and decoders options and the grouped, batched, SwiGLU, split-K, stream-K and PDL kernels")
     if schedule != "register":
         raise ValueError(f"schedule must be 'register' or 'decoder', got {schedule!r}")
@@ -1298,6 +1372,7 @@ DECODER_CLUSTER_M = 2  # x by TMA multicast across two CTAs: 2-6% faster than 1 
 # decoder bounds the kernel (64-token tiles: gate_up M = 64 33.8 -> 31.1 us, down 19.2 -> 17.9), within noise from M = 256
 # (gate_up M = 4096 567 against 585-598 us, down 312 against 304-314)
 DECODER_STORE_BYTES = 16
+DECODER_DSMEM_SPLIT = True  # two K splits through distributed shared memory (GemmWgmmaDecoderKernel.dsmem_split)
 DECODER_EARLY_ALPHA = True  # the decoder kernel's epilogue factors read before the main loop (GemmWgmmaDecoderKernel.early_alpha)
 DECODER_AHEAD = None  # chunks of weight words in flight per decoder lane: None = 8 where K and the registers allow, else 4
 SCHEDULE = "decoder"  # faster than "register" at every shape measured on an H200 (data/bench/wgmma_probe_*)
@@ -1350,6 +1425,12 @@ STREAM_K_BELOW_FILL = 0.8
 STREAM_K_MIN_K = 4096
 
 
+def dsmem_split_fits(schedule: str, splits: int, tile_m: int | None, cluster_m: int | None, stream_k: bool) -> bool:
+    """Whether a run_wgmma launch can take dsmem_split (GemmWgmmaDecoderKernel): the decoder schedule with exactly two K
+    splits, 128-row tiles, no stream-K, and no x multicast asked for (cluster_m None or 1)."""
+    return schedule == "decoder" and splits == 2 and (tile_m or TILE_M) == TILE_M and not stream_k and cluster_m in (None, 1)
+
+
 def stream_k_pays(m: int, row_groups: int, k: int, tile_n: int, splits: int, sm_count: int = 132,
                   cluster_m: int | None = None) -> bool:
     """Whether the plain / SwiGLU decoder kernel should run stream-K instead of the plan ``(tile_n, splits)`` of
@@ -1388,7 +1469,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
               tile_m: int | None = None, cluster_m: int | None = None, swiglu_limit: float | None = None,
               splits: int | None = None, pdl: str | None = None, stream_k: bool | None = None, parts: int | None = None,
               store_bytes: int | None = None, decoders: int | None = None, staged: bool | None = None,
-              early_alpha: bool | None = None) -> torch.Tensor:
+              early_alpha: bool | None = None, dsmem_split: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous, on a Hopper GPU); words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N] -> bf16 [M, N] (``out`` if given). ``swiglu_limit`` (a float, ``inf`` for no clamp;
     decoder schedule): W is gate_up ([gate; up], N = 2I rows, I a multiple of 64) and the result the clamped
@@ -1400,7 +1481,9 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     :func:`~.gemm_decode.run_decode` (the weights must not be written by the kernel just before). No host
     sync; CUDA-graph capturable after a first eager call (which compiles). ``staged`` (decoder schedule): the epilogue
     through shared memory (default :func:`staged_epilogue`). ``early_alpha`` (decoder schedule, default
-    ``DECODER_EARLY_ALPHA``): the epilogue's alpha read before the main loop."""
+    ``DECODER_EARLY_ALPHA``): the epilogue's alpha read before the main loop. ``dsmem_split`` (default: where
+    :func:`dsmem_split_fits` and ``DECODER_DSMEM_SPLIT``): two K splits meet in distributed shared memory, the pair a
+    cluster, instead of through the workspace."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"x must be bf16 [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
@@ -1454,10 +1537,17 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         decoders = 2 if not (swiglu or stream_k) and tile_n <= 128 and (tile_m or TILE_M) == TILE_M else 1
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
+    if dsmem_split is None:
+        dsmem_split = DECODER_DSMEM_SPLIT and dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k)
+    if dsmem_split:
+        if not dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k):
+            raise ValueError(f"dsmem_split needs the decoder schedule, exactly 2 K splits, tile_m {TILE_M}, no stream-K and "
+                             f"cluster_m 1 or None (got {schedule}, {splits} splits, tile_m {tile_m}, cluster_m {cluster_m})")
+        cluster_m = 1  # the cluster is the tile's two K splits
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
                              decoders=decoders, staged=(schedule == "decoder" and staged_epilogue(y, out_n, tile_n)) if staged is None else staged,
-                             early_alpha=early_alpha)
+                             early_alpha=early_alpha, dsmem_split=dsmem_split)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
@@ -1466,7 +1556,7 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
         if stream_k:  # splits: the most segments a tile has (the workspace's second dimension)
             parts = min(parts or sm_count(x.device) // cm, tiles // cm * quads)
             splits = stream_segments(tiles // cm, quads, parts)
-        if splits > 1:
+        if splits > 1 and not dsmem_split:
             ws = torch.empty(tiles * splits * tm * tile_n, dtype=torch.float32, device=x.device)
             cnt = split_counters(x.device, 2 * tiles * (THREADS // 32))
         compiled(*_pointers(*tensors, with_tiles=True, ws=ws, cnt=cnt), Int32(m), Int32(out_n), Int32(row_groups), Int32(1),
