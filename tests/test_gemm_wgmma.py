@@ -495,29 +495,37 @@ def test_decoder_early_alpha_ptx_sm90a(tile_n, options):
 
 
 @requires_cute
-@pytest.mark.parametrize("tile_n,options", [(256, {}), (64, dict(decoders=2)), (128, dict(decoders=2, staged=True)), (256, dict(swiglu=True))])
-def test_decoder_dsmem_split_ptx_sm90a(tile_n, options):
+@pytest.mark.parametrize("tile_n,options,splits", [(256, {}, 2), (64, dict(decoders=2), 2), (128, dict(decoders=2, staged=True), 2),
+                                                   (256, dict(swiglu=True), 2), (128, dict(decoders=2), 4), (64, dict(decoders=2), 4)])
+def test_decoder_dsmem_split_ptx_sm90a(tile_n, options, splits):
     """dsmem_split: the two K splits meet in distributed shared memory. One st.async of 16 bytes (counted in bytes
     on the other CTA's mbarrier) per four fp32 of a thread's fragment, as many 16-byte shared loads to take the other's
     in, one cluster-scope release arrival (this CTA's x stages are free); no workspace, arrival counter or gpu-scope
-    fence, which the workspace split has. Refused where it does not apply."""
+    fence, which the workspace split has. Four splits: each CTA sends three quarters of its fragment (one to each other
+    CTA, 12 st.async sites: one code path per CTA of the cluster) and stores its quarter of the tokens. Refused where it
+    does not apply."""
     from nvfp4lib.kernels.cute_compile import ptx_of
     from nvfp4lib.kernels.sm90 import gemm_wgmma
 
-    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, tile_n, arch="sm_90a", keep_ptx=True, split_k=True, cluster_m=1, dsmem_split=True,
+    ptx = ptx_of(gemm_wgmma.compile_wgmma(7168, tile_n, arch="sm_90a", keep_ptx=True, split_k=True, cluster_m=1, dsmem_split=splits,
                                           pdl="start", **options))
     frag = 128 * tile_n // 256
-    assert len(re.findall(r"st\.async\.shared::cluster\.mbarrier::complete_tx::bytes\.v4\.b32", ptx)) == frag // 4
-    assert len(re.findall(r"ld\.shared::cta\.v4\.b32", ptx)) >= frag // 4
-    assert ptx.count("mbarrier.arrive.release.cluster.shared::cluster.b64") == 1 and "barrier.cluster.wait" in ptx
+    # two splits: a quarter of the fragment a st.async; four: three quarters to three CTAs, in each of four branches
+    sends = frag // 4 if splits == 2 else 4 * 3 * (frag // 4 // 4)
+    assert len(re.findall(r"st\.async\.shared::cluster\.mbarrier::complete_tx::bytes\.v4\.b32", ptx)) == sends
+    assert len(re.findall(r"ld\.shared::cta\.v4\.b32", ptx)) >= sends // (1 if splits == 2 else 4)
+    arrivals = 1 if splits == 2 else 4 * 3
+    assert ptx.count("mbarrier.arrive.release.cluster.shared::cluster.b64") == arrivals and "barrier.cluster.wait" in ptx
     assert not re.search(r"\batom\.", ptx) and "fence.acq_rel.gpu" not in ptx and ".local" not in ptx
     workspace = ptx_of(gemm_wgmma.compile_wgmma(7168, tile_n, arch="sm_90a", keep_ptx=True, split_k=True, pdl="start", **options))
     assert re.search(r"\batom\.", workspace) and "fence.acq_rel.gpu" in workspace and "st.async" not in workspace
-    for bad in (dict(split_k=True, cluster_m=2), dict(stream_k=True), dict(split_k=True, tile_m=256, tile_n=128), dict(split_k=False)):
+    for bad in (dict(split_k=True, cluster_m=2), dict(stream_k=True), dict(split_k=True, tile_m=256, tile_n=128), dict(split_k=False),
+                dict(split_k=True, swiglu=True, dsmem_split=4), dict(split_k=True, dsmem_split=3)):
         with pytest.raises(ValueError, match="dsmem_split"):
-            gemm_wgmma.GemmWgmmaDecoderKernel(7168, bad.pop("tile_n", 256), dsmem_split=True, **{"cluster_m": 1, **bad})
+            gemm_wgmma.GemmWgmmaDecoderKernel(7168, bad.pop("tile_n", 256), **{"cluster_m": 1, "dsmem_split": True, **bad})
     fits = gemm_wgmma.dsmem_split_fits
     assert fits("decoder", 2, None, None, False) and fits("decoder", 2, 128, 1, False)
+    assert fits("decoder", 4, None, None, False) and not fits("decoder", 4, None, None, False, swiglu=True)
     assert not fits("decoder", 3, None, None, False) and not fits("decoder", 2, None, 2, False)
     assert not fits("decoder", 2, 256, None, False) and not fits("register", 2, None, None, False) and not fits("decoder", 2, None, None, True)
 
@@ -695,12 +703,12 @@ def test_wgmma_early_alpha_bit_equal_on_gpu(fresh_seed, n, k, m, options):
 @requires_cute
 @pytest.mark.parametrize("n,k", [(6144, 7168), (7168, 3072), (1152, 512), (208, 512)])  # 208: a row block that ends inside y
 @pytest.mark.parametrize("m", [40, 64, 256, 300])
-@pytest.mark.parametrize("tile_n,limit,staged", [(64, None, None), (128, None, None), (256, None, None), (256, None, False),
-                                                 (256, 10.0, None), (128, 10.0, None)])
-def test_wgmma_dsmem_split_on_gpu(fresh_seed, n, k, m, tile_n, limit, staged):
-    """Two K splits meeting in distributed shared memory (dsmem_split, the default for two splits) write exactly what
-    the workspace split writes (own + other fp32 partial either way), into NaN-poisoned outputs; correct against the
-    reference and replayed bit-equal in a CUDA graph (check_split_run)."""
+@pytest.mark.parametrize("tile_n,limit,staged,splits", [(64, None, None, 2), (128, None, None, 2), (256, None, None, 2), (256, None, False, 2),
+                                                        (256, 10.0, None, 2), (128, 10.0, None, 2), (64, None, None, 4), (128, None, None, 4)])
+def test_wgmma_dsmem_split_on_gpu(fresh_seed, n, k, m, tile_n, limit, staged, splits):
+    """Two (or four) K splits meeting in distributed shared memory (dsmem_split, the default for them) write exactly
+    what the workspace split writes (own + other fp32 partial either way; four summed in split order), into
+    NaN-poisoned outputs; correct against the reference and replayed bit-equal in a CUDA graph (check_split_run)."""
     from nvfp4lib.kernels.sm90 import gemm_wgmma
     from nvfp4lib.ops.gemm import prepare_weight
 
@@ -708,12 +716,14 @@ def test_wgmma_dsmem_split_on_gpu(fresh_seed, n, k, m, tile_n, limit, staged):
         pytest.skip("the SwiGLU epilogue needs 2I rows with I a multiple of 64")
     if m > tile_n and m != 300:
         pytest.skip("one token tile or a ragged last one is enough here")
-    check_split_run(n, k, m, limit, tile_n=tile_n, splits=2, dsmem_split=True, staged=staged)
+    if k // 256 < 2 * splits:
+        pytest.skip("too few quads for the split")
+    check_split_run(n, k, m, limit, tile_n=tile_n, splits=splits, dsmem_split=True, staged=staged)
     q = quantize(torch.randn(n, k, device="cuda") * 0.02)
     p = prepare_weight(q.packed, q.block_scale, q.global_scale, layout="sm90")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out_n = n // 2 if limit else n
-    outs = [gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, tile_n=tile_n, splits=2, swiglu_limit=limit, staged=staged,
+    outs = [gemm_wgmma.run_wgmma(x, p.weight, p.block_scale, p.alpha, n, tile_n=tile_n, splits=splits, swiglu_limit=limit, staged=staged,
                                  dsmem_split=dsmem, out=torch.full((m, out_n), float("nan"), device="cuda", dtype=torch.bfloat16))
             for dsmem in (True, False)]
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])

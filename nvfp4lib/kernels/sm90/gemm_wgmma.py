@@ -600,9 +600,18 @@ class GemmWgmmaDecoderKernel:
         # multicast) and this one alternating in one process (data/bench/wgmma_variants_nvidia_h100_80gb_hbm3_a80d730_dsmem.json):
         # gate_up M = 64 24.3 -> 22.9 us, M = 128 32.2 -> 28.7, M = 256 47.5 -> 43.1; down M = 64 14.0 -> 12.5, M = 128
         # 17.8 -> 15.1; gate_up + SwiGLU M = 128 34.3 -> 31.6, M = 256 51.5 -> 48.9; wo_b M = 128 64.2 -> 61.7
-        if dsmem_split and not (split_k and cluster_m == 1 and tile_m == TILE_M and not (grouped or stream_k)):
-            raise ValueError("dsmem_split is split K (two splits) of the plain or SwiGLU kernel with tile_m 128 and cluster_m 1")
-        self.dsmem_split = dsmem_split
+        # dsmem_split=4 (four splits, the plain kernel with the direct epilogue): a cluster (1, 1, 4); CTA z finishes
+        # the z-th quarter of the tile's tokens, every thread sending the other quarters of its fragment to their CTAs
+        # and summing the four in split order, as the workspace's sum of more than two splits does
+        # (_sum_splits_dsmem_tokens)
+        self.dsmem_splits = 0 if not dsmem_split else 2 if dsmem_split is True else int(dsmem_split)
+        if self.dsmem_splits and not (self.dsmem_splits in (2, 4) and split_k and cluster_m == 1 and tile_m == TILE_M
+                                      and not (grouped or stream_k) and not (self.dsmem_splits == 4 and swiglu)):
+            raise ValueError("dsmem_split is split K (2 splits, or 4 without the SwiGLU) of the plain or SwiGLU kernel with tile_m 128 "
+                             "and cluster_m 1")
+        self.dsmem_split = bool(self.dsmem_splits)
+        if self.dsmem_splits == 4:
+            self.staged = False  # each CTA stores a quarter of the tokens: the direct epilogue
 
     @cute.jit
     def __call__(self, x_ptr: cute.Pointer, w_ptr: cute.Pointer, s_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
@@ -663,7 +672,7 @@ class GemmWgmmaDecoderKernel:
             grid = [self.cluster_m, 1, parts]
         self.kernel(tma_atom, tma_x, mW, mS, mAlpha, mY, mTiles, mWs, mCnt, tiled_mma, a_staged, x_staged, m, n, row_groups, limit,
                     splits, row_blocks, token_tiles, parts).launch(
-            grid=grid, block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 2 if self.dsmem_split else 1], stream=stream,
+            grid=grid, block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, self.dsmem_splits or 1], stream=stream,
             use_pdl=self.pdl != "off")
 
     @cute.kernel
@@ -749,7 +758,7 @@ class GemmWgmmaDecoderKernel:
         if cutlass.const_expr(self.dsmem_split):
             bars = storage.split_barriers.data_ptr()
             if tidx == 0:
-                cute.arch.mbarrier_init(bars, THREADS)  # the other CTA's MMA threads: its x stages are free
+                cute.arch.mbarrier_init(bars, THREADS * (self.dsmem_splits - 1))  # the other CTAs' MMA threads: their x stages are free
                 cute.arch.mbarrier_init(bars + 1, 1)  # this CTA's receiving warpgroup expects the other's fragment
                 cute.arch.mbarrier_init_fence()
             cute.arch.cluster_arrive_relaxed()  # both CTAs' barriers exist before either arrives on the other's
@@ -838,7 +847,16 @@ class GemmWgmmaDecoderKernel:
         if cutlass.const_expr(self.pdl != "off" and not self.early_alpha):  # (early_alpha: waited before reading alpha)
             cute.arch.griddepcontrol_wait()  # before the first global write (returns at once: x has arrived)
         last = cutlass.Boolean(True)
-        if cutlass.const_expr(self.dsmem_split):
+        if cutlass.const_expr(self.dsmem_splits == 4):
+            # the sum and the epilogue of this CTA's quarter of the tokens (its pairs, static in each branch)
+            pairs = cute.size(acc) // 2 // 4
+            for zz in cutlass.range_constexpr(4):
+                if split == zz:
+                    self._sum_splits_dsmem_tokens(acc, dsmem, tidx - self.decoder_threads, zz)
+                    store_tile(acc, thr_mma, self._expert_alpha(mAlpha, expert, n), mY, rb, row0, row_end, n, g, self.tile_n, self.tile_m,
+                               0, alphas, (zz * pairs, (zz + 1) * pairs))
+            last = cutlass.Boolean(False)
+        elif cutlass.const_expr(self.dsmem_split):
             last = self._sum_splits_dsmem(acc, dsmem, tidx - self.decoder_threads, split)
         elif cutlass.const_expr(self.split_k or self.stream_k):
             if splits > 1:
@@ -966,6 +984,46 @@ class GemmWgmmaDecoderKernel:
                 cute.arch.store_async_dsmem((recv + (j * 128 + i) * 4).align(16),
                                             tuple(_bits_of_f32(flat[4 * j + e]) for e in range(4)), full_bar, other)
         return keep
+
+    @cute.jit
+    def _sum_splits_dsmem_tokens(self, acc: cute.Tensor, dsmem, mt: Int32, z: int):
+        """dsmem_split=4, in CTA z of the cluster (z static: the caller branches on the split): CTA zz finishes the
+        fragment's token blocks v2 in [zz B, zz B + B) (B = tile_n / 32; flat fragment indices [zz Q, zz Q + Q), Q = F / 4).
+        Every MMA thread arrives on each other CTA's ``free`` barrier, waits for the other three CTAs' 768 arrivals, and
+        writes its quarter for CTA zz into CTA zz's x stages ([sender, Q / 4, 256 threads, 4] fp32) with st.async,
+        counted in bytes on CTA zz's ``full`` barrier; then waits for its own quarter's three parts and sums the four in
+        split order (the workspace's order for more than two splits) into its own fragment's quarter."""
+        S = 4
+        bars, recv = dsmem
+        free_bar, full_bar = bars, bars + 1
+        frag = cute.size(acc)
+        Q = frag // S
+        flat = cute.make_tensor(acc.iterator, cute.make_layout(frag))
+        for zz in cutlass.range_constexpr(S):
+            if cutlass.const_expr(zz != z):
+                cute.arch.mbarrier_arrive(free_bar, zz, scope=_CLUSTER_SCOPE)
+        if mt == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(full_bar, (S - 1) * THREADS * Q * 4)
+        cute.arch.mbarrier_wait(free_bar, 0)
+        for zz in cutlass.range_constexpr(S):
+            if cutlass.const_expr(zz != z):
+                for j in cutlass.range_constexpr(Q // 4):
+                    cute.arch.store_async_dsmem((recv + ((z * (Q // 4) + j) * THREADS + mt) * 4).align(16),
+                                                tuple(_bits_of_f32(flat[zz * Q + 4 * j + e]) for e in range(4)), full_bar, zz)
+        cute.arch.mbarrier_wait(full_bar, 0)
+        for j in cutlass.range_constexpr(Q // 4):
+            parts = []
+            for s_ in cutlass.range_constexpr(S):
+                if cutlass.const_expr(s_ == z):
+                    parts.append([flat[z * Q + 4 * j + e] for e in range(4)])
+                else:
+                    word = load_v4_b32((recv + ((s_ * (Q // 4) + j) * THREADS + mt) * 4).align(16))
+                    parts.append([_f32_of_bits(word[e]) for e in range(4)])
+            for e in cutlass.range_constexpr(4):
+                total = parts[0][e]
+                for s_ in cutlass.range_constexpr(1, S):
+                    total = total + parts[s_][e]
+                flat[z * Q + 4 * j + e] = total
 
     @cute.jit
     def _store_partial(self, flat: cute.Tensor, base, frag: int):
@@ -1121,12 +1179,12 @@ class GemmWgmmaDecoderKernel:
 
 @cute.jit
 def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, rb: Int32, row0: Int32, row_end: Int32, n: Int32,
-               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M, col0: Int32 = 0, alphas=None):
+               g: Int32, tile_n: cutlass.Constexpr, tile_m: cutlass.Constexpr = TILE_M, col0: Int32 = 0, alphas=None, pairs=None):
     """Epilogue of both schedules: the fp32 accumulators of a warpgroup's (64 weight rows x tile_n tokens,
     the tokens from row ``row0`` of y) -> ``y[token, col0 + col] = bf16(acc * alpha[col] * 2**7)``; tokens
     from ``row_end`` on (the end of y, or of the tile's expert) and columns past n are not stored. y's row
     pitch is ``mY.shape[1]`` (n, or E n for the batched kernel); col0 is even. ``alphas``: the factors read
-    before (:func:`epilogue_alphas`), else read here."""
+    before (:func:`epilogue_alphas`), else read here. ``pairs`` (lo, hi): only the accumulator pairs lo .. hi - 1."""
     # epilogue: acc[(v0, v1, v2)] is (weight row mm, token nn) of the CTA tile, v0 the token pair. Lanes g and
     # g ^ 1 (same t) swap halves so that each lane stores two adjacent columns of one token (4 bytes).
     mY32 = cute.make_tensor(cute.recast_ptr(mY.iterator, dtype=Int32) + col0 // 2,
@@ -1136,7 +1194,7 @@ def store_tile(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.Tensor, 
     cC = cute.make_identity_tensor((tile_m, tile_n))
     tCcC = thr_mma.partition_C(cC)
     # acc is compact ((2, 2, tile_n / 8), tile_m / 128, 1): consecutive pairs (v0) are one column's two tokens
-    for p in cutlass.range_constexpr(cute.size(acc) // 2):
+    for p in cutlass.range_constexpr(*_pair_range(pairs, cute.size(acc) // 2)):
         mm, nn = tCcC[2 * p]
         col = rb * tile_m + mm
         a = alphas[p] if cutlass.const_expr(alphas is not None) else mAlpha[cutlass.min(col, n - 1)] * shift7
@@ -1160,6 +1218,11 @@ def epilogue_alphas(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, rb: Int32, n
     first, slot_of = _pair_rows(cute.size(acc) // 2, tile_n)
     rows = [mAlpha[cutlass.min(rb * tile_m + tCcC[2 * p][0], n - 1)] * shift7 for p in first]
     return [rows[r] for r in slot_of]
+
+
+def _pair_range(pairs, count: int) -> tuple:
+    """(lo, hi) of the accumulator pairs an epilogue stores: ``pairs``, or all ``count`` of them."""
+    return tuple(pairs) if pairs is not None else (0, count)
 
 
 def _pair_rows(pairs: int, tile_n: int):
@@ -1334,7 +1397,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                   tile_m: int | None = None, cluster_m: int | None = None, grouped: bool = False, swiglu: bool = False,
                   batched: bool = False, split_k: bool = False, pdl: str = "off", stream_k: bool = False,
                   store_bytes: int | None = None, decoders: int | None = None, staged: bool = False,
-                  early_alpha: bool | None = None, dsmem_split: bool = False):
+                  early_alpha: bool | None = None, dsmem_split: bool | int = False):
     """Compile (cached) the WGMMA prefill kernel for K = k. Works without a GPU (fake pointers); pass
     ``arch="sm_90a"`` on a machine whose default target is something else. ``grouped`` (decoder schedule
     only): the one-launch grouped kernel of :func:`run_grouped_wgmma`; ``swiglu`` (decoder schedule only): the
@@ -1357,7 +1420,7 @@ def compile_wgmma(k: int, tile_n: int = 128, stages: int | None = None, arch: st
                                         DECODER_EARLY_ALPHA if early_alpha is None else early_alpha, dsmem_split)
         key = ("GemmWgmmaDecoderKernel", k, tile_n, kernel.stages, kernel.ahead, kernel.probe, kernel.tile_m, kernel.cluster_m,
                grouped or batched, swiglu, batched, split_k, pdl, stream_k, kernel.store_bytes, kernel.decoders, kernel.staged,
-               kernel.early_alpha, dsmem_split)
+               kernel.early_alpha, kernel.dsmem_splits)
         return compile_kernel(key, kernel, *_pointers(with_tiles=True), Int32(256), Int32(128), Int32(16), Int32(1), Int32(1),
                               Float32(0.0), Int32(1), Int32(1), make_fake_stream(), arch=arch, keep_ptx=keep_ptx)
     if grouped or swiglu or batched or split_k or stream_k or pdl != "off" or store_bytes or decoders or staged or early_alpha or dsmem_split:
@@ -1429,10 +1492,11 @@ STREAM_K_BELOW_FILL = 0.8
 STREAM_K_MIN_K = 4096
 
 
-def dsmem_split_fits(schedule: str, splits: int, tile_m: int | None, cluster_m: int | None, stream_k: bool) -> bool:
-    """Whether a run_wgmma launch can take dsmem_split (GemmWgmmaDecoderKernel): the decoder schedule with exactly two K
-    splits, 128-row tiles, no stream-K, and no x multicast asked for (cluster_m None or 1)."""
-    return schedule == "decoder" and splits == 2 and (tile_m or TILE_M) == TILE_M and not stream_k and cluster_m in (None, 1)
+def dsmem_split_fits(schedule: str, splits: int, tile_m: int | None, cluster_m: int | None, stream_k: bool, swiglu: bool = False) -> bool:
+    """Whether a run_wgmma launch can take dsmem_split (GemmWgmmaDecoderKernel): the decoder schedule with two K splits
+    (or four, not the SwiGLU kernel), 128-row tiles, no stream-K, and no x multicast asked for (cluster_m None or 1)."""
+    return (schedule == "decoder" and (splits == 2 or (splits == 4 and not swiglu)) and (tile_m or TILE_M) == TILE_M
+            and not stream_k and cluster_m in (None, 1))
 
 
 def stream_k_pays(m: int, row_groups: int, k: int, tile_n: int, splits: int, sm_count: int = 132,
@@ -1542,16 +1606,16 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     if dsmem_split is None:
-        dsmem_split = DECODER_DSMEM_SPLIT and dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k)
+        dsmem_split = DECODER_DSMEM_SPLIT and dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k, swiglu)
     if dsmem_split:
-        if not dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k):
-            raise ValueError(f"dsmem_split needs the decoder schedule, exactly 2 K splits, tile_m {TILE_M}, no stream-K and "
+        if not dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k, swiglu):
+            raise ValueError(f"dsmem_split needs the decoder schedule, 2 K splits (or 4 without the SwiGLU), tile_m {TILE_M}, no stream-K and "
                              f"cluster_m 1 or None (got {schedule}, {splits} splits, tile_m {tile_m}, cluster_m {cluster_m})")
         cluster_m = 1  # the cluster is the tile's two K splits
     compiled = compile_wgmma(k, tile_n, stages, probe=probe, pingpong=pingpong, schedule=schedule, ahead=ahead, tile_m=tile_m,
                              cluster_m=cluster_m, swiglu=swiglu, split_k=splits > 1, pdl=pdl, stream_k=stream_k, store_bytes=store_bytes,
                              decoders=decoders, staged=(schedule == "decoder" and staged_epilogue(y, out_n, tile_n)) if staged is None else staged,
-                             early_alpha=early_alpha, dsmem_split=dsmem_split)
+                             early_alpha=early_alpha, dsmem_split=splits if dsmem_split else False)
     tensors = (x, words.contiguous(), scale_words.contiguous(), alpha.contiguous(), y)
     if schedule == "decoder":
         ws = cnt = None
