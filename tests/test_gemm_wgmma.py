@@ -526,6 +526,8 @@ def test_decoder_dsmem_split_ptx_sm90a(tile_n, options, splits):
     fits = gemm_wgmma.dsmem_split_fits
     assert fits("decoder", 2, None, None, False) and fits("decoder", 2, 128, 1, False)
     assert fits("decoder", 4, None, None, False) and not fits("decoder", 4, None, None, False, swiglu=True)
+    assert fits("decoder", 4, None, None, False, ctas=64) and not fits("decoder", 4, None, None, False, ctas=128)
+    assert fits("decoder", 2, None, None, False, ctas=112)
     assert not fits("decoder", 3, None, None, False) and not fits("decoder", 2, None, 2, False)
     assert not fits("decoder", 2, 256, None, False) and not fits("register", 2, None, None, False) and not fits("decoder", 2, None, None, True)
 

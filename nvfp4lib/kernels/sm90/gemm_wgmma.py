@@ -6,7 +6,8 @@ beats dequantize + cuBLAS, elsewhere it does not; and, with one
 64-token tile, for M in [33, 64] where that grid fills, there faster than the decode kernel. Where its grid would
 leave SMs idle it splits K across CTAs (``split_k``, :func:`wgmma_plan`); two splits of a tile form a cluster and meet
 in distributed shared memory (``dsmem_split``, the default for two: 6-15% faster than the fp32 workspace at M = 64..256 on
-an H100), more meet through the workspace. **Stream-K** (``stream_k``): one
+an H100), four as a cluster of four where at most DSMEM4_MAX_CTAS CTAs run (fused_wqa_wkv M = 128 21.6 -> 16.6 us),
+others through the workspace. **Stream-K** (``stream_k``): one
 part per cluster of SMs, each a contiguous share of all tiles' K quads (at most a few tile segments, met
 through the split-K sum). Correct (GPU tests, graph replay bit-equal); each segment restart and fix-up costs
 ~10 us, about what balanced waves gain (``data/bench/wgmma_split_probe_*_{e89ab12,7ca7278}.json``), so it is
@@ -1492,11 +1493,21 @@ STREAM_K_BELOW_FILL = 0.8
 STREAM_K_MIN_K = 4096
 
 
-def dsmem_split_fits(schedule: str, splits: int, tile_m: int | None, cluster_m: int | None, stream_k: bool, swiglu: bool = False) -> bool:
+def dsmem_split_fits(schedule: str, splits: int, tile_m: int | None, cluster_m: int | None, stream_k: bool, swiglu: bool = False,
+                     ctas: int | None = None) -> bool:
     """Whether a run_wgmma launch can take dsmem_split (GemmWgmmaDecoderKernel): the decoder schedule with two K splits
-    (or four, not the SwiGLU kernel), 128-row tiles, no stream-K, and no x multicast asked for (cluster_m None or 1)."""
-    return (schedule == "decoder" and (splits == 2 or (splits == 4 and not swiglu)) and (tile_m or TILE_M) == TILE_M
+    (or four, not the SwiGLU kernel, on at most :data:`DSMEM4_MAX_CTAS` CTAs when ``ctas`` is given), 128-row tiles, no
+    stream-K, and no x multicast asked for (cluster_m None or 1)."""
+    four = splits == 4 and not swiglu and (ctas is None or ctas <= DSMEM4_MAX_CTAS)
+    return (schedule == "decoder" and (splits == 2 or four) and (tile_m or TILE_M) == TILE_M
             and not stream_k and cluster_m in (None, 1))
+
+
+# Four-split DSMEM clusters (four CTAs of one SM each on one GPC) pay only while they all fit at once. H100, the workspace
+# and DSMEM sums alternating in one process (data/bench/wgmma_variants_nvidia_h100_80gb_hbm3_2fa7fb8_dsmem4.json):
+# fused_wqa_wkv M = 128 (64 CTAs) 21.6 -> 16.6 us, but M = 256 (128 CTAs, 32 clusters of four) 23.1 -> 32.9: not all of
+# them ran at once
+DSMEM4_MAX_CTAS = 64
 
 
 def stream_k_pays(m: int, row_groups: int, k: int, tile_n: int, splits: int, sm_count: int = 132,
@@ -1606,7 +1617,8 @@ def run_wgmma(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, a
     if stream_k and (schedule != "decoder" or splits > 1):
         raise ValueError("stream_k needs the decoder schedule and no split_k")
     if dsmem_split is None:
-        dsmem_split = DECODER_DSMEM_SPLIT and dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k, swiglu)
+        ctas = _row_blocks(row_groups, tile_m or TILE_M, 1) * -(-m // tile_n) * splits
+        dsmem_split = DECODER_DSMEM_SPLIT and dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k, swiglu, ctas)
     if dsmem_split:
         if not dsmem_split_fits(schedule, splits, tile_m, cluster_m, stream_k, swiglu):
             raise ValueError(f"dsmem_split needs the decoder schedule, 2 K splits (or 4 without the SwiGLU), tile_m {TILE_M}, no stream-K and "
