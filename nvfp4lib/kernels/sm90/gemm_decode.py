@@ -676,7 +676,10 @@ def wide_registers(swiglu: bool, tiles: int, token_blocks: int) -> bool:
     in four batches, each waited on by the next MMA (Nsight Compute at M = 16: two thirds of the stalls are
     those waits), and it issues the next quad's weight loads only before the last chunk. With ~120
     registers the plan holds fewer warps but each loads a whole quad ahead: gate_up M = 16 14.8 -> 12.6 us, down
-    9.4 -> 8.1, wo_b 32.0 -> 29.9 (H100, data/bench/decode_variants_nvidia_h100_80gb_hbm3_01e940a.json)."""
+    9.4 -> 8.1, wo_b 32.0 -> 29.9 (H100, data/bench/decode_variants_nvidia_h100_80gb_hbm3_01e940a.json). Budgets between
+    80 and 128 for more warps a row group (no spill at 80-96, ptxas) were slower still (H100, alternating in one process,
+    data/bench/decode_variants_nvidia_h100_80gb_hbm3_e5ec4b9_m16_regs_*.json): gate_up M = 16 12.5-12.6 us against 13.8
+    with 6 warps a row group at 96 registers and 17.0 with 7 at 80; down 8.2 against 8.6 (5 warps, 96) and 9.5 (6, 80)."""
     return tiles == 2 and token_blocks == 1 and not swiglu
 
 

@@ -17,7 +17,10 @@ M = 1024 on an H100 141.7 against 166.6 us, ``wgmma_split_probe_*_517eb25.json``
 than the same unsplit grid (gate_up 78.3 against 73.7 us, wo_b 169.4 against 158.8: four chunks of weight
 words in flight instead of eight there, eight since 0a9ed0a; no staged epilogue); with two parts a tile, as slow as split K or a little
 slower (50.7 against 48.1, 107.6 against 99.0); and on all 132 SMs (2-3 segments a part) slower still
-(56.1, 108.9), though each part has 27% fewer quads. Each extra segment costs ~14 us: its partial written and
+(56.1, 108.9), though each part has 27% fewer quads. Nor does it pay as a persistent schedule: 64 parts over whole
+tiles (no fix-up; the next tile's fill hides under the epilogue, but the epilogue is the direct one) ran 1-16% slower
+than the unsplit grid at M = 4096 and 8192 for all four DeepSeek-V4 shapes (gate_up M = 4096 532 against 517-520 us,
+wo_b M = 8192 2949 against 2741-2801; ``wgmma_variants_*_e5ec4b9_persistent.json``). Each extra segment costs ~14 us: its partial written and
 fenced mid-run (``MEMBAR``/``CCTL.IVALL`` show in the stall samples,
 ``data/profiles/ncu_source_streamk_gate_up_m256_*_41487b0.csv.gz``), and a tile of three or more segments
 summed at the end by a last arriver that writes its own partial too and reads every one back in order.
@@ -1452,6 +1455,11 @@ WGMMA_MAX_SPLITS = 4  # measured up to 4 (data/bench/wgmma_split_probe_nvidia_h1
 
 
 SMALL_TILE_MAX_M = 64  # up to this M the plan takes one 64-token tile (the decoder, not the MMA, bounds the time there)
+# Above SMALL_TILE_MAX_M and up to this M, where the plan's splits would meet in the workspace, 64-token tiles with two
+# splits (their sum in distributed shared memory) on at least as many CTAs replace it. H100, the two alternating in one
+# process (data/bench/wgmma_variants_nvidia_h100_80gb_hbm3_e5ec4b9_fused_m256.json): fused_wqa_wkv M = 256 (128 CTAs
+# either way) 23.4 / 23.7 us with 128 tokens x 4 splits, 22.6 / 22.9 with 64 x 2 (256 x 4 on 64 CTAs: 27.2)
+SMALL_TILE_DSMEM_MAX_M = 256
 
 
 def _row_blocks(row_groups: int, tile_m: int, cluster_m: int) -> int:
@@ -1464,7 +1472,8 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
     of 64 tokens up to M = SMALL_TILE_MAX_M, else of 128 tokens (256 too from M = 256), and 1..WGMMA_MAX_SPLITS
     splits (each at least 2 quads); ties go to
     256 tokens for K >= 4096 (the split sum, a fixed cost per tile, pays off over a long K), to 128 below.
-    With no one-wave choice, :func:`tile_n_for` and no split. H100 (data/bench/wgmma_split_probe_*_7e5ffe1.json):
+    Up to M = SMALL_TILE_DSMEM_MAX_M a choice whose splits would meet in the workspace (:func:`dsmem_sum`) gives way to
+    64-token tiles with 2 splits on at least as many CTAs. With no one-wave choice, :func:`tile_n_for` and no split. H100 (data/bench/wgmma_split_probe_*_7e5ffe1.json):
     gate_up M = 128 48 CTAs -> 2 splits: 39.2 against 59.8 us; M = 256 256 tokens x 2 splits: 52.7 against 60.1;
     wo_b M = 256 98.7 against 129.3 (cuBLAS 91.2); fused_wqa_wkv M = 256 4 splits 27.5 (dequantize + cuBLAS 32.7)."""
     cluster_m = cluster_m or DECODER_CLUSTER_M
@@ -1481,7 +1490,17 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
             key = (ctas * splits, tile_n if k >= 4096 else -tile_n)
             if best is None or key > best[0]:
                 best = (key, tile_n, splits)
+    if best is not None and SMALL_TILE_MAX_M < m <= SMALL_TILE_DSMEM_MAX_M and not dsmem_sum(best[2], best[0][0]):
+        small = row_blocks * -(-m // 64) * 2
+        if best[0][0] <= small <= sm_count and quads >= 4:
+            return 64, 2
     return (64 if m <= SMALL_TILE_MAX_M else tile_n_for(m), 1) if best is None else best[1:]
+
+
+def dsmem_sum(splits: int, ctas: int) -> bool:
+    """Whether a split plan of ``ctas`` CTAs (all splits) sums its splits in distributed shared memory by default (two
+    splits, or four on at most :data:`DSMEM4_MAX_CTAS`), or has none to sum; the others go through the workspace."""
+    return splits <= 2 or (splits == 4 and ctas <= DSMEM4_MAX_CTAS)
 
 
 # Stream-K where the plan's tiles leave the last wave mostly idle. H100 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_517eb25.json):
