@@ -503,7 +503,8 @@ def test_decoder_early_alpha_ptx_sm90a(tile_n, options):
 def test_decoder_dsmem_split_ptx_sm90a(tile_n, options, splits):
     """dsmem_split: the two K splits meet in distributed shared memory. One st.async of 16 bytes (counted in bytes
     on the other CTA's mbarrier) per four fp32 of a thread's fragment, as many 16-byte shared loads to take the other's
-    in, one cluster-scope release arrival (this CTA's x stages are free); no workspace, arrival counter or gpu-scope
+    in, one cluster-scope release arrival (this CTA's x stages are free), paired with a cluster-scope acquire wait on
+    the other CTA's arrivals before writing into its stages; no workspace, arrival counter or gpu-scope
     fence, which the workspace split has. Four splits: each CTA sends three quarters of its fragment (one to each other
     CTA, 12 st.async sites: one code path per CTA of the cluster) and stores its quarter of the tokens. Refused where it
     does not apply."""
@@ -519,6 +520,8 @@ def test_decoder_dsmem_split_ptx_sm90a(tile_n, options, splits):
     assert len(re.findall(r"ld\.shared::cta\.v4\.b32", ptx)) >= sends // (1 if splits == 2 else 4)
     arrivals = 1 if splits == 2 else 4 * 3
     assert ptx.count("mbarrier.arrive.release.cluster.shared::cluster.b64") == arrivals and "barrier.cluster.wait" in ptx
+    # the wait on the other CTAs' arrivals (one site a CTA's code path) acquires at cluster scope
+    assert len(re.findall(r"mbarrier\.try_wait\.parity\.acquire\.cluster\.shared::cta\.b64", ptx)) >= (1 if splits == 2 else 4)
     assert not re.search(r"\batom\.", ptx) and "fence.acq_rel.gpu" not in ptx and ".local" not in ptx
     workspace = ptx_of(gemm_wgmma.compile_wgmma(7168, tile_n, arch="sm_90a", keep_ptx=True, split_k=True, pdl="start", **options))
     assert re.search(r"\batom\.", workspace) and "fence.acq_rel.gpu" in workspace and "st.async" not in workspace

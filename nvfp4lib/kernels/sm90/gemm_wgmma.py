@@ -109,6 +109,7 @@ import cutlass.pipeline as pipeline  # noqa: E402
 import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass._mlir.dialects import llvm, nvvm as _nvvm  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
+from cutlass.experimental.primitives import nvvm_wrapper as _nvvm_wrapper  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 
 _CLUSTER_SCOPE = _nvvm.MemScopeKind.CLUSTER  # remote mbarrier arrivals that hand over data (dsmem_split)
@@ -983,7 +984,7 @@ class GemmWgmmaDecoderKernel:
                 for e in cutlass.range_constexpr(4):
                     flat[4 * j + e] = flat[4 * j + e] + _f32_of_bits(part[e])
         else:
-            cute.arch.mbarrier_wait(free_bar, 0)
+            mbarrier_wait_cluster(free_bar, 0)  # the other CTAs' arrivals: cluster-scope acquire
             for j in cutlass.range_constexpr(frag // 4):
                 cute.arch.store_async_dsmem((recv + (j * 128 + i) * 4).align(16),
                                             tuple(_bits_of_f32(flat[4 * j + e]) for e in range(4)), full_bar, other)
@@ -1008,7 +1009,7 @@ class GemmWgmmaDecoderKernel:
                 cute.arch.mbarrier_arrive(free_bar, zz, scope=_CLUSTER_SCOPE)
         if mt == 0:
             cute.arch.mbarrier_arrive_and_expect_tx(full_bar, (S - 1) * THREADS * Q * 4)
-        cute.arch.mbarrier_wait(free_bar, 0)
+        mbarrier_wait_cluster(free_bar, 0)  # the other CTAs' arrivals: cluster-scope acquire
         for zz in cutlass.range_constexpr(S):
             if cutlass.const_expr(zz != z):
                 for j in cutlass.range_constexpr(Q // 4):
@@ -1179,6 +1180,19 @@ class GemmWgmmaDecoderKernel:
         a_pipe.producer_commit(a_state)
         a_state.advance()
         return x_state, a_state
+
+
+@cute.jit
+def mbarrier_wait_cluster(bar, phase: int):
+    """Wait for phase ``phase`` of the mbarrier at ``bar`` (this CTA's shared memory) with cluster-scope acquire
+    (``mbarrier.try_wait.parity.acquire.cluster``), for arrivals that other CTAs of the cluster made with cluster-scope
+    release: their writes and reads before the arrival happen before this thread's accesses after the wait.
+    ``cute.arch.mbarrier_wait`` waits with the default CTA-scope acquire."""
+    done = _nvvm_wrapper.mbarrier_wait_parity(bar, phase, _nvvm_wrapper.MBarrierWait.TRY,
+                                              scope=_nvvm_wrapper.MBarrierScope.CLUSTER, order=_nvvm_wrapper.MemOrder.ACQUIRE)
+    while not done:
+        done = _nvvm_wrapper.mbarrier_wait_parity(bar, phase, _nvvm_wrapper.MBarrierWait.TRY,
+                                                  scope=_nvvm_wrapper.MBarrierScope.CLUSTER, order=_nvvm_wrapper.MemOrder.ACQUIRE)
 
 
 @cute.jit
