@@ -325,6 +325,33 @@ def test_decode_ksplit_kernel_ptx_sm90a(tiles, swiglu, rows, ksplit, paired):
 
 
 @requires_cute
+@pytest.mark.parametrize("tiles,ksplit", [(1, 8), (1, 6)])
+def test_decode_cluster_paired_ptx_sm90a(tiles, ksplit):
+    """paired="cluster": one weight fragment a warp (the plain kernel's MMAs and registers), the K slices' sums through
+    shared memory behind one barrier, then the up CTA's first warp sends its sums into the gate CTA's shared memory with
+    st.async (16 bytes a lane and token tile, counted on an mbarrier the gate CTA expects the bytes on), after a cluster
+    barrier that orders the mbarrier's initialisation before it. The plan: the plain kernel's for
+    twice the row groups, one row group a CTA (gate_up at M = 1: 384 CTAs of 8 warps, 3 an SM, instead of the
+    paired kernel's 192 of 12)."""
+    from nvfp4lib.kernels.cute_compile import ptx_of
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    ptx = ptx_of(gemm_decode.compile_decode(7168, tiles, False, True, arch="sm_90a", keep_ptx=True, rows=1, ksplit=ksplit,
+                                            paired="cluster", pdl="start"))
+    assert len(re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.bf16\.bf16\.f32", ptx)) == 16 * tiles
+    assert len(re.findall(r"st\.async\.shared::cluster\.mbarrier::complete_tx::bytes\.v4\.b32", ptx)) == tiles
+    assert "barrier.cluster.arrive.relaxed" in ptx and "barrier.cluster.wait" in ptx and "expect_tx" in ptx
+    assert re.search(rf"\.reqntid {32 * ksplit}, 1, 1", ptx) and re.search(rf"\.minnctapersm {gemm_decode.ksplit_ctas(False, tiles, ksplit)}\b", ptx)
+    assert ".local" not in ptx
+    with pytest.raises(ValueError, match="cluster"):
+        gemm_decode.GemmDecodeKernel(7168, 1, False, False, ksplit=8, rows=1, paired="cluster")  # not SwiGLU
+    with pytest.raises(ValueError, match="cluster"):
+        gemm_decode.GemmDecodeKernel(7168, 1, False, True, ksplit=8, rows=2, paired="cluster")
+    with pytest.raises(ValueError, match="paired must be"):
+        gemm_decode.GemmDecodeKernel(7168, 1, False, True, ksplit=8, rows=1, paired="pairs")
+
+
+@requires_cute
 @pytest.mark.parametrize("tiles", [1, 2])
 def test_decode_x_stagger_ptx_sm90a(tiles):
     """x_stagger (measured, off by default): the same MMAs and decode, each 16-byte x half loaded at an address

@@ -147,6 +147,42 @@ def test_decode_paired_swiglu(fresh_seed, m):
         assert rel_error(y, ref) <= 1e-2 and cosine(y, ref) >= 0.9999
 
 
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
+@pytest.mark.parametrize("inter,k", [(1040, 5120), (3072, 7168)])
+def test_decode_cluster_paired_swiglu(fresh_seed, m, inter, k):
+    """paired="cluster" (the gate and the up row group in two CTAs of a cluster, the up sums sent by st.async into the
+    gate CTA's shared memory): bit for bit the paired kernel's y at the same K slices (the same sums in the same order),
+    against the fp32 reference, into NaN-poisoned outputs; I = 1040 leaves unequal K slices and 65 row groups; replayed
+    in a CUDA graph (PDL on) bit-equal."""
+    from nvfp4lib.kernels.sm90 import gemm_decode
+
+    p, x, ref = _gate_up_case(inter, k, m)
+    for tiles, ksplit in [(1, 8), (1, 6), (2, 4)]:
+        outs = []
+        for paired, rows in (("cluster", 1), (True, 2)):
+            y = torch.full((m, inter), float("nan"), device="cuda", dtype=torch.bfloat16)
+            gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, inter, out=y, swiglu_limit=10.0, tiles=tiles, rows=rows,
+                                   ksplit=ksplit, paired=paired)
+            outs.append(y)
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+        assert rel_error(outs[0], ref) <= 1e-2 and cosine(outs[0], ref) >= 0.9999
+    y = torch.full((m, inter), float("nan"), device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        gemm_decode.run_decode(x, p.weight, p.block_scale, p.alpha, inter, out=y, swiglu_limit=10.0, tiles=1, rows=1, ksplit=8,
+                               paired="cluster")
+    run()
+    expected = y.clone()
+    y.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("m", [1, 8, 16, 128, 256])
 @pytest.mark.parametrize("mode", ["start", "loop"])
 def test_pdl_chain_graph_replay(fresh_seed, m, mode):

@@ -110,6 +110,13 @@ def decode_word(word: Int32, scale_g: Int32, scale_g8: Int32, *, loc=None, ip=No
     return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
 
 
+@dsl_user_op
+def bits_of_f32(v: Float32, *, loc=None, ip=None) -> Int32:
+    """The bit pattern of an fp32 value as an int32 (``mov.b32``)."""
+    return Int32(llvm.inline_asm(T.i32(), [Float32(v).ir_value(loc=loc, ip=ip)], "mov.b32 $0, $1;", "=r,f",
+                                 has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
 def _load_v4(ptr, instruction: str, loc=None, ip=None):
     """Four words from 16 aligned bytes at ``ptr`` (an LLVM pointer) through ``instruction`` (a PTX 16-byte load)."""
     res = llvm.inline_asm(
@@ -158,7 +165,13 @@ class GemmDecodeKernel:
     ``paired`` (SwiGLU with the in-CTA K split): one row group per warp instead, a CTA of 2 x ksplit warps
     on gate row group rg (slot 0) and up row group rg + I/16 (slot 1); after the K slices meet, the up warp
     hands its sums to the gate warp through shared memory. The warps then hold one weight fragment, not two:
-    the plain kernel's ~80 registers instead of ~150, so twice the warps fit on an SM."""
+    the plain kernel's ~80 registers instead of ~150, so twice the warps fit on an SM.
+
+    ``paired="cluster"``: the same with the gate and the up row group in two CTAs of a cluster (1, 2, 1) of
+    ``ksplit`` warps each (rank 0 the gate, rank 1 the up): after its K slices meet, the up CTA's first warp sends
+    its sums into the gate CTA's shared memory with ``st.async`` (counted in bytes on the gate CTA's mbarrier).
+    Twice the CTAs of half the size: 384 instead of 192 for gate_up, which spread over 132 SMs as evenly as the
+    plain kernel's (192 put two CTAs on 60 SMs and one on the other 72)."""
 
     def __init__(self, k: int, tiles: int, has_bias: bool, swiglu: bool = False, prefetch_x: bool = True, x_smem: bool = False,
                  grouped: bool = False, rows: int | None = None, ksplit: int = 1, stream_loads: bool = False, paired: bool = False,
@@ -184,10 +197,15 @@ class GemmDecodeKernel:
         self.tiles = tiles
         self.has_bias = has_bias
         self.swiglu = swiglu
-        if paired and (not swiglu or ksplit < 2 or grouped or rows not in (None, 2)):
+        if paired not in (False, True, "cluster"):
+            raise ValueError(f"paired must be False, True or 'cluster', got {paired!r}")
+        self.cluster_pair = paired == "cluster"  # gate and up row groups in two CTAs of a cluster
+        if self.cluster_pair and (not swiglu or ksplit < 2 or grouped or rows not in (None, 1) or x_smem):
+            raise ValueError("paired='cluster' is the SwiGLU kernel with the in-CTA K split (ksplit >= 2), 1 row, not grouped")
+        if paired is True and (not swiglu or ksplit < 2 or grouped or rows not in (None, 2)):
             raise ValueError("paired is the SwiGLU kernel with the in-CTA K split (ksplit >= 2), 2 rows, not grouped")
-        self.paired = paired
-        self.groups = 2 if swiglu and not paired else 1  # row groups (weight fragments) a warp holds
+        self.paired = paired is True
+        self.groups = 2 if swiglu and not (self.paired or self.cluster_pair) else 1  # row groups (weight fragments) a warp holds
         self.row_mult = 2 if swiglu else 1  # weight row groups per output row group (gate and up)
         self.grouped = grouped  # E stacked weights, rows grouped by offsets (see the module docstring)
         self.x_smem = x_smem  # stage the CTA's activation slice in shared memory once (then no x loads in the loop)
@@ -204,7 +222,7 @@ class GemmDecodeKernel:
         self.early_scales = early_scales
         self.row_words = MAX_SMEM_QUADS * 128 + 16  # padded smem row: conflict-free 16-byte reads
         # the SwiGLU kernel holds two row groups per warp (~150 registers): 4-warp CTAs keep 3 CTAs per SM
-        self.rows = 2 if paired else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
+        self.rows = 2 if self.paired else 1 if self.cluster_pair else rows or (WARPS // 2 if swiglu else WARPS)  # row groups per CTA (warps sharing a K range)
         # ksplit: warps per row group, each on its own slice of the CTA's K range; their partial sums meet in
         # shared memory (one barrier) instead of the workspace + atomic counter of the grid's split K
         self.ksplit = ksplit
@@ -222,10 +240,10 @@ class GemmDecodeKernel:
                 raise ValueError(f"ctas_per_sm needs the in-CTA split and at most 64 warps an SM, got {ctas_per_sm} x {self.warps}")
             self.min_ctas = ctas_per_sm
         else:
-            self.min_ctas = ksplit_ctas(swiglu and not paired, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
+            self.min_ctas = ksplit_ctas(self.groups == 2, tiles, self.warps) if ksplit > 1 and not self.prefetch_x else 0
         self.smem_carveout = 0
         if ksplit > 1:  # percent of the 228 KB unified L1 / shared memory the CTAs' reduction buffers need
-            need = self.min_ctas * ((ksplit - 1 + paired) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
+            need = self.min_ctas * ((ksplit - 1 + (self.paired or self.cluster_pair)) * self.rows * 32 * 4 * tiles * self.groups * 4 + 1024)
             self.smem_carveout = min(100, -(-100 * need // (228 * 1024)))
 
     @cute.jit
@@ -256,9 +274,11 @@ class GemmDecodeKernel:
         mCnt = cute.make_tensor(cnt_ptr, cute.make_layout((experts * token_blocks, warp_groups), stride=(warp_groups, 1)))
         self.kernel(mX, mXv, mW, mS, mAlpha, mBias, mY, mWs, mCnt, mOff, m, n, warp_groups, quads_per_split, splits, limit,
                     token_blocks).launch(
-            grid=[token_blocks, warp_groups if self.paired else (warp_groups + self.rows - 1) // self.rows, splits * experts],
+            grid=[token_blocks, warp_groups if self.paired else 2 * warp_groups if self.cluster_pair else (warp_groups + self.rows - 1) // self.rows,
+                  splits * experts],
             block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl != "off",
-            min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=self.smem_carveout if self.min_ctas else None)
+            min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=self.smem_carveout if self.min_ctas else None,
+            **({"cluster": [1, 2, 1]} if self.cluster_pair else {}))
 
     @cute.jit
     def _load_quad(self, mW: cute.Tensor, mS: cute.Tensor, rg: Int32, q: Int32, lane: Int32, wreg: cute.Tensor, sreg: cute.Tensor, j: int):
@@ -334,6 +354,37 @@ class GemmDecodeKernel:
                 for i in cutlass.range_constexpr(4):
                     acc[j, tau, i] = c[i]
 
+    @cute.jit
+    def _cluster_pair_setup(self, tidx: Int32):
+        """paired="cluster", at the kernel's start: (allocator, mbarrier, ups) with ``ups`` fp32 [32, 4 * tiles] the up CTA's
+        sums as the gate CTA receives them and the mbarrier that counts their bytes (initialised here; every thread arrives
+        on the cluster barrier so the up CTA, which waits on it before sending, finds it initialised)."""
+        smem = SmemAllocator()
+        bar = smem.allocate_array(cutlass.Int64, 1)
+        nfrag = 4 * self.tiles
+        ups = smem.allocate_tensor(Float32, cute.make_layout((32, nfrag), stride=(nfrag, 1)), byte_alignment=16)
+        if tidx == 0:
+            cute.arch.mbarrier_init(bar, 1)
+            cute.arch.mbarrier_init_fence()
+        cute.arch.cluster_arrive_relaxed()
+        return smem, bar, ups
+
+    @cute.jit
+    def _cluster_pair_handoff(self, acc: cute.Tensor, pair_smem, up_cta: Int32, lane: Int32, nfrag: int):
+        """paired="cluster", the first warp of each CTA once its K slices have met: the up CTA's sends its ``nfrag`` sums a
+        lane into the gate CTA's ``ups`` (st.async, 16 bytes each, counted on the gate CTA's mbarrier); the gate CTA's
+        expects those bytes and waits for them."""
+        _, bar, ups = pair_smem
+        if up_cta == 1:
+            cute.arch.cluster_wait()  # the gate CTA's mbarrier is initialised
+            for j in cutlass.range_constexpr(nfrag // 4):
+                words = tuple(bits_of_f32(acc[0, (4 * j + e) // 4, (4 * j + e) % 4]) for e in range(4))
+                cute.arch.store_async_dsmem((ups.iterator + lane * nfrag + 4 * j).align(16), words, bar, 0)
+        else:
+            if lane == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(bar, 32 * nfrag * 4)
+            cute.arch.mbarrier_wait(bar, 0)
+
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mXv: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mAlpha: cute.Tensor, mBias: cute.Tensor,
                mY: cute.Tensor, mWs: cute.Tensor, mCnt: cute.Tensor, mOff: cute.Tensor, m: Int32, n: Int32, warp_groups: Int32,
@@ -365,6 +416,13 @@ class GemmDecodeKernel:
         if cutlass.const_expr(self.paired):  # the CTA's gate row group rgb: slot 0 loads it, slot 1 its up row group
             wg = rgb
             my_rg = rg_base + rgb + row_slot * warp_groups
+        up_cta = Int32(0)
+        pair_smem = None
+        if cutlass.const_expr(self.cluster_pair):  # cluster (1, 2, 1): rank 0 the gate row group rgb // 2, rank 1 its up row group
+            up_cta = rgb % 2
+            wg = rgb // 2
+            my_rg = rg_base + wg + up_cta * warp_groups
+            pair_smem = self._cluster_pair_setup(tidx)
         g = lane // 4
         t = lane % 4
         tpb = self.tiles * TOKENS_PER_TILE
@@ -458,7 +516,7 @@ class GemmDecodeKernel:
         ups = None
         if cutlass.const_expr(self.ksplit > 1):
             # slices 1.. of each row group hand their partial sums to slice 0 through shared memory
-            smem_red = SmemAllocator()
+            smem_red = pair_smem[0] if cutlass.const_expr(self.cluster_pair) else SmemAllocator()
             red = smem_red.allocate_tensor(
                 Float32, cute.make_layout((self.ksplit - 1, self.rows, 32, nfrag),
                                           stride=(self.rows * 32 * nfrag, 32 * nfrag, nfrag, 1)), byte_alignment=16)
@@ -482,9 +540,15 @@ class GemmDecodeKernel:
                         part[i] = acc[0, (i // 4) % self.tiles, i % 4]
                     cute.autovec_copy(part, ups[lane, None])
                 cute.arch.sync_threads()
+            if cutlass.const_expr(self.cluster_pair):
+                ups = pair_smem[2]
+                if active & (ks == 0):
+                    self._cluster_pair_handoff(acc, pair_smem, up_cta, lane, nfrag)
         lead = ks == 0  # the warp that finishes its row group (with paired: the gate warp only)
         if cutlass.const_expr(self.paired):
             lead = lead & (row_slot == 0)
+        if cutlass.const_expr(self.cluster_pair):
+            lead = lead & (up_cta == 0)
         if active & lead:
             last = Boolean(True)
             if splits > 1:
@@ -536,7 +600,7 @@ class GemmDecodeKernel:
                                 b = mBias[col] if cutlass.const_expr(self.has_bias) else a_gate
                             value = acc[0, tau, i] * a_gate
                             if cutlass.const_expr(self.swiglu):
-                                if cutlass.const_expr(self.paired):
+                                if cutlass.const_expr(self.paired or self.cluster_pair):
                                     up = ups[lane, tau * 4 + i] * a_up
                                 else:
                                     up = acc[1, tau, i] * a_up
@@ -730,12 +794,19 @@ def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: in
     return per_split, -(-quads // per_split)
 
 
-def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu: bool, tiles: int | None = None):
+# paired="cluster" (gate and up row groups in two CTAs of a cluster) for the SwiGLU plan up to this M (None: never)
+CLUSTER_PAIR_MAX_M = None
+
+
+def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu: bool, tiles: int | None = None,
+                cluster_pair: bool | None = None):
     """(tiles, rows, ksplit, paired) the plain launch takes for M = ``rows_m`` <= :data:`KSPLIT_MAX_M`, or None (then
     the grid's split K): :func:`ksplit_plan` for each token tiling, the one with the most warps per row
     group, then the most resident warps, then fewer token tiles (no MMA on empty token columns). The SwiGLU
-    kernel takes its paired form (``paired`` True: CTAs of one gate and one up row group x ksplit); on an
-    H100 gate_up + SwiGLU at M = 1 went 16.3 (grid split) -> 14.1 (two fragments a warp) -> 12.1 us."""
+    kernel takes its paired form (``paired`` True: CTAs of one gate and one up row group x ksplit; "cluster" up to
+    M = CLUSTER_PAIR_MAX_M: the two row groups in two CTAs of a cluster, each planned as the plain kernel's one row
+    group; ``cluster_pair`` True / False forces it either way); on an H100 gate_up + SwiGLU at M = 1 went 16.3 (grid
+    split) -> 14.1 (two fragments a warp) -> 12.1 us."""
     if rows_m > KSPLIT_MAX_M:
         return None
 
@@ -751,7 +822,14 @@ def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu:
     every_tiling = range(1, MAX_TILES + 1)
     if swiglu:  # the paired SwiGLU kernel: CTAs of a gate and its up row group, the plain kernel's registers
         # 1 token tile up to M = 16: 2 tiles measured slower there (18.4 against 16.0 us at M = 16, H100)
-        chosen = best([1] if rows_m <= 2 * TOKENS_PER_TILE else every_tiling, 2 * row_groups, rows_options=(2,))
+        tilings = [1] if rows_m <= 2 * TOKENS_PER_TILE else every_tiling
+        if cluster_pair is None:
+            cluster_pair = CLUSTER_PAIR_MAX_M is not None and rows_m <= CLUSTER_PAIR_MAX_M
+        if cluster_pair:  # gate and up CTAs of a cluster: the plain kernel's plan for twice the row groups
+            chosen = best(tilings, 2 * row_groups, rows_options=(1,))
+            if chosen is not None:
+                return chosen[2], 1, chosen[3][1], "cluster"
+        chosen = best(tilings, 2 * row_groups, rows_options=(2,))
         return None if chosen is None else (chosen[2], 2, chosen[3][1], True)
     # where no one-wave shape exists (down and wo_b at M = 64), two waves still beat the grid's split K
     # (down 22.6 against 26.8 us, wo_b 104.9 against 171.6)
@@ -776,7 +854,8 @@ def _launch(x, words, scale_words, alpha, n, bias, out, swiglu_limit, prefetch_x
     if ksplit is None:  # automatic: the in-CTA K split where measured and a one-wave CTA shape exists
         ksplit = 1
         if offsets is None and warps_per_sm is None and not x_smem and not splits and rows is None:
-            plan = auto_ksplit(warp_groups, quads, max_rows, sm_count(x.device), swiglu, tiles)
+            plan = auto_ksplit(warp_groups, quads, max_rows, sm_count(x.device), swiglu, tiles,
+                               cluster_pair=True if paired == "cluster" else None)
             if plan:
                 tiles, rows, ksplit, paired = plan
                 splits = 1
@@ -827,7 +906,7 @@ def run_decode(x: torch.Tensor, words: torch.Tensor, scale_words: torch.Tensor, 
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None, swiglu_limit: float | None = None,
                prefetch_x: bool | None = None, warps_per_sm: int | None = None, tiles: int | None = None,
                x_smem: bool | None = None, splits: int | None = None, rows: int | None = None, ksplit: int | None = None,
-               stream_loads: bool | None = None, paired: bool = False, pdl: str | None = None,
+               stream_loads: bool | None = None, paired: bool | str = False, pdl: str | None = None,
                ctas_per_sm: int | None = None, x_stagger: bool | None = None, early_scales: bool | None = None) -> torch.Tensor:
     """x bf16 [M, K] (contiguous) on the GPU; words / scale_words from :func:`~.dequant.repack_weight`;
     alpha fp32 [N]; bias [N] or None -> bf16 [M, N]. With ``swiglu_limit`` (a float, ``inf`` for no clamp)

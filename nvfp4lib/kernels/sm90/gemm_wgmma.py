@@ -100,7 +100,7 @@ import torch
 from ..cute_compile import compile_kernel, import_cute
 from ..launch import current_stream, sm_count, split_counters
 from . import dequant as D
-from .gemm_decode import PDL_MODES, decode_word, prmt
+from .gemm_decode import PDL_MODES, bits_of_f32 as _bits_of_f32, decode_word, prmt
 
 cutlass, cute = import_cute()
 
@@ -1327,13 +1327,6 @@ def store_tile_swiglu(acc: cute.Tensor, thr_mma, mAlpha: cute.Tensor, mY: cute.T
             up = cute.arch.fmax(cute.arch.fmin(acc[4 * v2 + 2 + v0] * a_up, limit), -limit)
             h.append(gate / (Float32(1.0) + cute.math.exp(-gate)) * up)
         _store_pair(mY32, h[0], h[1], odd, row0 + nn, col, row_end, n)
-
-
-@dsl_user_op
-def _bits_of_f32(v: Float32, *, loc=None, ip=None) -> Int32:
-    """The bit pattern of an fp32 value as an int32 (``mov.b32``)."""
-    return Int32(llvm.inline_asm(T.i32(), [Float32(v).ir_value(loc=loc, ip=ip)], "mov.b32 $0, $1;", "=r,f",
-                                 has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
 @dsl_user_op
