@@ -410,6 +410,7 @@ def test_decode_early_scales_ptx_sm90a(pdl, swiglu, bias):
 def test_ksplit_plan_fills_one_wave():
     """The in-CTA K split plan: every CTA in one wave, the most warps per row group; on the DeepSeek-V4 shapes
     the plans measured best or within 7% of the best CTA shape on an H100 (data/bench/ksplit_probe_*.json)."""
+    from nvfp4lib.kernels.sm90 import gemm_decode
     from nvfp4lib.kernels.sm90.gemm_decode import auto_ksplit, ksplit_ctas, ksplit_plan, wide_registers
 
     for rg, quads, swiglu in [(384, 28, False), (448, 12, False), (128, 28, False), (192, 28, True), (448, 64, False)]:
@@ -418,14 +419,18 @@ def test_ksplit_plan_fills_one_wave():
             if plan is None:
                 continue
             tiles, rows, ksplit, paired = plan
-            assert paired == swiglu  # the SwiGLU kernel plans its paired form (a gate and an up warp per K slice)
-            blocks = rg if paired else -(-rg // rows)
+            # the SwiGLU kernel plans its paired form: a gate and an up warp per K slice, in one CTA or (up to M = 8) in
+            # two CTAs of a cluster, planned as the plain kernel's one row group a CTA for twice the row groups
+            assert bool(paired) == swiglu and (paired == "cluster") == (swiglu and m <= gemm_decode.CLUSTER_PAIR_MAX_M)
+            cluster = paired == "cluster"
+            paired = paired is True
+            blocks = rg if paired else 2 * rg if cluster else -(-rg // rows)
             token_blocks = -(-m // (8 * tiles))
             ctas = token_blocks * blocks
             wide = wide_registers(swiglu, tiles, token_blocks)
             assert wide == (not swiglu and 8 < m <= 16)  # two token tiles in one block
-            options = dict(rows_options=(2,)) if paired else {}
-            rgs = 2 * rg if paired else rg
+            options = dict(rows_options=(2,)) if paired else dict(rows_options=(1,)) if cluster else {}
+            rgs = 2 * rg if paired or cluster else rg
             waves = 1 if ksplit_plan(rgs, quads, token_blocks, 132, False, tiles, wide=wide, **options) else 2
             assert 2 <= ksplit <= quads and rows * ksplit <= 16
             assert ctas <= waves * 132 * ksplit_ctas(False, tiles, rows * ksplit, wide)
@@ -437,7 +442,10 @@ def test_ksplit_plan_fills_one_wave():
     assert auto_ksplit(384, 28, 16, 132, False) == (2, 1, 5, False)
     assert ksplit_ctas(False, 2, 5, wide=True) == 3 and ksplit_ctas(False, 2, 8) == 3
     assert auto_ksplit(448, 12, 64, 132, False) == (2, 2, 3, False)  # down at M = 64: no one-wave shape, two waves
-    assert auto_ksplit(192, 28, 1, 132, True) == (1, 2, 6, True)  # gate_up + SwiGLU: 192 CTAs of a gate and an up row group
+    # gate_up + SwiGLU: to M = 8 384 CTAs, gate and up row groups in clusters of two (10.0 against 10.7-10.9 us at M = 1 for the
+    # paired kernel's 192 CTAs of a gate and an up row group, which it keeps from M = 16)
+    assert auto_ksplit(192, 28, 1, 132, True) == (1, 1, 8, "cluster") and auto_ksplit(192, 28, 1, 132, True, cluster_pair=False) == (1, 2, 6, True)
+    assert auto_ksplit(192, 28, 16, 132, True) == (1, 2, 4, True)
     assert auto_ksplit(384, 28, 65, 132, False) is None  # above the measured range
 
 

@@ -29,7 +29,8 @@ Memory-bound design (the weights are 4.5 bits per element; everything else is sm
   warp on a slice of K; the slices' partial sums meet in shared memory behind one barrier. The kernel is
   latency-bound (a warp waits on each step's loads), so the plan puts the most warps on each row group that
   still run in ONE wave; ptxas is told the CTAs per SM it counts on (minnctapersm). The SwiGLU kernel runs
-  ``paired`` there (gate and up row groups on separate warps). Weights stream through
+  ``paired`` there (gate and up row groups on separate warps; up to M = 8 in two CTAs of a cluster, ``paired="cluster"``,
+  so that its 384 CTAs spread over the SMs as evenly as the plain kernel's: gate_up + SwiGLU M = 1 10.8 -> 10.0 us). Weights stream through
   ``ld.global.nc.L1::no_allocate.L2::256B`` (:func:`stream_loads_for`). Two token tiles in one token block
   (M = 9..16) plan with 128 registers a thread instead of 80 (:func:`wide_registers`): fewer warps, but no
   spill and each warp's whole quad of x in flight at once (gate_up M = 16 14.8 -> 12.6 us on an H100).
@@ -794,8 +795,12 @@ def splits_for_wave(row_groups: int, quads: int, token_blocks: int, sm_count: in
     return per_split, -(-quads // per_split)
 
 
-# paired="cluster" (gate and up row groups in two CTAs of a cluster) for the SwiGLU plan up to this M (None: never)
-CLUSTER_PAIR_MAX_M = None
+# paired="cluster" (gate and up row groups in two CTAs of a cluster) for the SwiGLU plan up to this M (None: never). H100,
+# alternating in one process (data/bench/decode_variants_nvidia_h100_80gb_hbm3_cfe50da_cluster_pair.json): gate_up + SwiGLU
+# M = 1 10.7-10.9 -> 10.0 us, M = 4 11.0-11.1 -> 10.2, M = 8 10.8-10.9 -> 10.2-10.4 (384 CTAs of 8 warps, 3 an SM, against
+# the paired kernel's 192 of 12, two on 60 SMs and one on 72: the plain kernel with that grid took 10.5 against 9.6 us at
+# M = 1, decode_variants_*_02b2a12_imbalance.json); slower from M = 16 (14.7-14.9 -> 15.7, M = 64 36.9 -> 52.3)
+CLUSTER_PAIR_MAX_M = 8
 
 
 def auto_ksplit(row_groups: int, quads: int, rows_m: int, sm_count: int, swiglu: bool, tiles: int | None = None,
