@@ -1506,8 +1506,9 @@ def wgmma_plan(m: int, row_groups: int, k: int, sm_count: int = 132, cluster_m: 
 
 def dsmem_sum(splits: int, ctas: int) -> bool:
     """Whether a split plan of ``ctas`` CTAs (all splits) sums its splits in distributed shared memory by default (two
-    splits, or four on at most :data:`DSMEM4_MAX_CTAS`), or has none to sum; the others go through the workspace."""
-    return splits <= 2 or (splits == 4 and ctas <= DSMEM4_MAX_CTAS)
+    splits, or four on at most :data:`DSMEM4_MAX_CTAS`: :func:`dsmem_split_fits`), or has none to sum; the others go
+    through the workspace."""
+    return splits == 1 or dsmem_split_fits("decoder", splits, None, None, False, ctas=ctas)
 
 
 # Stream-K where the plan's tiles leave the last wave mostly idle. H100 (data/bench/wgmma_split_probe_nvidia_h100_80gb_hbm3_517eb25.json):
